@@ -1,0 +1,58 @@
+"""Sessions: unit (CPU suite), e2e_accuracy (MMLU/GSM8K through disaggregated Helix), gpu, bench.
+
+CPU sessions pin torch 2.13.0 (the CPU build); an unpinned torch would pull a multi-GB CUDA build.
+GPU sessions reuse the machine's own torch (``venv_params=["--system-site-packages"]``).
+"""
+
+import os
+
+import nox
+
+nox.options.sessions = ["unit"]
+nox.options.reuse_existing_virtualenvs = True
+
+CPU_TORCH = "torch==2.13.0"
+
+
+def _install_cpu(session, *extras):
+    session.install(CPU_TORCH)
+    spec = ".[" + ",".join(extras) + "]" if extras else "."
+    session.install("-e", spec)
+
+
+@nox.session(python="3.11")
+def unit(session):
+    """Everything CPU-runnable (Triton kernels under TRITON_INTERPRET=1), `pytest -n 2`."""
+    _install_cpu(session, "test", "eval")
+    session.run(
+        "pytest", "-n", "2", "-m", "not gpu and not multi_gpu and not slow", *session.posargs,
+        env={"HELIX_TEST_DEVICE": "cpu", "OMP_NUM_THREADS": "1"},
+    )
+
+
+@nox.session(python="3.11")
+def e2e_accuracy(session):
+    """MMLU + GSM8K through context server + Helix generation server vs the reference (`helix eval`)."""
+    _install_cpu(session, "eval")
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"} if os.environ.get("HELIX_EVAL_DATA") else {}
+    session.run("helix", "eval", *session.posargs, env=env)
+
+
+GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+@nox.session(venv_params=["--system-site-packages"])
+def gpu(session):
+    """GPU and multi-GPU tests on the machine's own CUDA torch."""
+    session.install("--no-deps", "-e", ".")
+    session.run("pytest", "-m", "gpu or multi_gpu", *session.posargs, env=GPU_ENV)
+
+
+@nox.session(venv_params=["--system-site-packages"])
+def bench(session):
+    """`nox -s bench -- kernels` runs the kernel roofline benchmark; otherwise the decode benchmark."""
+    session.install("--no-deps", "-e", ".")
+    if session.posargs[:1] == ["kernels"]:
+        session.run("python", "-m", "kernels.bench", *session.posargs[1:], env=GPU_ENV)
+    else:
+        session.run("helix", "bench", *session.posargs, env=GPU_ENV)
