@@ -79,7 +79,7 @@ PRESETS: dict[str, dict] = {
         "norm_topk_prob": True,
         "routed_scaling_factor": 2.5,
         "rope_theta": 10000.0,
-        "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 512,
                          "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
         "rope_interleave": True,
         "max_position_embeddings": 16384,
