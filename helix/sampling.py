@@ -1,0 +1,53 @@
+"""Token selection shared by every backend: greedy, or seeded temperature / top-p sampling.
+
+Every Helix rank ends a step holding the same full float32 logits, so drawing with a generator seeded
+by (request seed, step) gives the same token on every rank without a broadcast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How one request generates. ``temperature == 0`` is greedy; generation stops at ``max_new_tokens``,
+    at any of ``stop_token_ids`` (kept in the output), or once the decoded text contains a ``stop_strings``
+    entry (the driver cuts the text; token ids are kept up to and including the token that completed it)."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 0")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+
+
+def select_token(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
+    """Next token from float32 logits [V] of one sequence. Deterministic given (params.seed, step)."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.double().cpu() / params.temperature, dim=-1)
+    if params.top_p < 1:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < params.top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    gen = torch.Generator().manual_seed(params.seed * 1_000_003 + step)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def first_stop(text: str, stop_strings: tuple[str, ...] | list[str]) -> int | None:
+    """Index in ``text`` where the earliest stop string starts, or None."""
+    hits = [i for s in stop_strings if s and (i := text.find(s)) >= 0]
+    return min(hits) if hits else None
