@@ -1,0 +1,364 @@
+"""Absorbed-MLA decode attention over a paged latent KV cache, with its log-sum-exp (DESIGN §3 step 2).
+
+Symbols: B batch, H query heads, Lkv = kv_lora_rank (512 in DeepSeek-V3), R = qk_rope_head_dim (64),
+T = tokens_per_block. The cache row of a token is [c_kv (Lkv) | k_pe (R)]; with W_UK absorbed into the
+query, for head h and local token t
+
+    score_h(t) = (q_nope_abs_h . c_kv(t) + q_pe_h . k_pe(t)) * scale
+    lse_h      = log sum_t exp(score_h(t))                      (natural log)
+    o_h        = sum_t exp(score_h(t) - lse_h) c_kv(t)          (the value is c_kv itself)
+
+Token t of sequence b lives in cache block ``block_table[b, t // T]`` at offset ``t % T``. Only tokens
+t < seq_lens[b] are read: cache slots past a sequence's end and block-table entries past its last block
+may hold anything (NaN, -1).
+
+Triton kernel (flash-decoding, two launches):
+
+1. ``_mla_split_kernel``, grid (head tiles, KV splits, B). Head tiles are the fastest grid axis, so the
+   programs that read the same KV tile run side by side and all but the first read it from L2. Each
+   program walks its split of the sequence in tiles of BLOCK_N tokens (page lookup per token, so a tile
+   may span cache blocks), scores BLOCK_H heads at once with ``tl.dot`` [BLOCK_H, Lkv] x [Lkv, BLOCK_N]
+   (+ the rope part), keeps an online softmax in base 2, and accumulates ``tl.dot`` [BLOCK_H, BLOCK_N] x
+   [BLOCK_N, Lkv] into a float32 [BLOCK_H, Lkv] accumulator. It writes a normalised partial output and
+   its natural-log lse per split (an empty split writes o = 0, lse = -inf).
+2. ``helix_combine.lse_combine_kernel`` merges the splits by their lse, the same merge Helix runs across
+   ranks. With one split the first kernel writes the final output directly.
+
+The number of splits is chosen on the host from the block table's capacity (never from ``seq_lens``,
+which stays on the device, so the call can be captured in a CUDA graph); each program derives its token
+range from the actual length at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels._triton import interpreting, launcher, next_pow2, num_sms, tl, triton, use_triton
+from kernels.helix_combine import launch_lse_combine
+
+__all__ = ["mla_decode", "mla_decode_torch", "mla_decode_triton", "MLAConfig", "default_config"]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _mla_split_kernel(
+    qn_ptr, qp_ptr, kv_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr,
+    qk_scale,                                  # scale * log2(e): the softmax runs in base 2
+    H, NUM_SPLITS,
+    s_qn_b, s_qn_h, s_qp_b, s_qp_h,            # q_nope_abs [B, H, LKV], q_pe [B, H, R]; last dims contiguous
+    s_kv_blk, s_kv_tok,                        # kv_cache [num_blocks, TPB, LKV + R]; last dim contiguous
+    s_bt_b,                                    # block_table [B, max_blocks]
+    s_o_b, s_o_h, s_o_s,                       # o [B, H, NUM_SPLITS, LKV] (or [B, H, LKV] when direct)
+    s_l_b, s_l_h, s_l_s,                       # lse [B, H, NUM_SPLITS] (or [B, H])
+    LKV: tl.constexpr, R: tl.constexpr, TPB: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_LKV: tl.constexpr, BLOCK_R: tl.constexpr,
+    F32: tl.constexpr,                         # compute in float32 (interpreter, float32 inputs)
+    IEEE: tl.constexpr,                        # float32 dots in full precision (no tf32)
+):
+    pid_h = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = tl.program_id(2)
+
+    # this split's token range; splits are whole tiles so only a sequence's last tile is ragged
+    seq_len = tl.load(sl_ptr + b)
+    n_tiles = tl.cdiv(seq_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    start = pid_s * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_h = offs_h < H
+    offs_d = tl.arange(0, BLOCK_LKV)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_d = offs_d < LKV
+    mask_r = offs_r < R
+    b64 = b.to(tl.int64)
+
+    qn_rows = qn_ptr + b64 * s_qn_b + offs_h[:, None].to(tl.int64) * s_qn_h
+    q_pe = tl.load(qp_ptr + b64 * s_qp_b + offs_h[:, None].to(tl.int64) * s_qp_h + offs_r[None, :],
+                   mask=mask_h[:, None] & mask_r[None, :], other=0.0)
+    if F32:
+        q_pe = q_pe.to(tl.float32)
+    if BLOCK_D == BLOCK_LKV:
+        q_nope = tl.load(qn_rows + offs_d[None, :], mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+        if F32:
+            q_nope = q_nope.to(tl.float32)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_LKV], tl.float32)
+    bt_row = bt_ptr + b64 * s_bt_b
+
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        # page lookup per token: masked, so block-table entries past the sequence are never read
+        page = tl.load(bt_row + offs_n // TPB, mask=mask_n, other=0).to(tl.int64)
+        rows = kv_ptr + page * s_kv_blk + (offs_n % TPB).to(tl.int64) * s_kv_tok     # [BLOCK_N]
+
+        # masked loads with other=0: slots past the end may hold NaN, and NaN * 0 is NaN
+        k_pe = tl.load(rows[:, None] + LKV + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        if F32:
+            k_pe = k_pe.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q_pe, tl.trans(k_pe), input_precision="ieee")
+        else:
+            s = tl.dot(q_pe, tl.trans(k_pe))
+        if BLOCK_D == BLOCK_LKV:
+            c = tl.load(rows[:, None] + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            if F32:
+                c = c.to(tl.float32)
+            if IEEE:
+                s = tl.dot(q_nope, tl.trans(c), acc=s, input_precision="ieee")
+            else:
+                s = tl.dot(q_nope, tl.trans(c), acc=s)
+        else:
+            # score dot in Lkv chunks (smaller live operands); the full tile is loaded again for the
+            # output dot and then comes from L1/L2
+            for d0 in tl.static_range(0, BLOCK_LKV, BLOCK_D):
+                offs_dc = d0 + tl.arange(0, BLOCK_D)
+                mask_dc = offs_dc < LKV
+                qc = tl.load(qn_rows + offs_dc[None, :], mask=mask_h[:, None] & mask_dc[None, :], other=0.0)
+                cc = tl.load(rows[:, None] + offs_dc[None, :], mask=mask_n[:, None] & mask_dc[None, :], other=0.0)
+                if F32:
+                    qc = qc.to(tl.float32)
+                    cc = cc.to(tl.float32)
+                if IEEE:
+                    s = tl.dot(qc, tl.trans(cc), acc=s, input_precision="ieee")
+                else:
+                    s = tl.dot(qc, tl.trans(cc), acc=s)
+            c = tl.load(rows[:, None] + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            if F32:
+                c = c.to(tl.float32)
+
+        # online softmax (base 2). Every tile holds >= 1 live token, so m_new is finite.
+        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = tl.dot(p, c, acc=acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(c.dtype), c, acc=acc * alpha[:, None])
+        m_i = m_new
+
+    nonempty = l_i > 0.0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    out = tl.where(nonempty[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    o_rows = o_ptr + b64 * s_o_b + offs_h[:, None].to(tl.int64) * s_o_h + pid_s.to(tl.int64) * s_o_s
+    tl.store(o_rows + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(lse_ptr + b64 * s_l_b + offs_h * s_l_h + pid_s * s_l_s, lse, mask=mask_h)
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Launch shape of the split kernel. ``num_splits=None`` chooses from the SM count."""
+
+    block_h: int = 16
+    block_n: int = 64
+    block_d: int = 0            # 0: the whole Lkv in one score dot
+    num_warps: int = 4
+    num_stages: int = 2
+    programs_per_sm: int = 2    # target resident programs per SM when choosing the split count
+    min_tiles_per_split: int = 4
+    num_splits: int | None = None
+
+
+def default_config(heads: int, lkv: int, dtype: torch.dtype, interpret: bool) -> MLAConfig:
+    """Tuned on an H100 (see golden/perf/kernels-*.md); the interpreter wants few, large programs."""
+    if interpret:
+        return MLAConfig(block_h=16, block_n=32, num_warps=1, num_stages=1, programs_per_sm=1,
+                         min_tiles_per_split=1)
+    if dtype == torch.float32:  # full-precision dots: keep the tiles small
+        return MLAConfig(block_h=16, block_n=32, num_warps=4, num_stages=2)
+    if heads <= 16:
+        return MLAConfig(block_h=16, block_n=64, num_warps=4, num_stages=2, programs_per_sm=2)
+    if heads <= 32:
+        return MLAConfig(block_h=32, block_n=64, num_warps=4, num_stages=2, programs_per_sm=1)
+    return MLAConfig(block_h=64, block_n=64, num_warps=8, num_stages=2, programs_per_sm=1)
+
+
+def _choose_splits(cfg: MLAConfig, bsz: int, head_tiles: int, capacity: int, sms: int) -> int:
+    if cfg.num_splits is not None:
+        return max(1, int(cfg.num_splits))
+    max_splits = max(1, triton.cdiv(capacity, cfg.block_n * cfg.min_tiles_per_split))
+    want = triton.cdiv(sms * cfg.programs_per_sm, max(1, bsz * head_tiles))
+    return max(1, min(want, max_splits))
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation shared by both paths
+# ----------------------------------------------------------------------------------------------------
+def _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, float64_ok: bool) -> tuple[int, int, int, int]:
+    if q_nope_abs.dim() != 3 or q_pe.dim() != 3 or kv_cache.dim() != 3:
+        raise ValueError(f"expected q_nope_abs [B,H,Lkv], q_pe [B,H,R], kv_cache [blocks,T,Lkv+R]; got "
+                         f"{tuple(q_nope_abs.shape)}, {tuple(q_pe.shape)}, {tuple(kv_cache.shape)}")
+    bsz, heads, lkv = q_nope_abs.shape
+    if q_pe.shape[:2] != (bsz, heads):
+        raise ValueError(f"q_pe {tuple(q_pe.shape)} does not match q_nope_abs {tuple(q_nope_abs.shape)} in [B, H]")
+    rope = q_pe.shape[2]
+    if lkv < 1 or rope < 1 or kv_cache.shape[2] != lkv + rope:
+        raise ValueError(f"kv_cache last dim {kv_cache.shape[2]} != Lkv + R = {lkv} + {rope}")
+    if block_table.dim() != 2 or block_table.shape[0] != bsz:
+        raise ValueError(f"block_table must be [B={bsz}, max_blocks], got {tuple(block_table.shape)}")
+    if seq_lens.shape != (bsz,):
+        raise ValueError(f"seq_lens must be [B={bsz}], got {tuple(seq_lens.shape)}")
+    if block_table.dtype not in (torch.int32, torch.int64) or seq_lens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"block_table / seq_lens must be int32, got {block_table.dtype} / {seq_lens.dtype}")
+    ok = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if float64_ok else ())
+    if kv_cache.dtype not in ok:
+        raise TypeError(f"kv_cache dtype {kv_cache.dtype} not supported (one of {ok})")
+    if q_nope_abs.dtype != kv_cache.dtype or q_pe.dtype != kv_cache.dtype:
+        raise TypeError(f"q_nope_abs {q_nope_abs.dtype}, q_pe {q_pe.dtype} and kv_cache {kv_cache.dtype} "
+                        "must share one dtype")
+    devs = {t.device for t in (q_nope_abs, q_pe, kv_cache, block_table, seq_lens)}
+    if len(devs) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devs))}")
+    return bsz, heads, lkv, rope
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch reference
+# ----------------------------------------------------------------------------------------------------
+def mla_decode_torch(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of :func:`mla_decode`: gather each sequence's blocks, float32 math (float64 for
+    float64 inputs). Not graph-capturable (reads max(seq_lens) on the host)."""
+    bsz, heads, lkv, rope = _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, float64_ok=True)
+    cdt = torch.float64 if kv_cache.dtype == torch.float64 else torch.float32
+    dev = kv_cache.device
+    tpb = kv_cache.shape[1]
+    max_len = int(seq_lens.max()) if bsz else 0
+    n_blk = -(-max_len // tpb)
+    lens = seq_lens.to(torch.int64)
+
+    pos = torch.arange(n_blk * tpb, device=dev)
+    live = pos[None, :] < lens[:, None]                                        # [B, S]
+    blk_live = torch.arange(n_blk, device=dev)[None, :] * tpb < lens[:, None]  # [B, n_blk]
+    table = torch.where(blk_live, block_table[:, :n_blk].to(torch.int64), torch.zeros((), dtype=torch.int64, device=dev))
+    kv = kv_cache[table].reshape(bsz, n_blk * tpb, lkv + rope).to(cdt)         # [B, S, Lkv+R]
+    kv = torch.where(live[..., None], kv, torch.zeros((), dtype=cdt, device=dev))  # NaN past the end -> 0
+    c_kv, k_pe = kv[..., :lkv], kv[..., lkv:]
+
+    s = (torch.einsum("bhl,bsl->bhs", q_nope_abs.to(cdt), c_kv)
+         + torch.einsum("bhr,bsr->bhs", q_pe.to(cdt), k_pe)) * scale
+    s = s.masked_fill(~live[:, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1) if s.shape[-1] else torch.full((bsz, heads), float("-inf"), dtype=cdt, device=dev)
+    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)       # empty rows: p = 0, not NaN
+    p = torch.exp(s - lse_safe[..., None])
+    o = torch.einsum("bhs,bsl->bhl", p, c_kv)
+    return o.to(q_nope_abs.dtype), lse.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton wrapper
+# ----------------------------------------------------------------------------------------------------
+def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                      block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                      config: MLAConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton path of :func:`mla_decode` (CUDA, or CPU under the interpreter). No host sync: capturable
+    in a CUDA graph. ``config`` overrides the launch shape (benchmarks, tests)."""
+    bsz, heads, lkv, rope = _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, float64_ok=False)
+    dev = kv_cache.device
+    o = torch.empty((bsz, heads, lkv), dtype=q_nope_abs.dtype, device=dev)
+    lse = torch.empty((bsz, heads), dtype=torch.float32, device=dev)
+    if bsz == 0 or heads == 0:
+        return o, lse
+
+    # the kernel indexes rows by strides; only the innermost dimension must be unit-stride
+    if q_nope_abs.stride(-1) != 1:
+        q_nope_abs = q_nope_abs.contiguous()
+    if q_pe.stride(-1) != 1:
+        q_pe = q_pe.contiguous()
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache must be contiguous in its last dimension")
+
+    interpret = interpreting(kv_cache)
+    cfg = config or default_config(heads, lkv, kv_cache.dtype, interpret)
+    block_lkv, block_r = max(16, next_pow2(lkv)), max(16, next_pow2(rope))
+    block_d = block_lkv if cfg.block_d in (0, None) or cfg.block_d >= block_lkv else max(16, next_pow2(cfg.block_d))
+    block_h = max(16, next_pow2(cfg.block_h))
+    head_tiles = triton.cdiv(heads, block_h)
+    tpb = kv_cache.shape[1]
+    splits = _choose_splits(cfg, bsz, head_tiles, block_table.shape[1] * tpb, num_sms(kv_cache))
+    f32 = interpret or kv_cache.dtype == torch.float32
+    ieee = kv_cache.dtype == torch.float32 and not interpret
+
+    if splits == 1:  # write the final output directly
+        o_s, lse_s = o, lse
+        so = (o.stride(0), o.stride(1), 0)
+        sl = (lse.stride(0), lse.stride(1), 0)
+    else:
+        o_s = torch.empty((bsz, heads, splits, lkv), dtype=torch.float32, device=dev)
+        lse_s = torch.empty((bsz, heads, splits), dtype=torch.float32, device=dev)
+        so = (o_s.stride(0), o_s.stride(1), o_s.stride(2))
+        sl = (lse_s.stride(0), lse_s.stride(1), lse_s.stride(2))
+
+    grid = (head_tiles, splits, bsz)
+    launcher(_mla_split_kernel, interpret)[grid](
+        q_nope_abs, q_pe, kv_cache, block_table, seq_lens, o_s, lse_s,
+        float(scale) * LOG2E, heads, splits,
+        q_nope_abs.stride(0), q_nope_abs.stride(1), q_pe.stride(0), q_pe.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
+        *so, *sl,
+        LKV=lkv, R=rope, TPB=tpb, BLOCK_H=block_h, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        BLOCK_LKV=block_lkv, BLOCK_R=block_r, F32=f32, IEEE=ieee,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        # splits as the "parts" axis of the Helix merge: views [S, B, H, Lkv] / [S, B, H]
+        launch_lse_combine(o_s.permute(2, 0, 1, 3), lse_s.permute(2, 0, 1), o, lse, interpret)
+    return o, lse
+
+
+def mla_decode(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+               block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed-MLA decode attention of one new token per sequence over this rank's paged latent cache.
+
+    Args:
+        q_nope_abs: [B, H, Lkv], W_UK already absorbed (q_abs_h = W_UK_h^T q_nope_h). Any strides.
+        q_pe: [B, H, R], rotated rope part of the query. Any strides.
+        kv_cache: [num_blocks, tokens_per_block, Lkv + R], each row [c_kv | k_pe]; same dtype as q
+            (float16, bfloat16 or float32; float64 on the torch path).
+        block_table: [B, max_blocks] int32; entry j of row b is the cache block holding local tokens
+            [j*T, (j+1)*T) of sequence b. Entries past a sequence's last block are never read.
+        seq_lens: [B] int32, this rank's local token count per sequence; 0 allowed; must not exceed
+            max_blocks * tokens_per_block.
+        scale: softmax scale applied to the raw score.
+
+    Returns:
+        o: [B, H, Lkv] in the input dtype, softmax over the local tokens applied to c_kv (normalised
+            locally; merge ranks with :func:`kernels.helix_combine`).
+        lse: [B, H] float32, natural-log log-sum-exp of the scaled scores.
+        A sequence with no local tokens gives o = 0 and lse = -inf, never NaN. Cache slots past
+        seq_lens[b] are never read (they may hold NaN). B = 0 gives empty outputs.
+
+    Path: Triton on CUDA tensors (split-KV flash-decoding, graph-capturable), the torch reference on
+    CPU; ``HELIX_KERNELS=triton|torch`` overrides (Triton on CPU runs under the interpreter).
+    """
+    if use_triton(kv_cache):
+        return mla_decode_triton(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale)
+    return mla_decode_torch(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale)
+
+
+def flops(bsz: int, heads: int, seq: int, lkv: int, rope: int) -> int:
+    """Attention FLOPs of one call: 2*B*H*S*(2*Lkv + R) (scores over Lkv+R, output over Lkv)."""
+    return 2 * bsz * heads * seq * (2 * lkv + rope)
+
+
+def kv_bytes(bsz: int, seq: int, lkv: int, rope: int, elem: int) -> int:
+    """Fewest bytes one call must read: every live cache row once."""
+    return bsz * seq * (lkv + rope) * elem
+
