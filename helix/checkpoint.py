@@ -6,13 +6,19 @@ on-disk names transformers uses for DeepSeek-V2/V3 (per-expert ``mlp.experts.{j}
 
 ``Checkpoint.get(name, dim, start, stop)`` reads only the requested slice through safetensors' lazy
 slicing, so a rank of a 54 GB model never materialises tensors it does not own.
+
+``make_checkpoint`` writes a synthetic checkpoint of a preset (``helix make-checkpoint``);
+``ensure_checkpoint`` writes one on first use and reuses it after (the quick start's embedded default).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -21,6 +27,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from helix.config import ModelConfig
+from helix.presets import get_preset
+from helix.tokenizer import write_byte_tokenizer
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -227,3 +237,94 @@ def write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], out: str, sha
         weight_map.update({n: final_name for n in ns})
     with open(os.path.join(out, "model.safetensors.index.json"), "w") as fh:
         json.dump({"metadata": {}, "weight_map": weight_map}, fh, indent=1)
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+DEFAULT_PRESET = "deepseek-v3-lite-tiny"  # the embedded default model of the quick start
+
+
+@dataclass
+class CheckpointPlan:
+    """What ``make_checkpoint`` writes (or, with ``dry_run``, would write)."""
+
+    parameters: int
+    bytes: int
+    dtype: str
+    tensors: int
+
+    def describe(self) -> str:
+        return (f"{self.parameters:,} parameters ({_si(self.parameters)}) in {self.tensors} tensors, "
+                f"{self.bytes:,} bytes ({_si(self.bytes)}B) as {self.dtype}")
+
+
+def _si(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} "
+
+
+def make_checkpoint(model: str | ModelConfig, out: str | os.PathLike, seed: int = 0, dtype: str = "bfloat16",
+                    dry_run: bool = False, shard_bytes: int = 4 << 30) -> CheckpointPlan:
+    """Write a complete synthetic HF checkpoint of preset name or config ``model`` into ``out``.
+
+    Weights are generated and written one shard at a time, so a 54 GB model never sits in memory. The
+    files go to a temporary sibling directory renamed onto ``out`` at the end: a directory at ``out`` is
+    always complete. ``out`` must not exist or be empty.
+    """
+    cfg = get_preset(model) if isinstance(model, str) else model
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
+    shapes = tensor_shapes(cfg)
+    parameters = sum(math.prod(s) for s in shapes.values())
+    plan = CheckpointPlan(parameters, parameters * DTYPES[dtype].itemsize, dtype, len(shapes))
+    if dry_run:
+        return plan
+    out = os.path.abspath(os.fspath(out))
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise CheckpointError(f"out={out!r}: already exists and is not an empty directory; remove it or choose another")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg.to_hf_dict(), f, indent=1)
+        generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump(generation, f, indent=1)
+        write_byte_tokenizer(tmp, cfg.max_position_embeddings)
+        write_safetensors(synthetic_tensors(cfg, seed, DTYPES[dtype]), tmp, shard_bytes)
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return plan
+
+
+def helix_home() -> str:
+    """Where embedded default checkpoints live: ``$HELIX_HOME``, else ``~/.cache/helix``."""
+    return os.environ.get("HELIX_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "helix")
+
+
+def ensure_checkpoint(preset: str = DEFAULT_PRESET, path: str | os.PathLike | None = None, seed: int = 0,
+                      dtype: str = "bfloat16") -> str:
+    """The synthetic checkpoint of ``preset`` at ``path`` (default ``helix_home()/preset``), written on first use.
+
+    ``make_checkpoint`` renames a finished directory into place, so an existing directory is complete; when
+    two processes race, the loser's rename fails and it uses the winner's checkpoint.
+    """
+    path = os.fspath(path) if path is not None else os.path.join(helix_home(), preset)
+    if os.path.isdir(path) and os.listdir(path):
+        return path
+    log.info("writing the %s synthetic checkpoint to %s (first use)", preset, path)
+    try:
+        make_checkpoint(preset, path, seed=seed, dtype=dtype)
+    except (CheckpointError, OSError):
+        if not (os.path.isdir(path) and os.listdir(path)):
+            raise
+    return path

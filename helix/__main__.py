@@ -1,0 +1,5 @@
+"""`python -m helix` is the `helix` command."""
+
+from helix.cli import main
+
+raise SystemExit(main())

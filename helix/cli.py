@@ -1,0 +1,144 @@
+"""The ``helix`` command.
+
+    helix make-checkpoint --preset NAME --out DIR [--seed S] [--dtype D] [--dry-run]
+    helix generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3) --max-new-tokens N
+                   --backend reference [--dtype float32|bfloat16|float64] [--device cpu|cuda] [--json]
+
+Each subcommand is one ``add_<name>(subparsers)`` function that registers its flags and handler. A generate
+backend is one entry of ``BACKENDS``: ``(args, model_dir, prompt_ids) -> generated ids``; its own flags go
+into ``add_generate``. Invalid settings (``ConfigError``, ``CheckpointError``) end the command with a
+one-line message on stderr and exit status 1, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable
+
+import torch
+
+from helix.checkpoint import DEFAULT_PRESET, DTYPES, CheckpointError, ensure_checkpoint, make_checkpoint
+from helix.config import ConfigError, ModelConfig
+from helix.presets import PRESETS
+from helix.tokenizer import load_tokenizer
+
+log = logging.getLogger("helix")
+
+
+# --------------------------------------------------------------------------------------------- generate
+
+
+def generate_reference(args: argparse.Namespace, model_dir: str, prompt_ids: list[int]) -> list[int]:
+    """The single-device oracle (helix/reference.py)."""
+    from helix.reference import ReferenceModel
+
+    model = ReferenceModel.from_checkpoint(model_dir, dtype=DTYPES[args.dtype], device=args.device)
+    return model.generate(prompt_ids, args.max_new_tokens, eos_token_ids=model.cfg.eos_token_ids)
+
+
+BACKENDS: dict[str, Callable[[argparse.Namespace, str, list[int]], list[int]]] = {
+    "reference": generate_reference,
+}
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer, cfg: ModelConfig) -> list[int]:
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--prompt-ids={args.prompt_ids!r}: must be comma-separated integers") from None
+    else:
+        ids = tokenizer(args.prompt)["input_ids"]
+    if not ids:
+        raise ConfigError(f"prompt={args.prompt_ids if args.prompt is None else args.prompt!r}: must hold at least one token")
+    bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
+    if bad:
+        raise ConfigError(f"--prompt-ids={bad[0]}: token ids must be in [0, vocab_size={cfg.vocab_size})")
+    if len(ids) + args.max_new_tokens > cfg.max_position_embeddings:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens}: prompt ({len(ids)} tokens) plus new tokens exceed "
+                          f"max_position_embeddings={cfg.max_position_embeddings}")
+    return ids
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens}: must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device='cuda': no CUDA device is visible to torch; use --device cpu")
+    model_dir = args.model or ensure_checkpoint(DEFAULT_PRESET)
+    cfg = ModelConfig.from_json(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    prompt_ids = _prompt_ids(args, tokenizer, cfg)
+    log.info("%s backend: %d prompt tokens, up to %d new, %s on %s", args.backend, len(prompt_ids),
+             args.max_new_tokens, args.dtype, args.device)
+    ids = [int(i) for i in BACKENDS[args.backend](args, model_dir, prompt_ids)]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    print(json.dumps({"token_ids": ids, "text": text}) if args.json else text)
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="greedy generation on one checkpoint",
+                       description="Greedy generation. Without --model, uses the embedded default: the "
+                                   f"{DEFAULT_PRESET} synthetic checkpoint, written on first use.")
+    p.add_argument("--model", help="HF checkpoint directory (default: the embedded tiny synthetic checkpoint)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text, encoded with the checkpoint's tokenizer")
+    prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated (e.g. 1,2,3)")
+    p.add_argument("--max-new-tokens", type=int, required=True)
+    p.add_argument("--backend", choices=sorted(BACKENDS), default="reference")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32",
+                   help="compute dtype (default float32)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--json", action="store_true",
+                   help='print {"token_ids": [...], "text": "..."} (generated tokens only) as the last line')
+    p.set_defaults(func=run_generate)
+
+
+# --------------------------------------------------------------------------------------------- make-checkpoint
+
+
+def run_make_checkpoint(args: argparse.Namespace) -> None:
+    plan = make_checkpoint(args.preset, args.out, seed=args.seed, dtype=args.dtype, dry_run=args.dry_run)
+    print(f"{args.preset}: {plan.describe()}")
+    print("dry run: nothing written" if args.dry_run else f"wrote {args.out}")
+
+
+def add_make_checkpoint(sub) -> None:
+    p = sub.add_parser("make-checkpoint", help="write a synthetic HF checkpoint of a preset",
+                       description="Random weights in the exact Hugging Face format, config.json, "
+                                   "generation_config.json and a byte-level tokenizer.")
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--out", help="directory to create (must not exist or be empty)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weight dtype (default bfloat16)")
+    p.add_argument("--dry-run", action="store_true", help="print parameter count and bytes; write nothing")
+    p.set_defaults(func=run_make_checkpoint)
+
+
+# --------------------------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="helix", description="Helix context-parallel decode for DeepSeek-V3-style models")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate(sub)
+    add_make_checkpoint(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "make-checkpoint" and not args.dry_run and not args.out:
+        parser.error("make-checkpoint: --out is required unless --dry-run")
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ConfigError, CheckpointError) as e:
+        print("helix: error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 1
+    return 0
