@@ -1,0 +1,155 @@
+"""Helix MLA: multi-head latent attention whose decode step is context-parallel over N ranks.
+
+Symbols (DeepSeek-V3 values)::
+
+    B   decode batch                       H    query heads (128)         h = H / N  heads per rank
+    D   hidden size (7168)                 Lkv  kv_lora_rank (512)        P   qk_nope_head_dim (128)
+    R   qk_rope_head_dim (64)              V    v_head_dim (128)          N   Helix ranks (KVP = N, TPA = 1)
+    S   context length                     T    tokens_per_block
+
+Weights: W_DKV = kv_a_proj_with_mqa [Lkv + R, D]; kv_b_proj [H (P + V), Lkv] splits per head into
+W_UK [H, P, Lkv] and W_UV [H, V, Lkv]; o_proj = W_O [D, H V]. The cache row of a token is
+[c_kv (Lkv) | k_pe (R)] (576 values for V3), absorbed once at load time, never per step.
+
+Helix decode step of one layer, on every rank r (DESIGN §3)::
+
+    q_nope, q_pe  = W_Q x                          [B, H, P], [B, H, R]   all H heads, weights replicated
+    q_pe          = RoPE(q_pe, global position)
+    c_kv, k_pe    = RMSNorm(W_DKV x)[:Lkv], RoPE(W_DKV x [Lkv:], global position)
+    if r owns the position's block: cache_r <- [c_kv | k_pe]     (block b lives on rank b mod N)
+    q_abs         = einsum(q_nope, W_UK)           [B, H, Lkv]
+    o_r, lse_r    = mla_decode(q_abs, q_pe, cache_r)   o_r [B, H, Lkv] locally normalised, lse_r [B, H] fp32
+    all-to-all over heads: rank j gets heads [j h, (j+1) h) of every rank   -> [N, B, h, Lkv + lse]
+    o, lse        = helix_combine(parts)           exact: o = sum_r exp(lse_r - lse) o_r
+    o_v           = einsum(o, W_UV[local heads])   [B, h, V]
+    out           = all_reduce(o_v W_O[:, local heads]^T)                   row-parallel o_proj
+
+The all-to-all moves B H (Lkv + 1) values per rank, independent of S. Prefill (local prefill on the Helix
+ranks, or the context server with N = 1) splits heads instead: each rank attends causally over the whole
+prompt for its h heads, writes only the KV blocks it owns, and shares the W_UV / o_proj tail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from helix.checkpoint import Checkpoint
+from helix.comm import Comm
+from helix.config import ModelConfig
+from helix.kv_cache import PagedKVCache
+from helix.mapping import HelixMapping
+from helix.rope import Rope
+from kernels import helix_combine, mla_decode
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in float32, cast back before the weight (as transformers does)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@dataclass
+class StepMeta:
+    """Per-step inputs shared by all layers of one rank (device tensors; static shapes for CUDA graphs)."""
+
+    cos: torch.Tensor  # [B, R/2] float32, from global positions
+    sin: torch.Tensor
+    slots: torch.Tensor  # [B] int64 flat cache slot to write (scratch slot where this rank is not the owner)
+    block_table: torch.Tensor  # [B, W] int32 this rank's physical blocks
+    local_lens: torch.Tensor  # [B] int32 this rank's tokens per sequence, the new one included
+
+
+def pack_lse(o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """[.., Lkv] in o's dtype + [..] float32 -> [.., Lkv + k]: the lse's bytes ride as k extra elements of o's
+    dtype (k = 1 for float32, 2 for bf16), so one all-to-all carries both without rounding the lse."""
+    k = 4 // o.element_size()
+    return torch.cat([o, lse.contiguous().view(o.dtype).view(*lse.shape, k)], dim=-1)
+
+
+def unpack_lse(buf: torch.Tensor, lkv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return buf[..., :lkv], buf[..., lkv:].contiguous().view(torch.float32).squeeze(-1)
+
+
+class HelixMLA:
+    def __init__(self, cfg: ModelConfig, layer: int, ckpt: Checkpoint, mapping: HelixMapping, comm: Comm,
+                 rope: Rope, dtype: torch.dtype, device):
+        self.cfg, self.layer, self.mapping, self.comm, self.rope = cfg, layer, mapping, comm, rope
+        p = f"model.layers.{layer}.self_attn."
+        H, P, V, L = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+
+        def get(name, *a):
+            return ckpt.get(p + name, *a, dtype=dtype, device=device)
+
+        if cfg.q_lora_rank:
+            self.q_a, self.q_a_norm, self.q_b = get("q_a_proj.weight"), get("q_a_layernorm.weight"), get("q_b_proj.weight")
+        else:
+            self.q_proj = get("q_proj.weight")  # [H (P + R), D], replicated: every rank needs all heads
+        self.kv_a = get("kv_a_proj_with_mqa.weight")  # [Lkv + R, D]
+        self.kv_a_norm = get("kv_a_layernorm.weight")
+        kv_b = get("kv_b_proj.weight").view(H, P + V, L)
+        self.w_uk = kv_b[:, :P].contiguous()  # [H, P, Lkv]  all heads (absorbed into q)
+        self.h0, self.h1 = mapping.head_range(H)
+        self.w_uv = kv_b[self.h0:self.h1, P:].contiguous()  # [h, V, Lkv]  local heads only
+        self.o_proj = get("o_proj.weight", 1, self.h0 * V, self.h1 * V)  # [D, h V]  row-parallel slice
+
+    # ------------------------------------------------------------------ shared pieces
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> q_abs [T, H, Lkv], q_pe [T, H, R] (roped)."""
+        cfg = self.cfg
+        if cfg.q_lora_rank:
+            q = F.linear(rms_norm(F.linear(x, self.q_a), self.q_a_norm, cfg.rms_norm_eps), self.q_b)
+        else:
+            q = F.linear(x, self.q_proj)
+        q = q.view(x.shape[0], cfg.num_attention_heads, cfg.qk_head_dim)
+        q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        q_abs = torch.einsum("thp,hpl->thl", q_nope, self.w_uk)
+        return q_abs, self.rope.apply(q_pe, cos, sin)
+
+    def kv_entries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> cache rows [T, Lkv + R] = [RMSNorm(c_kv) | RoPE(k_pe)]."""
+        c_kv, k_pe = F.linear(x, self.kv_a).split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
+        return torch.cat([rms_norm(c_kv, self.kv_a_norm, self.cfg.rms_norm_eps), self.rope.apply(k_pe, cos, sin)], -1)
+
+    def output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """o_lat [T, h, Lkv] of the local heads -> W_UV -> row-parallel o_proj -> all-reduce -> [T, D]."""
+        o_v = torch.einsum("thl,hvl->thv", o_lat, self.w_uv).reshape(o_lat.shape[0], -1)
+        return self.comm.all_reduce(F.linear(o_v, self.o_proj))
+
+    # ------------------------------------------------------------------ decode (Helix)
+    def decode(self, x: torch.Tensor, meta: StepMeta, cache: PagedKVCache) -> torch.Tensor:
+        """x [B, D] normed hidden states of the batch -> attention output [B, D] (identical on all ranks)."""
+        cfg, n = self.cfg, self.mapping.world_size
+        B, H, L = x.shape[0], cfg.num_attention_heads, cfg.kv_lora_rank
+        cache.write(self.layer, meta.slots, self.kv_entries(x, meta.cos, meta.sin))
+        q_abs, q_pe = self.queries(x, meta.cos, meta.sin)
+        o, lse = mla_decode(q_abs, q_pe, cache.layers[self.layer], meta.block_table, meta.local_lens,
+                            cfg.softmax_scale)
+        # [B, H, *] -> [N, B, h, *]: slice j of the send buffer holds the heads rank j combines.
+        send = pack_lse(o, lse).view(B, n, H // n, -1).transpose(0, 1)
+        o_parts, lse_parts = unpack_lse(self.comm.all_to_all(send), L)  # [N, B, h, Lkv], [N, B, h]
+        o_lat, _ = helix_combine(o_parts, lse_parts)
+        return self.output(o_lat)
+
+    # ------------------------------------------------------------------ prefill (heads split, whole prompt)
+    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                cache: PagedKVCache, chunk: int = 256) -> torch.Tensor:
+        """x [T, D] of one sequence starting at position 0 -> [T, D]; writes the owned KV rows."""
+        entries = self.kv_entries(x, cos, sin)  # [T, Lkv + R], every rank computes all tokens
+        cache.write(self.layer, slots, entries)
+        q_abs, q_pe = self.queries(x, cos, sin)
+        q_abs, q_pe = q_abs[:, self.h0:self.h1].float(), q_pe[:, self.h0:self.h1].float()
+        c_kv, k_pe = entries.float().split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
+        T = x.shape[0]
+        out = []
+        for s in range(0, T, chunk):  # query chunks bound the [h, chunk, T] score matrix
+            e = min(s + chunk, T)
+            scores = (torch.einsum("thl,sl->hts", q_abs[s:e], c_kv[:e])
+                      + torch.einsum("thr,sr->hts", q_pe[s:e], k_pe[:e])) * self.cfg.softmax_scale
+            causal = torch.arange(s, e, device=x.device)[:, None] >= torch.arange(e, device=x.device)[None, :]
+            probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            out.append(torch.einsum("hts,sl->thl", probs, c_kv[:e]))
+        return self.output(torch.cat(out).to(x.dtype))

@@ -1,0 +1,70 @@
+"""Process groups and the three collectives a Helix step uses.
+
+Backend: gloo on CPU, nccl on CUDA. Every wait is bounded by the process-group timeout, so a dead peer turns
+into an exception instead of a hang (for NCCL this relies on TORCH_NCCL_ASYNC_ERROR_HANDLING, set here).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = float(os.environ.get("HELIX_COLLECTIVE_TIMEOUT_S", "60"))
+
+
+def backend_for(device: torch.device | str) -> str:
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+@dataclass
+class Comm:
+    """A process group plus this rank's place in it. ``group`` None means the default (world) group."""
+
+    rank: int
+    world_size: int
+    group: dist.ProcessGroup | None = None
+
+    # All tensors below are on the group's device; collectives are synchronous (CUDA: stream-ordered).
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        """send [N, ...] -> recv [N, ...]: recv[j] is what rank j put in its send[self.rank]."""
+        if self.world_size == 1:
+            return send
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send.contiguous(), group=self.group)
+        return recv
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x [...] -> [N, ...] (equal shapes on every rank)."""
+        if self.world_size == 1:
+            return x.unsqueeze(0)
+        out = torch.empty((self.world_size, *x.shape), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous(), group=self.group)
+        return out
+
+
+def init_process_group(rank: int, world_size: int, device: torch.device | str, init_method: str,
+                       timeout_s: float = DEFAULT_TIMEOUT_S) -> Comm:
+    """Join the world group (``init_method`` e.g. tcp://127.0.0.1:PORT or env://)."""
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    backend = backend_for(device)
+    kwargs = {}
+    if backend == "nccl":
+        kwargs["device_id"] = torch.device(device)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return Comm(rank, world_size)
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

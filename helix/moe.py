@@ -1,0 +1,96 @@
+"""FFN of the Helix runtime: the N attention ranks re-used as tensor / expert parallel ranks (DESIGN §3 step 6).
+
+Every module here returns this rank's **partial** output; the decoder layer sums the partials with one
+all-reduce. Shapes: x [T, D] (T tokens: the decode batch or a prefill chunk), I_r = this rank's slice of an
+intermediate width.
+
+* ``GatedMLP``: SiLU(x W_gate^T) * (x W_up^T) W_down^T with W_gate/W_up column-sliced [I_r, D] and W_down
+  row-sliced [D, I_r] (dense layers, shared experts, and routed experts in TP mode).
+* ``MoE``: routing computed identically on every rank in float32 from the replicated gate; routed experts
+  expert-parallel (rank r holds experts [r E/N, (r+1) E/N), whole) or tensor-parallel (all experts, I_r
+  slice); shared experts tensor-parallel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from helix.checkpoint import Checkpoint
+from helix.config import ModelConfig
+from helix.mapping import HelixMapping
+
+
+class GatedMLP:
+    def __init__(self, ckpt: Checkpoint, prefix: str, width: int, mapping: HelixMapping | None,
+                 dtype: torch.dtype, device):
+        """``mapping`` None loads the whole expert (EP); otherwise this rank's TP slice of ``width``."""
+        lo, hi = (0, width) if mapping is None else mapping.tp_range(width)
+        self.gate = ckpt.get(prefix + "gate_proj.weight", 0, lo, hi, dtype, device)  # [I_r, D]
+        self.up = ckpt.get(prefix + "up_proj.weight", 0, lo, hi, dtype, device)  # [I_r, D]
+        self.down = ckpt.get(prefix + "down_proj.weight", 1, lo, hi, dtype, device)  # [D, I_r]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+
+
+def route(cfg: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 router logits [T, E] -> (expert ids [T, k], weights [T, k] float32).
+
+    V3: sigmoid scores; the correction bias only steers the choice; groups ranked by the sum of their two best
+    biased scores, the best ``topk_group`` groups kept, top-k experts among them; weights are the unbiased
+    scores, normalised if ``norm_topk_prob``, times ``routed_scaling_factor``.
+    V2: softmax scores; ``greedy`` top-k, or ``group_limited_greedy`` with groups ranked by their best score.
+    """
+    t, e = logits.shape
+    g = cfg.n_group
+    if cfg.scoring_func == "sigmoid":
+        scores = logits.sigmoid()
+        choice = scores + bias
+        group_score = choice.view(t, g, e // g).topk(2, dim=-1).values.sum(-1)
+        masked_fill = float("-inf")
+    else:
+        scores = logits.softmax(dim=-1)
+        choice = scores
+        group_score = choice.view(t, g, e // g).max(dim=-1).values
+        masked_fill = 0.0  # as transformers' DeepseekV2TopkRouter
+    if cfg.scoring_func == "sigmoid" or cfg.topk_method == "group_limited_greedy":
+        keep_groups = group_score.topk(cfg.topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep_groups, True)
+        choice = choice.masked_fill(~group_mask.repeat_interleave(e // g, dim=1), masked_fill)
+    ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if cfg.norm_topk_prob and cfg.scoring_func == "sigmoid":
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return ids, weights * cfg.routed_scaling_factor
+
+
+class MoE:
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, prefix: str, mapping: HelixMapping, mode: str,
+                 dtype: torch.dtype, device):
+        self.cfg = cfg
+        self.gate = ckpt.get(prefix + "gate.weight", dtype=torch.float32, device=device)  # [E, D], replicated
+        self.bias = (ckpt.get(prefix + "gate.e_score_correction_bias", dtype=torch.float32, device=device)
+                     if cfg.scoring_func == "sigmoid" else None)
+        width = cfg.moe_intermediate_size
+        if mode == "ep":
+            self.first, last = mapping.expert_range(cfg.n_routed_experts)
+            self.experts = [GatedMLP(ckpt, f"{prefix}experts.{j}.", width, None, dtype, device)
+                            for j in range(self.first, last)]
+        else:
+            self.first = 0
+            self.experts = [GatedMLP(ckpt, f"{prefix}experts.{j}.", width, mapping, dtype, device)
+                            for j in range(cfg.n_routed_experts)]
+        self.shared = (GatedMLP(ckpt, prefix + "shared_experts.", width * cfg.n_shared_experts, mapping, dtype, device)
+                       if cfg.n_shared_experts else None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = route(self.cfg, F.linear(x.float(), self.gate), self.bias)
+        out = self.shared(x) if self.shared is not None else torch.zeros_like(x)
+        local = ids - self.first  # [T, k]; in range [0, len(experts)) for this rank's experts
+        hit = (local >= 0) & (local < len(self.experts))
+        for j in torch.unique(local[hit]).tolist():
+            token, slot = torch.where(local == j)
+            y = self.experts[j](x[token]) * weights[token, slot, None].to(x.dtype)
+            out.index_add_(0, token, y)
+        return out
