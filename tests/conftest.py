@@ -1,0 +1,38 @@
+"""Shared fixtures.
+
+Synthetic checkpoints are written once per pytest session, i.e. once per xdist worker, into pytest's tmp
+directory (never into the repository or ``$HELIX_HOME``). Ask for ``tiny_checkpoint`` for the
+deepseek-v3-lite-tiny preset, or call ``checkpoint_factory(preset, seed=..., dtype=..., **config_overrides)``
+for a variant; equal arguments return the same directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helix.checkpoint import DEFAULT_PRESET, make_checkpoint
+from helix.presets import get_preset
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    written: dict[str, Path] = {}
+
+    def make(preset: str = DEFAULT_PRESET, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
+        key = json.dumps([preset, seed, dtype, overrides], sort_keys=True)
+        if key not in written:
+            out = tmp_path_factory.mktemp("ckpt") / preset
+            make_checkpoint(get_preset(preset, **overrides), out, seed=seed, dtype=dtype)
+            written[key] = out
+        return written[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(checkpoint_factory) -> Path:
+    """The deepseek-v3-lite-tiny synthetic checkpoint: float32 weights, seed 0, tokenizer files included."""
+    return checkpoint_factory()
