@@ -1,0 +1,115 @@
+"""helix_combine on CPU (torch reference; Triton under the interpreter), and the Helix identity: the
+combine of per-rank mla_decode partials equals attention over all tokens."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from kernels import helix_combine, helix_combine_torch, helix_combine_triton, mla_decode_torch, mla_decode_triton
+from tests.kernels.cases import (combine_lowp_baseline, combine_oracle64, make_combine_case, make_mla_case,
+                                 mla_oracle64)
+from tests.tolerance import assert_bf16_policy, assert_f32_parity
+
+pytest.importorskip("triton", reason="triton not installed: the interpreted kernel tests need it")
+
+PATHS = [pytest.param(helix_combine_torch, id="torch"), pytest.param(helix_combine_triton, id="triton")]
+
+
+def _check_empty_rows(o, lse, lse_parts):
+    empty = torch.all(lse_parts == float("-inf"), dim=0)
+    assert torch.all(lse[empty] == float("-inf")) and torch.all(o[empty] == 0), "all -inf row not o=0, lse=-inf"
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any(), "NaN leaked from an empty part"
+
+
+@pytest.mark.parametrize("fn", PATHS)
+@pytest.mark.parametrize("n", range(1, 9))
+def test_combine_f32(fn, n):
+    o_parts, lse_parts = make_combine_case(n, 2, 3, seed=n, neg_inf="row")
+    o, lse = fn(o_parts, lse_parts)
+    o_ref, lse_ref = combine_oracle64(o_parts, lse_parts)
+    assert o.dtype == torch.float32 and lse.dtype == torch.float32 and o.shape == (2, 3, 64)
+    assert_f32_parity(o, o_ref, f"combine N={n} o")
+    assert_f32_parity(lse, lse_ref, f"combine N={n} lse")
+    _check_empty_rows(o, lse, lse_parts)
+
+
+@pytest.mark.parametrize("fn", PATHS)
+@pytest.mark.parametrize("n", [2, 5, 8])
+def test_combine_bf16(fn, n):
+    o_parts, lse_parts = make_combine_case(n, 2, 5, lkv=96, dtype=torch.bfloat16, seed=10 + n)
+    o, lse = fn(o_parts, lse_parts)
+    assert o.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    o_ref, lse_ref = combine_oracle64(o_parts, lse_parts)
+    o_base, lse_base = combine_lowp_baseline(o_parts, lse_parts)
+    assert_bf16_policy(o, o_ref, o_base, f"combine bf16 N={n} o")
+    assert_f32_parity(lse, lse_ref, f"combine bf16 N={n} lse")
+
+
+@pytest.mark.parametrize("fn", PATHS)
+def test_combine_noncontiguous_and_all_empty(fn):
+    # as an all-to-all might leave it: [B, N, h, Lkv] memory viewed as [N, B, h, Lkv]
+    o_parts, lse_parts = make_combine_case(4, 3, 2, seed=4)
+    o_nc, lse_nc = o_parts.transpose(0, 1).contiguous().transpose(0, 1), lse_parts.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not o_nc.is_contiguous()
+    o, lse = fn(o_nc, lse_nc)
+    o_ref, lse_ref = combine_oracle64(o_parts, lse_parts)
+    assert_f32_parity(o, o_ref, "combine non-contiguous o")
+    assert_f32_parity(lse, lse_ref, "combine non-contiguous lse")
+
+    o_parts, lse_parts = make_combine_case(3, 2, 2, seed=5)
+    lse_parts.fill_(float("-inf"))
+    o_parts.fill_(float("nan"))
+    o, lse = fn(o_parts, lse_parts)
+    assert torch.all(o == 0) and torch.all(lse == float("-inf"))
+
+
+def test_combine_validation_and_path(monkeypatch):
+    o_parts, lse_parts = make_combine_case(2, 1, 2)
+    with pytest.raises(ValueError):
+        helix_combine(o_parts, lse_parts[:1])
+    with pytest.raises(TypeError):
+        helix_combine(o_parts, lse_parts.half())
+    with pytest.raises(ValueError):
+        helix_combine(o_parts[:0], lse_parts[:0])
+    mod = importlib.import_module("kernels.helix_combine")  # the package attribute is the function
+
+    calls = []
+    monkeypatch.setattr(mod, "helix_combine_torch", lambda *a: calls.append("torch"))
+    monkeypatch.setattr(mod, "helix_combine_triton", lambda *a: calls.append("triton"))
+    for mode, want in [("auto", "torch"), ("torch", "torch"), ("triton", "triton")]:
+        monkeypatch.setenv("HELIX_KERNELS", mode)
+        helix_combine(o_parts, lse_parts)
+        assert calls[-1] == want
+
+
+@pytest.mark.parametrize("decode,combine", [
+    pytest.param(mla_decode_torch, helix_combine_torch, id="torch"),
+    pytest.param(mla_decode_triton, helix_combine_triton, id="triton"),
+])
+@pytest.mark.parametrize("n_ranks", [2, 3])
+def test_helix_identity(decode, combine, n_ranks):
+    """Shard each sequence's blocks round-robin over N ranks (block b on rank b mod N, DESIGN §3),
+    decode each shard, combine: equals decoding the whole sequence. N=3 leaves ranks with 0 tokens."""
+    case = make_mla_case([0, 3, 29, 40], 5, tpb=8, seed=31 + n_ranks)
+    tpb = case.kv_cache.shape[1]
+    parts = []
+    for r in range(n_ranks):
+        tables, lens = [], []
+        for b in range(case.block_table.shape[0]):
+            n = int(case.seq_lens[b])
+            nb = -(-n // tpb)
+            mine = [j for j in range(nb) if j % n_ranks == r]
+            local = sum(min(tpb, n - j * tpb) for j in mine)
+            tables.append([int(case.block_table[b, j]) for j in mine])
+            lens.append(local)
+        width = max(1, max(len(t) for t in tables))
+        table = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)
+        parts.append(decode(case.q_nope_abs, case.q_pe, case.kv_cache, table,
+                            torch.tensor(lens, dtype=torch.int32), case.scale))
+    o, lse = combine(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+    o_ref, lse_ref = mla_oracle64(case)
+    assert_f32_parity(o, o_ref, f"helix N={n_ranks} o")
+    assert_f32_parity(lse, lse_ref, f"helix N={n_ranks} lse")

@@ -1,0 +1,152 @@
+"""mla_decode on CPU: the torch reference always, the Triton kernel under Triton's interpreter.
+
+Float32: parity with a float64 token-by-token oracle (DESIGN §6). bf16: error <= 2x that of plain bf16
+torch + floor. Every case carries NaN in each cache slot no sequence uses and garbage block ids past each
+sequence's last block.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from kernels import mla_decode, mla_decode_torch, mla_decode_triton
+from kernels.mla_decode import MLAConfig
+from tests.kernels.cases import make_mla_case, mla_bf16_baseline, mla_oracle64
+from tests.tolerance import assert_bf16_policy, assert_f32_parity
+
+triton = pytest.importorskip("triton", reason="triton not installed: the interpreted kernel tests need it")
+
+# (lens, heads, tokens_per_block): lengths 0 and 1, ragged last blocks, batch > 1, odd head counts
+HOSTILE = [
+    pytest.param([0], 4, 8, id="empty"),
+    pytest.param([1], 3, 8, id="one-token-H3"),
+    pytest.param([13], 5, 4, id="ragged-H5"),
+    pytest.param([0, 1, 37, 8], 5, 8, id="batch-mixed-H5"),
+    pytest.param([40, 17], 16, 16, id="H16-two-blocks"),
+    pytest.param([29, 0, 64], 17, 8, id="H17-two-head-tiles"),
+]
+
+
+def _check_f32(o, lse, case, what):
+    o_ref, lse_ref = mla_oracle64(case)
+    assert not torch.isnan(o).any(), f"{what}: NaN in o"
+    assert_f32_parity(o, o_ref, f"{what} o")
+    assert_f32_parity(lse, lse_ref, f"{what} lse")
+    empty = case.seq_lens == 0
+    assert torch.all(lse[empty] == float("-inf")) and torch.all(o[empty] == 0), f"{what}: empty sequence not o=0, lse=-inf"
+
+
+def _check_bf16(o, lse, case, what):
+    o_ref, lse_ref = mla_oracle64(case)
+    o_base, lse_base = mla_bf16_baseline(case)
+    assert o.dtype == case.kv_cache.dtype and lse.dtype == torch.float32
+    assert not torch.isnan(o).any(), f"{what}: NaN in o"
+    assert_bf16_policy(o, o_ref, o_base, f"{what} o")
+    assert_bf16_policy(lse, lse_ref, lse_base, f"{what} lse")
+
+
+# ---------------------------------------------------------------------------------- torch reference
+@pytest.mark.parametrize("lens,heads,tpb", HOSTILE)
+def test_torch_reference_f32(lens, heads, tpb):
+    case = make_mla_case(lens, heads, tpb=tpb, seed=len(lens) * 7 + heads)
+    o, lse = mla_decode_torch(*case.args)
+    assert o.shape == case.q_nope_abs.shape and lse.shape == case.q_nope_abs.shape[:2]
+    _check_f32(o, lse, case, "torch f32")
+
+
+@pytest.mark.parametrize("lens,heads,tpb", HOSTILE[2:4])
+def test_torch_reference_bf16(lens, heads, tpb):
+    case = make_mla_case(lens, heads, tpb=tpb, dtype=torch.bfloat16, seed=3)
+    _check_bf16(*mla_decode_torch(*case.args), case, "torch bf16")
+
+
+def test_torch_reference_float64_is_the_oracle():
+    case = make_mla_case([0, 21, 5], 3, tpb=4, dtype=torch.float64, seed=5)
+    o, lse = mla_decode_torch(*case.args)
+    o_ref, lse_ref = mla_oracle64(case)
+    assert_f32_parity(o.double(), o_ref, "torch f64 o", rel=1e-10)
+    assert_f32_parity(lse.double(), lse_ref, "torch f64 lse", rel=1e-6)  # lse is returned in float32
+
+
+# ---------------------------------------------------------------------------- Triton, interpreted
+@pytest.mark.parametrize("lens,heads,tpb", HOSTILE)
+def test_triton_interpreted_f32(lens, heads, tpb):
+    case = make_mla_case(lens, heads, tpb=tpb, seed=len(lens) * 11 + heads)
+    assert torch.isnan(case.kv_cache).any(), "the case must poison unused cache slots"
+    _check_f32(*mla_decode_triton(*case.args), case, "triton f32")
+
+
+@pytest.mark.parametrize("cfg", [
+    pytest.param(MLAConfig(block_h=16, block_n=16, num_splits=1), id="one-split-direct"),
+    pytest.param(MLAConfig(block_h=16, block_n=16, num_splits=3), id="3-splits"),
+    pytest.param(MLAConfig(block_h=16, block_n=16, num_splits=8), id="more-splits-than-tiles"),
+    pytest.param(MLAConfig(block_h=32, block_n=32, block_d=16, num_splits=2), id="chunked-score-dot"),
+])
+def test_triton_interpreted_split_and_tile_variants(cfg):
+    case = make_mla_case([0, 1, 45, 16], 5, tpb=8, seed=21)
+    _check_f32(*mla_decode_triton(*case.args, config=cfg), case, f"triton {cfg}")
+
+
+def test_triton_interpreted_bf16():
+    case = make_mla_case([0, 1, 37, 8], 5, tpb=8, dtype=torch.bfloat16, seed=9)
+    _check_bf16(*mla_decode_triton(*case.args), case, "triton bf16")
+
+
+def test_triton_interpreted_non_pow2_dims():
+    case = make_mla_case([11, 30], 3, lkv=48, rope=8, tpb=8, seed=13)
+    _check_f32(*mla_decode_triton(*case.args, config=MLAConfig(block_n=16, num_splits=2)), case, "triton Lkv=48 R=8")
+
+
+@pytest.mark.parametrize("layout", ["slice", "transposed"])
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_non_contiguous_q(layout, path):
+    case = make_mla_case([9, 26], 5, tpb=8, seed=17, q_layout=layout)
+    assert not case.q_nope_abs.is_contiguous() and not case.q_pe.is_contiguous()
+    fn = mla_decode_torch if path == "torch" else mla_decode_triton
+    _check_f32(*fn(*case.args), case, f"{path} q {layout}")
+
+
+def test_all_empty_and_zero_batch():
+    case = make_mla_case([0, 0], 3, seed=1)
+    for fn in (mla_decode_torch, mla_decode_triton):
+        o, lse = fn(*case.args)
+        assert torch.all(o == 0) and torch.all(lse == float("-inf")), fn.__name__
+    z = make_mla_case([], 3, seed=1)
+    for fn in (mla_decode_torch, mla_decode_triton):
+        o, lse = fn(*z.args)
+        assert o.shape == (0, 3, 64) and lse.shape == (0, 3)
+
+
+# ------------------------------------------------------------------------------ path and validation
+def test_path_selection(monkeypatch):
+    case = make_mla_case([5], 2, seed=2)
+    calls = []
+    mod = importlib.import_module("kernels.mla_decode")  # the package attribute is the function
+
+    monkeypatch.setattr(mod, "mla_decode_torch", lambda *a: calls.append("torch") or (None, None))
+    monkeypatch.setattr(mod, "mla_decode_triton", lambda *a: calls.append("triton") or (None, None))
+    for mode, want in [("auto", "torch"), ("torch", "torch"), ("triton", "triton"), ("", "torch")]:
+        monkeypatch.setenv("HELIX_KERNELS", mode)
+        mla_decode(*case.args)
+        assert calls[-1] == want, f"HELIX_KERNELS={mode!r} on CPU picked {calls[-1]}"
+    monkeypatch.setenv("HELIX_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="HELIX_KERNELS"):
+        mla_decode(*case.args)
+
+
+@pytest.mark.parametrize("mutate,err", [
+    (lambda a: (a[0][:, :, :-1],) + a[1:], ValueError),                          # Lkv + R mismatch
+    (lambda a: (a[0], a[1][:1]) + a[2:], ValueError),                            # q_pe batch
+    (lambda a: a[:3] + (a[3].long()[:, None],) + a[4:], ValueError),             # block_table rank
+    (lambda a: a[:3] + (a[3].float(),) + a[4:], TypeError),                      # block_table dtype
+    (lambda a: a[:4] + (a[4][:1],) + a[5:], ValueError),                         # seq_lens shape
+    (lambda a: (a[0].double(),) + a[1:], TypeError),                             # mixed dtypes
+])
+def test_validation(mutate, err):
+    case = make_mla_case([5, 9], 2, seed=2)
+    for fn in (mla_decode_torch, mla_decode_triton):
+        with pytest.raises(err):
+            fn(*mutate(case.args))
