@@ -70,7 +70,10 @@ def run_generate(args: argparse.Namespace) -> None:
         raise ConfigError("--device='cuda': no CUDA device is visible to torch; use --device cpu")
     model_dir = args.model or ensure_checkpoint(DEFAULT_PRESET)
     cfg = ModelConfig.from_json(model_dir)
-    tokenizer = load_tokenizer(model_dir)
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"model={model_dir!r}: no loadable tokenizer files ({str(e).splitlines()[0]})") from None
     prompt_ids = _prompt_ids(args, tokenizer, cfg)
     log.info("%s backend: %d prompt tokens, up to %d new, %s on %s", args.backend, len(prompt_ids),
              args.max_new_tokens, args.dtype, args.device)
