@@ -1,4 +1,4 @@
-"""Sessions: unit (CPU suite), e2e_accuracy (MMLU/GSM8K through disaggregated Helix), gpu, bench.
+"""Sessions: demo (the quick start's `helix generate`), unit (CPU suite), e2e_accuracy (MMLU/GSM8K through disaggregated Helix), gpu, bench.
 
 CPU sessions pin torch 2.13.0 (the CPU build); an unpinned torch would pull a multi-GB CUDA build.
 GPU sessions reuse the machine's own torch (``venv_params=["--system-site-packages"]``).
@@ -28,6 +28,14 @@ def unit(session):
         "pytest", "-n", "2", "-m", "not gpu and not multi_gpu and not slow", *session.posargs,
         env={"HELIX_TEST_DEVICE": "cpu", "OMP_NUM_THREADS": "1"},
     )
+
+
+@nox.session(python="3.11")
+def demo(session):
+    """`helix generate` on the embedded default (the tiny synthetic checkpoint, written on first use)."""
+    _install_cpu(session)
+    args = session.posargs or ["--prompt", "Helix shards the KV cache along the sequence.", "--max-new-tokens", "32"]
+    session.run("helix", "generate", *args, "--json")
 
 
 @nox.session(python="3.11")
