@@ -266,9 +266,12 @@ def mla_decode_torch(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: tor
 # ----------------------------------------------------------------------------------------------------
 def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                       block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                      config: MLAConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      config: MLAConfig | None = None, stats: dict | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton path of :func:`mla_decode` (CUDA, or CPU under the interpreter). No host sync: capturable
-    in a CUDA graph. ``config`` overrides the launch shape (benchmarks, tests)."""
+    in a CUDA graph. ``config`` overrides the launch shape (benchmarks, tests); a ``stats`` dict receives
+    the launch shape and, when compiled, the split kernel's registers, spills, shared memory and whether
+    it uses Hopper's wgmma."""
     bsz, heads, lkv, rope = _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, float64_ok=False)
     dev = kv_cache.device
     o = torch.empty((bsz, heads, lkv), dtype=q_nope_abs.dtype, device=dev)
@@ -306,7 +309,7 @@ def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
         sl = (lse_s.stride(0), lse_s.stride(1), lse_s.stride(2))
 
     grid = (head_tiles, splits, bsz)
-    launcher(_mla_split_kernel, interpret)[grid](
+    compiled = launcher(_mla_split_kernel, interpret)[grid](
         q_nope_abs, q_pe, kv_cache, block_table, seq_lens, o_s, lse_s,
         float(scale) * LOG2E, heads, splits,
         q_nope_abs.stride(0), q_nope_abs.stride(1), q_pe.stride(0), q_pe.stride(1),
@@ -316,6 +319,14 @@ def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
         BLOCK_LKV=block_lkv, BLOCK_R=block_r, F32=f32, IEEE=ieee,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if stats is not None:
+        stats.update(block_h=block_h, block_n=cfg.block_n, block_d=block_d, num_warps=cfg.num_warps,
+                     num_stages=cfg.num_stages, splits=splits, grid=grid)
+        if not interpret and compiled is not None:
+            ptx = getattr(compiled, "asm", {}).get("ptx", "")
+            stats.update(n_regs=getattr(compiled, "n_regs", None), n_spills=getattr(compiled, "n_spills", None),
+                         shared=getattr(getattr(compiled, "metadata", None), "shared", None),
+                         wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"))
     if splits > 1:
         # splits as the "parts" axis of the Helix merge: views [S, B, H, Lkv] / [S, B, H]
         launch_lse_combine(o_s.permute(2, 0, 1, 3), lse_s.permute(2, 0, 1), o, lse, interpret)

@@ -1,0 +1,347 @@
+"""Roofline benchmark of the kernels (DESIGN §8): ``python -m kernels.bench [--out DIR]``.
+
+For H in {16, 32, 128}, B in {1, 8}, S in {64K, 256K, 1M} (bf16, Lkv 512, R 64, 64 tokens per block,
+shuffled block table) it times
+
+* ``mla_decode`` (the Triton kernel, default launch shape), and
+* a plain-torch absorbed decode: einsums over the cache already gathered into a contiguous
+  [B, S, Lkv + R] tensor (the gather is not timed), softmax in float32,
+
+each as the median of CUDA-graph replays timed with CUDA events, and reports KV bytes read, FLOPs =
+2*B*H*S*(2*Lkv + R), GB/s, TFLOP/s and time / floor, where floor = max(KV bytes / copy bandwidth, FLOPs /
+bf16 matmul rate), both ceilings measured in the same run (copy counted as bytes read + written). It also
+times ``helix_combine`` at B in {1, 32}, h in {16, 128}, N in {2, 4, 8}, and with ``--sweep`` a few launch
+shapes of the split kernel at S = 1M, B = 1. Writes kernels-<card>.json and .md into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kernels import helix_combine, mla_decode
+from kernels.mla_decode import MLAConfig, default_config, flops, kv_bytes, mla_decode_triton
+
+LKV, R, TPB = 512, 64, 64
+DT = torch.bfloat16
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ------------------------------------------------------------------------------------------- timing
+def time_graph(fn, replays: int = 30, warmup: int = 3) -> float:
+    """Median seconds of one replay of ``fn`` captured in a CUDA graph, each replay between events."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(warmup):
+        g.replay()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del g
+    return statistics.median(times)
+
+
+def time_graph_batched(fn, inner: int = 20, replays: int = 20) -> float:
+    """For microsecond kernels: ``inner`` calls in one graph, median replay / inner."""
+    def many():
+        for _ in range(inner):
+            fn()
+    return time_graph(many, replays=replays) / inner
+
+
+def measure_ceilings() -> dict:
+    n = 1 << 30  # 2 GiB of bf16 each way
+    src = torch.randn(n, device="cuda", dtype=torch.float32).to(DT)
+    dst = torch.empty_like(src)
+    t_copy = time_graph(lambda: dst.copy_(src), replays=20)
+    copy_bw = 2 * src.numel() * src.element_size() / t_copy
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, device="cuda", dtype=DT)
+    b = torch.randn(m, m, device="cuda", dtype=DT)
+    c = torch.empty(m, m, device="cuda", dtype=DT)
+    t_mm = time_graph(lambda: torch.matmul(a, b, out=c), replays=20)
+    mm = 2 * m ** 3 / t_mm
+    del a, b, c
+    torch.cuda.empty_cache()
+    return {"copy_GBps": copy_bw / 1e9, "matmul_TFLOPs": mm / 1e12, "copy_s": t_copy, "matmul_s": t_mm}
+
+
+# -------------------------------------------------------------------------------------- decode setup
+class Workspace:
+    """One random bf16 paged cache big enough for the largest (B, S); smaller runs take a prefix."""
+
+    def __init__(self, max_tokens: int):
+        self.blocks = max_tokens // TPB
+        self.kv = torch.empty(self.blocks, TPB, LKV + R, device="cuda", dtype=DT)
+        chunk = 1 << 12
+        for i in range(0, self.blocks, chunk):
+            self.kv[i:i + chunk].normal_()
+
+    def inputs(self, bsz: int, seq: int, heads: int, seed: int = 0):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        nb = seq // TPB
+        perm = torch.randperm(bsz * nb, device="cuda", generator=g)  # shuffled pages
+        table = perm.view(bsz, nb).to(torch.int32)
+        lens = torch.full((bsz,), seq, dtype=torch.int32, device="cuda")
+        qn = torch.randn(bsz, heads, LKV, device="cuda", generator=g).to(DT)
+        qp = torch.randn(bsz, heads, R, device="cuda", generator=g).to(DT)
+        return qn, qp, self.kv[: bsz * nb], table, lens, 1.0 / math.sqrt(192)
+
+
+def torch_decode(qn, qp, kv_contig, scale):
+    """Plain-torch absorbed decode over a contiguous [B, S, Lkv + R] cache."""
+    c, k_pe = kv_contig[..., :LKV], kv_contig[..., LKV:]
+    s = (torch.einsum("bhl,bsl->bhs", qn, c) + torch.einsum("bhr,bsr->bhs", qp, k_pe)).float() * scale
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).to(qn.dtype)
+    return torch.einsum("bhs,bsl->bhl", p, c), lse
+
+
+def rel_err(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def figures(t, bsz, heads, seq, ceil) -> dict:
+    by, fl = kv_bytes(bsz, seq, LKV, R, 2), flops(bsz, heads, seq, LKV, R)
+    t_bw, t_fl = by / (ceil["copy_GBps"] * 1e9), fl / (ceil["matmul_TFLOPs"] * 1e12)
+    floor = max(t_bw, t_fl)
+    return {"us": t * 1e6, "GBps": by / t / 1e9, "TFLOPs": fl / t / 1e12, "floor_us": floor * 1e6,
+            "floor_bytes_us": t_bw * 1e6, "floor_flops_us": t_fl * 1e6, "x_floor": t / floor,
+            "pct_copy_bw": 100 * by / t / 1e9 / ceil["copy_GBps"],
+            "pct_matmul": 100 * fl / t / 1e12 / ceil["matmul_TFLOPs"]}
+
+
+SWEEP = {
+    16: [MLAConfig(16, 64, 0, 4, 2, 2), MLAConfig(16, 32, 0, 4, 3, 2), MLAConfig(16, 64, 0, 4, 3, 2),
+         MLAConfig(16, 64, 0, 8, 2, 2), MLAConfig(16, 128, 0, 8, 2, 2), MLAConfig(16, 32, 0, 4, 2, 4),
+         MLAConfig(16, 64, 128, 4, 2, 2)],
+    32: [MLAConfig(32, 64, 0, 4, 2, 1), MLAConfig(32, 64, 0, 8, 2, 1), MLAConfig(32, 32, 0, 4, 3, 2),
+         MLAConfig(32, 32, 0, 4, 2, 2), MLAConfig(16, 64, 0, 4, 2, 2), MLAConfig(32, 64, 128, 4, 2, 1)],
+    128: [MLAConfig(64, 64, 0, 8, 2, 1), MLAConfig(64, 32, 0, 8, 2, 1), MLAConfig(64, 32, 0, 8, 3, 1),
+          MLAConfig(64, 64, 0, 8, 1, 1), MLAConfig(64, 64, 0, 4, 2, 1), MLAConfig(32, 64, 0, 4, 2, 1),
+          MLAConfig(32, 64, 0, 8, 2, 1), MLAConfig(64, 64, 128, 8, 2, 1), MLAConfig(64, 16, 0, 4, 3, 1)],
+}
+
+
+def cfg_str(c: MLAConfig) -> str:
+    return f"h{c.block_h}/n{c.block_n}/d{c.block_d or 'all'}/w{c.num_warps}/s{c.num_stages}/p{c.programs_per_sm}"
+
+
+def run_sweep(ws, ceil, heads_list, seq, deadline) -> list[dict]:
+    rows = []
+    for heads in heads_list:
+        qn, qp, kv, bt, sl, scale = ws.inputs(1, seq, heads, seed=heads)
+        ref = torch_decode(qn, qp, kv[bt.long()].view(1, seq, LKV + R), scale)[0]
+        for cfg in SWEEP[heads]:
+            if time.time() > deadline:
+                log("sweep: out of time")
+                return rows
+            row = {"H": heads, "B": 1, "S": seq, "config": cfg_str(cfg)}
+            try:
+                st: dict = {}
+                o, _ = mla_decode_triton(qn, qp, kv, bt, sl, scale, config=cfg, stats=st)
+                torch.cuda.synchronize()
+                row["rel_err_vs_torch"] = rel_err(o, ref)
+                row.update({k: v for k, v in st.items() if k != "grid"})
+                t = time_graph(lambda: mla_decode_triton(qn, qp, kv, bt, sl, scale, config=cfg))
+                row.update(figures(t, 1, heads, seq, ceil))
+            except Exception as e:  # noqa: BLE001 - a launch shape that does not fit is a result too
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            log("sweep", json.dumps(row))
+            rows.append(row)
+        del ref
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run_decode(ws, ceil, heads_list, batches, seqs, with_torch, deadline) -> list[dict]:
+    rows = []
+    free = torch.cuda.mem_get_info()[0]
+    for seq in seqs:
+        for bsz in batches:
+            for heads in heads_list:
+                if time.time() > deadline:
+                    log("decode: out of time")
+                    return rows
+                qn, qp, kv, bt, sl, scale = ws.inputs(bsz, seq, heads, seed=seq + bsz + heads)
+                row = {"H": heads, "B": bsz, "S": seq, "kv_bytes": kv_bytes(bsz, seq, LKV, R, 2),
+                       "flops": flops(bsz, heads, seq, LKV, R)}
+                st: dict = {}
+                o, lse = mla_decode_triton(qn, qp, kv, bt, sl, scale, stats=st)
+                row["launch"] = {k: v for k, v in st.items() if k != "grid"}
+                t = time_graph(lambda: mla_decode(qn, qp, kv, bt, sl, scale))
+                row["triton"] = figures(t, bsz, heads, seq, ceil)
+                # torch needs the contiguous copy plus [B, H, S] scores in bf16 and float32 (x2)
+                need = bsz * seq * (LKV + R) * 2 + bsz * heads * seq * 14
+                if with_torch and need < 0.8 * free:
+                    try:
+                        kvc = kv[bt.long()].view(bsz, seq, LKV + R)
+                        o_t, lse_t = torch_decode(qn, qp, kvc, scale)
+                        row["rel_err_vs_torch"] = {"o": rel_err(o, o_t), "lse": rel_err(lse, lse_t)}
+                        del o_t, lse_t
+                        tt = time_graph(lambda: torch_decode(qn, qp, kvc, scale), replays=10)
+                        row["torch"] = figures(tt, bsz, heads, seq, ceil)
+                        row["speedup_vs_torch"] = tt / t
+                        del kvc
+                    except torch.cuda.OutOfMemoryError:
+                        row["torch"] = "out of memory"
+                else:
+                    row["torch"] = "skipped (memory)" if with_torch else "skipped"
+                torch.cuda.empty_cache()
+                log("decode", json.dumps(row))
+                rows.append(row)
+    return rows
+
+
+def run_combine(ceil) -> list[dict]:
+    rows = []
+    for bsz in (1, 32):
+        for heads in (16, 128):
+            for n in (2, 4, 8):
+                o_parts = torch.randn(n, bsz, heads, LKV, device="cuda").to(DT)
+                lse_parts = torch.randn(n, bsz, heads, device="cuda") * 3
+                helix_combine(o_parts, lse_parts)
+                t1 = time_graph(lambda: helix_combine(o_parts, lse_parts), replays=50)
+                tb = time_graph_batched(lambda: helix_combine(o_parts, lse_parts))
+                by = o_parts.numel() * 2 + lse_parts.numel() * 4 + bsz * heads * (LKV * 2 + 4)
+                row = {"B": bsz, "h": heads, "N": n, "us_one_graph_replay": t1 * 1e6,
+                       "us_per_call_in_graph": tb * 1e6, "bytes": by, "GBps": by / tb / 1e9}
+                log("combine", json.dumps(row))
+                rows.append(row)
+    return rows
+
+
+def card_tag(name: str) -> str:
+    for k in ("H200", "H100", "H800", "A100", "B200", "GB200", "L40S"):
+        if k in name.upper():
+            return k.lower()
+    return "".join(ch for ch in name.lower() if ch.isalnum())[:20] or "gpu"
+
+
+def markdown(res: dict) -> str:
+    c = res["ceilings"]
+    out = [f"# Kernel roofline: {res['card']}", "",
+           f"torch {res['torch']}, triton {res['triton']}; copy {c['copy_GBps']:.0f} GB/s (read+write), "
+           f"bf16 matmul {c['matmul_TFLOPs']:.0f} TFLOP/s, both measured in this run. "
+           f"Lkv {LKV}, R {R}, {TPB} tokens/block, shuffled block table, bf16; median of CUDA-graph replays.", "",
+           "## mla_decode (Triton) vs plain-torch absorbed decode (contiguous cache, gather not timed)", "",
+           "| H | B | S | KV MB | floor us (bytes / flops) | triton us | GB/s | TFLOP/s | x floor | %copy | %matmul "
+           "| torch us | torch GB/s | torch TFLOP/s | speedup | launch |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["decode"]:
+        t = r["triton"]
+        tt = r["torch"] if isinstance(r["torch"], dict) else None
+        la = r["launch"]
+        launch = f"h{la['block_h']}/n{la['block_n']}/w{la['num_warps']}/s{la['num_stages']}/splits {la['splits']}"
+        out.append(
+            f"| {r['H']} | {r['B']} | {r['S'] // 1024}K | {r['kv_bytes'] / 1e6:.0f} | {t['floor_us']:.0f} "
+            f"({t['floor_bytes_us']:.0f} / {t['floor_flops_us']:.0f}) | {t['us']:.1f} | {t['GBps']:.0f} | "
+            f"{t['TFLOPs']:.1f} | {t['x_floor']:.2f} | {t['pct_copy_bw']:.0f} | {t['pct_matmul']:.0f} | "
+            + (f"{tt['us']:.1f} | {tt['GBps']:.0f} | {tt['TFLOPs']:.1f} | {r['speedup_vs_torch']:.2f}x"
+               if tt else f"{r['torch']} | | | ") + f" | {launch} |")
+    if res.get("sweep"):
+        out += ["", "## launch-shape sweep (S = 1M, B = 1)", "",
+                "| H | config (h/n/d/warps/stages/programs per SM) | us | x floor | GB/s | TFLOP/s | splits | regs | spills | smem | wgmma | rel err vs torch |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["sweep"]:
+            if "error" in r:
+                out.append(f"| {r['H']} | {r['config']} | {r['error']} | | | | | | | | | |")
+            else:
+                out.append(f"| {r['H']} | {r['config']} | {r['us']:.1f} | {r['x_floor']:.2f} | {r['GBps']:.0f} | "
+                           f"{r['TFLOPs']:.1f} | {r.get('splits')} | {r.get('n_regs')} | {r.get('n_spills')} | "
+                           f"{r.get('shared')} | {r.get('wgmma')} | {r['rel_err_vs_torch']:.2e} |")
+    if res.get("combine"):
+        out += ["", "## helix_combine (bf16 o, Lkv 512)", "",
+                "| B | h | N | us (one graph replay) | us per call (20 in one graph) | GB/s |", "|---|---|---|---|---|---|"]
+        for r in res["combine"]:
+            out.append(f"| {r['B']} | {r['h']} | {r['N']} | {r['us_one_graph_replay']:.2f} | "
+                       f"{r['us_per_call_in_graph']:.2f} | {r['GBps']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="golden/perf", help="output directory (default golden/perf)")
+    ap.add_argument("--heads", type=int, nargs="+", default=[16, 32, 128])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--seqs", type=int, nargs="+", default=[1 << 16, 1 << 18, 1 << 20])
+    ap.add_argument("--sweep", action="store_true", help="also time several launch shapes at S=1M, B=1")
+    ap.add_argument("--no-torch", action="store_true", help="skip the plain-torch baseline")
+    ap.add_argument("--no-combine", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=420, help="stop starting new measurements after this")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels.bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    deadline = time.time() + args.budget_s
+    import triton
+
+    name = torch.cuda.get_device_name()
+    res = {"card": name, "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+           "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+           "shape": {"Lkv": LKV, "R": R, "tokens_per_block": TPB, "dtype": "bfloat16"},
+           "default_configs": {h: cfg_str(default_config(h, LKV, DT, False)) for h in args.heads}}
+    log(f"card {name}, torch {torch.__version__}, triton {triton.__version__}")
+    res["ceilings"] = measure_ceilings()
+    log("ceilings", json.dumps(res["ceilings"]))
+    max_tokens = max(b * s for b in args.batches for s in args.seqs)
+    free = torch.cuda.mem_get_info()[0]
+    max_tokens = min(max_tokens, int(0.45 * free) // ((LKV + R) * 2) // TPB * TPB)
+    ws = Workspace(max_tokens)
+    fits = [(b, s) for b in args.batches for s in args.seqs if b * s <= max_tokens]
+    res["skipped_for_memory"] = [(b, s) for b in args.batches for s in args.seqs if b * s > max_tokens]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = card_tag(name)
+
+    def save():  # after every section, so a run stopped at its time limit still leaves its figures
+        (out / f"kernels-{tag}.json").write_text(json.dumps(res, indent=1, default=str))
+        (out / f"kernels-{tag}.md").write_text(markdown(res))
+
+    if args.sweep:
+        res["sweep"] = run_sweep(ws, res["ceilings"], args.heads, max(args.seqs), deadline)
+        save()
+    res["decode"] = []
+    for seq in args.seqs:
+        bs = [b for b in args.batches if (b, seq) in fits]
+        res["decode"] += run_decode(ws, res["ceilings"], args.heads, bs, [seq], not args.no_torch, deadline)
+        save()
+    del ws
+    torch.cuda.empty_cache()
+    if not args.no_combine:
+        res["combine"] = run_combine(res["ceilings"])
+    save()
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    sys.exit(main())
