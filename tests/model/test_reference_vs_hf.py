@@ -1,6 +1,7 @@
 """The oracle checked against transformers' DeepseekV3ForCausalLM / DeepseekV2ForCausalLM.
 
-Each model shape is a synthetic checkpoint written with helix.checkpoint and loaded by transformers with
+Each model shape is a synthetic checkpoint of the tiny preset with overrides, written with helix.checkpoint
+(tests/conftest.py) and loaded by transformers with
 ``from_pretrained(dir)``, so both sides read the same files through their own loading code. Shapes cover:
 V3 without q_lora (group-limited sigmoid routing, YaRN x32, interleaved RoPE); V3 with q_lora, YaRN x4 over
 an original context of 32 (positions well beyond it), mscale != mscale_all_dim and non-interleaved RoPE;
@@ -9,17 +10,13 @@ V2 with softmax greedy routing; V2 with group_limited_greedy and q_lora.
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 import torch
 import transformers
 
-from helix.checkpoint import synthetic_tensors, write_safetensors
 from helix.config import ModelConfig
-from helix.presets import preset_dict
-from helix.reference import ReferenceModel, mla_reference
+from helix.presets import get_preset
+from helix.reference import ReferenceModel, mla_reference, route
 from tests.tolerance import assert_bf16_policy, assert_exact, assert_f32_parity
 
 SMALL_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32.0,
@@ -41,27 +38,10 @@ FORWARD_LEN = 112  # positions compared in one full forward (past original_max_p
 PROMPT_LEN, NEW_TOKENS = 24, 40
 
 
-def tiny_config(shape: str) -> ModelConfig:
-    d = preset_dict("deepseek-v3-lite-tiny")
-    d.update(SHAPES[shape])
-    return ModelConfig.from_dict(d)
-
-
 @pytest.fixture(scope="session")
-def checkpoint_dir(tmp_path_factory):
-    dirs: dict[str, str] = {}
-
-    def get(shape: str) -> str:
-        if shape not in dirs:
-            cfg = tiny_config(shape)
-            out = str(tmp_path_factory.mktemp(f"ckpt-{shape}"))
-            with open(os.path.join(out, "config.json"), "w") as f:
-                json.dump(cfg.to_hf_dict(), f)
-            write_safetensors(synthetic_tensors(cfg, seed=7), out)
-            dirs[shape] = out
-        return dirs[shape]
-
-    return get
+def checkpoint_dir(checkpoint_factory):
+    """shape name -> directory of its synthetic float32 checkpoint (tests/conftest.py writes each once)."""
+    return lambda shape: str(checkpoint_factory(seed=7, **SHAPES[shape]))
 
 
 def hf_model(path: str, dtype: torch.dtype = torch.float32):
@@ -177,3 +157,17 @@ def test_mla_layer_bf16_within_policy(shape, checkpoint_dir):
         rotary = hf_model(path, torch.bfloat16).model.rotary_emb(xb, positions[None])
         baseline, _ = attn(hidden_states=xb, position_embeddings=rotary, attention_mask=mask)
     assert_bf16_policy(ours.float(), ref64, baseline[0].float(), f"{shape} bf16 mla_reference")
+
+
+def test_v2_norm_topk_prob_normalises_instead_of_scaling():
+    """DeepSeek-V2's gate normalises the top-k weights *or* scales them; transformers' V2 ignores
+    norm_topk_prob (no released V2 sets it), so this branch is checked on its own."""
+    logits = torch.randn(5, 12, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    probs = logits.softmax(-1)
+    for norm in (False, True):
+        cfg = get_preset("deepseek-v3-lite-tiny", **{**V2_ROUTING, "norm_topk_prob": norm})
+        ids, weights = route(cfg, logits, None)
+        assert_exact(ids.sort(-1).values, probs.topk(4, -1).indices.sort(-1).values, "greedy top-4 experts")
+        top = probs.gather(1, ids)
+        want = top / top.sum(-1, keepdim=True) if norm else top * cfg.routed_scaling_factor
+        assert_f32_parity(weights, want, f"V2 weights, norm_topk_prob={norm}")
