@@ -39,8 +39,9 @@ class Comm:
         """send [N, ...] -> recv [N, ...]: recv[j] is what rank j put in its send[self.rank]."""
         if self.world_size == 1:
             return send
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send.contiguous(), group=self.group)
+        send = send.contiguous()
+        recv = torch.empty_like(send)  # after .contiguous(): empty_like would copy a transposed layout
+        dist.all_to_all_single(recv, send, group=self.group)
         return recv
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +49,7 @@ class Comm:
         if self.world_size == 1:
             return x.unsqueeze(0)
         out = torch.empty((self.world_size, *x.shape), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous(), group=self.group)
+        dist.all_gather(list(out.unbind(0)), x.contiguous(), group=self.group)
         return out
 
 

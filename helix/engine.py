@@ -1,0 +1,167 @@
+"""Per-rank decode loop: requests in, tokens (or scored continuations) out.
+
+Every rank runs the same engine on the same requests in the same order; host-side bookkeeping (block
+tables, lengths, sampling) is therefore identical everywhere, and each step ends with the same logits on
+every rank, so every rank picks the same token without a broadcast.
+
+A request's prompt is split as DESIGN §7 asks: all tokens but the last are prefilled (locally here, or by a
+context server in disaggregated serving); the last prompt token is the input of the first decode step, so
+every generated or scored token comes out of a Helix decode step. Requests join between steps (continuous
+batching) and leave when done, freeing their blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from helix.kv_cache import CapacityError
+from helix.model import HelixModel
+from helix.sampling import SamplingParams, select_token
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    req_id: int
+    prompt: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    forced: list[int] | None = None  # a continuation to score (teacher forcing) instead of sampling
+    keep_logits: bool = False  # return each step's float32 logits (parity tests)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.forced) if self.forced is not None else self.sampling.max_new_tokens
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens whose KV is written: the prompt plus every output but the last."""
+        return len(self.prompt) + max(self.num_outputs - 1, 0)
+
+
+@dataclass
+class Result:
+    req_id: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # log p(token) under the step's distribution
+    greedy: list[bool] = field(default_factory=list)  # token == argmax
+    logits: list[torch.Tensor] | None = None
+    finish_reason: str = "length"  # length | stop | error
+    error: str | None = None
+
+
+@dataclass
+class _Active:
+    req: Request
+    result: Result
+    position: int  # global position of the next input token
+    next_input: int
+
+
+class HelixEngine:
+    def __init__(self, model: HelixModel, max_tokens: int, max_batch_size: int,
+                 stop_check: Callable[[Request, list[int]], bool] | None = None):
+        self.model, self.max_batch_size, self.stop_check = model, max_batch_size, stop_check
+        self.cache = model.new_cache(max_tokens, max_batch_size)
+        self.active: dict[int, _Active] = {}
+        self.steps = 0
+
+    # ------------------------------------------------------------------ admission
+    def check(self, req: Request) -> None:
+        if not req.prompt:
+            raise ValueError(f"request {req.req_id}: empty prompt")
+        self.cache.check_fits(req.req_id, req.kv_tokens)
+
+    def reserve_prompt(self, req: Request) -> torch.Tensor:
+        """Allocate the sequence and room for its prefilled tokens (prompt[:-1]); returns their write slots."""
+        self.check(req)
+        n = len(req.prompt) - 1
+        self.cache.add(req.req_id)
+        try:
+            self.cache.reserve(req.req_id, n)
+        except CapacityError:
+            self.cache.release(req.req_id)
+            raise
+        slots = self.cache.slots(req.req_id, torch.arange(n))
+        self.cache.advance(req.req_id, n)
+        return slots
+
+    def admit(self, req: Request) -> None:
+        """Local prefill of prompt[:-1] on these ranks (heads split, each block written by its owner)."""
+        slots = self.reserve_prompt(req)
+        if len(req.prompt) > 1:
+            tokens = torch.tensor(req.prompt[:-1], device=self.model.device)
+            self.model.prefill(tokens, slots.to(self.model.device), self.cache)
+        self.start(req)
+
+    def start(self, req: Request) -> None:
+        """Begin decoding a request whose prompt[:-1] KV is in the cache."""
+        self.active[req.req_id] = _Active(req, Result(req.req_id, logits=[] if req.keep_logits else None),
+                                          len(req.prompt) - 1, req.prompt[-1])
+
+    # ------------------------------------------------------------------ decode
+    def step(self) -> list[Result]:
+        """One decode step over every active request; returns the requests that finished."""
+        states = list(self.active.values())
+        if not states:
+            return []
+        cache, dev = self.cache, self.model.device
+        ids = [s.req.req_id for s in states]
+        for sid in ids:
+            cache.reserve(sid, 1)
+        positions = torch.tensor([s.position for s in states])
+        slots = torch.cat([cache.slots(s.req.req_id, positions[i:i + 1]) for i, s in enumerate(states)])
+        table, local_lens = cache.block_table(ids, [s.position + 1 for s in states])
+        logits = self.model.decode_step(torch.tensor([s.next_input for s in states], device=dev),
+                                        positions.to(dev), slots.to(dev), table.to(dev), local_lens.to(dev), cache)
+        self.steps += 1
+        finished = []
+        for i, s in enumerate(states):
+            cache.advance(s.req.req_id, 1)
+            s.position += 1
+            if self._emit(s, logits[i].cpu()):
+                cache.release(s.req.req_id)
+                del self.active[s.req.req_id]
+                finished.append(s.result)
+        return finished
+
+    def _emit(self, s: _Active, logits: torch.Tensor) -> bool:
+        req, res = s.req, s.result
+        k = len(res.token_ids)
+        token = req.forced[k] if req.forced is not None else select_token(logits, req.sampling, k)
+        res.token_ids.append(token)
+        res.logprobs.append(float(torch.log_softmax(logits.double(), -1)[token]))
+        res.greedy.append(bool(int(torch.argmax(logits)) == token))
+        if res.logits is not None:
+            res.logits.append(logits)
+        s.next_input = token
+        if req.forced is None and (token in req.sampling.stop_token_ids
+                                   or (self.stop_check is not None and self.stop_check(req, res.token_ids))):
+            res.finish_reason = "stop"
+            return True
+        return len(res.token_ids) >= req.num_outputs
+
+    # ------------------------------------------------------------------ whole runs
+    def run(self, requests: list[Request]) -> list[Result]:
+        """Serve ``requests`` with continuous batching; results in request order. A request that cannot fit
+        fails alone (finish_reason "error")."""
+        results: dict[int, Result] = {}
+        waiting = deque(requests)
+        while waiting or self.active:
+            while waiting and len(self.active) < self.max_batch_size:
+                req = waiting.popleft()
+                if req.num_outputs == 0:
+                    results[req.req_id] = Result(req.req_id, logits=[] if req.keep_logits else None)
+                    continue
+                try:
+                    self.admit(req)
+                except (CapacityError, ValueError) as e:
+                    results[req.req_id] = Result(req.req_id, finish_reason="error", error=str(e))
+            for res in self.step():
+                results[res.req_id] = res
+        return [results[r.req_id] for r in requests]

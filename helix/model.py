@@ -1,0 +1,97 @@
+"""The runtime decoder stack of one Helix rank.
+
+Every rank holds: the embedding, norms, router gates and query / latent-KV projections (replicated), its
+head slice of W_UV and o_proj, its TP slice of dense and shared-expert MLPs, its experts (EP) or expert
+slices (TP), and its vocabulary slice of the LM head. Each rank reads only those slices from the checkpoint.
+
+Per layer and step there are three collectives, all visible here and in attention.py: the attention
+all-to-all, the o_proj all-reduce and the FFN all-reduce; plus one all-gather of the vocab-parallel logits
+per step. A step ends with the same float32 logits [B, V] on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from helix.attention import HelixMLA, StepMeta, rms_norm
+from helix.checkpoint import Checkpoint
+from helix.comm import Comm
+from helix.config import ModelConfig
+from helix.kv_cache import PagedKVCache
+from helix.mapping import HelixMapping
+from helix.moe import GatedMLP, MoE
+from helix.rope import Rope
+
+
+class HelixDecoderLayer:
+    def __init__(self, cfg: ModelConfig, layer: int, ckpt: Checkpoint, mapping: HelixMapping, comm: Comm,
+                 rope: Rope, moe_mode: str, dtype: torch.dtype, device):
+        p = f"model.layers.{layer}."
+        self.eps, self.comm = cfg.rms_norm_eps, comm
+        self.input_norm = ckpt.get(p + "input_layernorm.weight", dtype=dtype, device=device)
+        self.post_norm = ckpt.get(p + "post_attention_layernorm.weight", dtype=dtype, device=device)
+        self.attn = HelixMLA(cfg, layer, ckpt, mapping, comm, rope, dtype, device)
+        if cfg.is_moe_layer(layer):
+            self.ffn = MoE(cfg, ckpt, p + "mlp.", mapping, moe_mode, dtype, device)
+        else:
+            self.ffn = GatedMLP(ckpt, p + "mlp.", cfg.intermediate_size, mapping, dtype, device)
+
+    def _ffn(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.comm.all_reduce(self.ffn(rms_norm(h, self.post_norm, self.eps)))
+
+    def decode(self, x: torch.Tensor, meta: StepMeta, cache: PagedKVCache) -> torch.Tensor:
+        return self._ffn(x + self.attn.decode(rms_norm(x, self.input_norm, self.eps), meta, cache))
+
+    def prefill(self, x, cos, sin, slots, cache) -> torch.Tensor:
+        return self._ffn(x + self.attn.prefill(rms_norm(x, self.input_norm, self.eps), cos, sin, slots, cache))
+
+
+class HelixModel:
+    def __init__(self, ckpt: Checkpoint, mapping: HelixMapping, comm: Comm, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", moe_mode: str = "ep"):
+        cfg = self.cfg = ckpt.config
+        self.mapping, self.comm, self.dtype, self.device = mapping, comm, dtype, torch.device(device)
+        self.rope = Rope(cfg, self.device)
+        self.embed = ckpt.get("model.embed_tokens.weight", dtype=dtype, device=device)  # [V, D] replicated lookup
+        self.layers = [HelixDecoderLayer(cfg, i, ckpt, mapping, comm, self.rope, moe_mode, dtype, device)
+                       for i in range(cfg.num_hidden_layers)]
+        self.norm = ckpt.get("model.norm.weight", dtype=dtype, device=device)
+        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        self.v0, self.v1 = mapping.vocab_range(cfg.vocab_size)
+        self.lm_head = ckpt.get(head, 0, self.v0, self.v1, dtype=dtype, device=device)  # [V_r, D]
+        self.shard_sizes = [hi - lo for lo, hi in (mapping.vocab_range(cfg.vocab_size, r)
+                                                   for r in range(mapping.world_size))]
+
+    def new_cache(self, max_tokens_per_seq: int, max_batch_size: int) -> PagedKVCache:
+        return PagedKVCache.for_config(self.mapping, self.cfg.num_hidden_layers, self.cfg.kv_cache_dim,
+                                       max_tokens_per_seq, max_batch_size, self.dtype, self.device)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [T, D] -> float32 logits [T, V], the same on every rank (vocab-parallel head + all-gather)."""
+        local = F.linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()
+        local = F.pad(local, (0, max(self.shard_sizes) - local.shape[1]))  # all-gather needs equal shards
+        parts = self.comm.all_gather(local)  # [N, T, ceil(V/N)]
+        return torch.cat([parts[r, :, :size] for r, size in enumerate(self.shard_sizes)], dim=-1)
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                    block_table: torch.Tensor, local_lens: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
+        """One Helix decode step. tokens, positions [B] (global), slots [B], block_table [B, W], local_lens [B]
+        (this rank's, the new token included) -> logits [B, V] float32."""
+        cos, sin = self.rope.cos_sin(positions)
+        meta = StepMeta(cos, sin, slots, block_table, local_lens)
+        x = self.embed[tokens]
+        for layer in self.layers:
+            x = layer.decode(x, meta, cache)
+        return self.logits(x)
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, slots: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
+        """Prompt tokens [T] at positions 0..T-1 of one sequence -> float32 logits [V] of the last position;
+        writes the KV rows this rank owns (``slots`` [T], scratch elsewhere)."""
+        cos, sin = self.rope.cos_sin(torch.arange(tokens.shape[0], device=self.device))
+        x = self.embed[tokens]
+        for layer in self.layers:
+            x = layer.prefill(x, cos, sin, slots, cache)
+        return self.logits(x[-1:])[0]

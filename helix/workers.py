@@ -1,0 +1,173 @@
+"""Local rank processes: spawned once, they run many commands, and any failure surfaces in the driver.
+
+``RankPool(world_size)`` starts one process per rank (torch.multiprocessing, spawn), joins them in a
+torch.distributed world (gloo on CPU, nccl on CUDA) and creates the prefix groups {0..n-1} for every n, so
+one spawn serves Helix runs with N = 1..world_size. ``pool.run(fn, *args, n=N)`` calls
+``fn(ctx, *args)`` on ranks 0..N-1 (``fn`` must be a module-level function) and returns their results.
+
+A rank that raises sends its traceback; a rank that dies is seen through its process sentinel. Either way
+the driver tears the pool down and raises ``WorkerError`` naming the rank, within seconds: nothing hangs,
+and no process outlives the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from helix.comm import Comm, destroy, init_process_group
+
+log = logging.getLogger(__name__)
+
+GPU_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+class WorkerError(RuntimeError):
+    """A rank raised or died. ``rank`` names it; the message carries its traceback."""
+
+    def __init__(self, rank: int, message: str, role: str = "rank"):
+        super().__init__(f"{role} {rank} failed:\n{message}")
+        self.rank = rank
+
+
+@dataclass
+class RankContext:
+    """What a command sees on its rank: identity, device, the prefix groups, and a dict that persists between
+    commands (models and caches live there)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    groups: dict[int, Any] = field(default_factory=dict)
+    state: dict = field(default_factory=dict)
+
+    def comm(self, n: int | None = None, ranks: list[int] | None = None) -> Comm:
+        """Comm over ranks 0..n-1 (default: the world), or over an explicit list created at start-up."""
+        key = tuple(ranks) if ranks is not None else tuple(range(n or self.world_size))
+        members = list(key)
+        return Comm(members.index(self.rank), len(members), self.groups[key])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, devices: list[str], init_method: str, extra_groups: list[tuple[int, ...]],
+            commands, results, env: dict) -> None:
+    os.environ.update(env)
+    device = torch.device(devices[rank])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(int(os.environ.get("HELIX_THREADS_PER_RANK", "1")))
+    try:
+        init_process_group(rank, world, device, init_method)
+        ctx = RankContext(rank, world, device)
+        for key in [tuple(range(n)) for n in range(1, world + 1)] + list(extra_groups):
+            group = dist.new_group(list(key)) if len(key) < world else dist.group.WORLD
+            if rank in key:
+                ctx.groups[key] = group
+    except BaseException:
+        results.put((rank, "err", traceback.format_exc()))
+        return
+    results.put((rank, "ready", None))
+    while True:
+        msg = commands.get()
+        if msg is None:
+            break
+        fn, args, kwargs = msg
+        try:
+            results.put((rank, "ok", fn(ctx, *args, **kwargs)))
+        except BaseException:
+            results.put((rank, "err", traceback.format_exc()))
+    destroy()
+
+
+class RankPool:
+    def __init__(self, world_size: int, devices: list[str] | None = None,
+                 extra_groups: list[list[int]] | None = None, role_of: Callable[[int], str] | None = None,
+                 start_timeout_s: float = 120.0):
+        self.world_size = world_size
+        self.devices = devices or ["cpu"] * world_size
+        self.role_of = role_of or (lambda r: f"rank {r}")
+        ctx = mp.get_context("spawn")
+        self.results = ctx.Queue()
+        self.commands = [ctx.Queue() for _ in range(world_size)]
+        init = f"tcp://127.0.0.1:{free_port()}"
+        env = dict(GPU_SAFE_ENV)
+        self.procs = [ctx.Process(target=_worker, daemon=True,
+                                  args=(r, world_size, self.devices, init, [tuple(g) for g in extra_groups or []],
+                                        self.commands[r], self.results, env))
+                      for r in range(world_size)]
+        for p in self.procs:
+            p.start()
+        self._collect(list(range(world_size)), start_timeout_s)
+
+    # ------------------------------------------------------------------
+    def _collect(self, ranks: list[int], timeout_s: float | None) -> dict[int, Any]:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        got: dict[int, Any] = {}
+        while len(got) < len(ranks):
+            try:
+                rank, status, payload = self.results.get(timeout=0.2)
+            except queue.Empty:
+                for r, p in enumerate(self.procs):
+                    if not p.is_alive():
+                        self.close()
+                        raise WorkerError(r, f"process exited with code {p.exitcode} without reporting an error",
+                                          self.role_of(r))
+                if deadline is not None and time.monotonic() > deadline:
+                    self.close()
+                    raise TimeoutError(f"ranks {sorted(set(ranks) - set(got))} did not answer within {timeout_s:.0f} s")
+                continue
+            if status == "err":
+                self.close()
+                raise WorkerError(rank, payload, self.role_of(rank))
+            got[rank] = payload
+        return got
+
+    def run(self, fn: Callable, *args, ranks: list[int] | None = None, n: int | None = None,
+            timeout_s: float | None = None, **kwargs) -> list[Any]:
+        """fn(ctx, *args, **kwargs) on ``ranks`` (default 0..n-1, default n = world); results in rank order."""
+        if not self.procs:
+            raise RuntimeError("the rank pool is closed")
+        ranks = ranks if ranks is not None else list(range(n or self.world_size))
+        for r in ranks:
+            self.commands[r].put((fn, args, kwargs))
+        got = self._collect(ranks, timeout_s)
+        return [got[r] for r in ranks]
+
+    def close(self) -> None:
+        procs, self.procs = self.procs, []
+        for p, q in zip(procs, self.commands):
+            if p.is_alive():
+                q.put(None)
+        deadline = time.monotonic() + 5
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+    def __enter__(self) -> "RankPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "procs", None):
+            self.close()
