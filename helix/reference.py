@@ -117,6 +117,7 @@ def mla_reference(cfg: ModelConfig, w: dict[str, torch.Tensor], x: torch.Tensor,
 
     c_kv, k_pe = (x @ w["kv_a_proj_with_mqa.weight"].T).split([Lkv, R], dim=-1)  # [T, Lkv], [T, R]
     c_kv = rms_norm(c_kv, w["kv_a_layernorm.weight"], eps)
+    # DeepSeek-V2's code has no switch: its RoPE is always interleaved (transformers' V2 ignores rope_interleave).
     interleaved = cfg.rope_interleave or cfg.model_type == "deepseek_v2"
     cos, sin = rope_cos_sin(cfg, positions)
     q_pe = apply_rope(q_pe, cos, sin, interleaved)
@@ -210,7 +211,8 @@ class ReferenceModel:
             if name not in weights:
                 raise CheckpointError(f"tensor {name!r} is missing (expected shape {shape})")
             if tuple(weights[name].shape) != shape:
-                raise CheckpointError(f"tensor {name!r}: shape {tuple(weights[name].shape)} != {shape} implied by the config")
+                raise CheckpointError(f"tensor {name!r}: shape {tuple(weights[name].shape)} != {shape} "
+                                      "implied by the config")
         self.dtype = weights["model.embed_tokens.weight"].dtype
         self.device = weights["model.embed_tokens.weight"].device
         self.embed = weights["model.embed_tokens.weight"]

@@ -133,8 +133,9 @@ def test_mla_layer_matches_hf_attention(checkpoint_dir):
                        attention_mask=mask)
     head, head_kv = mla_reference(cfg, w, x[0, :30], positions[0, :30], None)
     tail, (k, v) = mla_reference(cfg, w, x[0, 30:], positions[0, 30:], head_kv)
-    assert k.shape == (cfg.num_attention_heads, 50, cfg.qk_head_dim) and v.shape == (cfg.num_attention_heads, 50, cfg.v_head_dim)
-    assert_f32_parity(torch.cat([head, tail]), want[0], "mla_reference (prefill 30 + 20 more) vs transformers attention")
+    H = cfg.num_attention_heads
+    assert k.shape == (H, 50, cfg.qk_head_dim) and v.shape == (H, 50, cfg.v_head_dim)
+    assert_f32_parity(torch.cat([head, tail]), want[0], "mla_reference (30 tokens, then 20 more) vs transformers")
 
 
 @pytest.mark.parametrize("shape", ["v3", "v2-greedy"])
