@@ -45,6 +45,11 @@ from helix.rope import Rope
 from kernels import helix_combine, mla_decode
 
 
+# transformers and DeepSeek's own code build q_a_layernorm / kv_a_layernorm with the default eps, not
+# config.rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm in float32, cast back before the weight (as transformers does)."""
     xf = x.float()
@@ -101,7 +106,7 @@ class HelixMLA:
         """x [T, D] -> q_abs [T, H, Lkv], q_pe [T, H, R] (roped)."""
         cfg = self.cfg
         if cfg.q_lora_rank:
-            q = F.linear(rms_norm(F.linear(x, self.q_a), self.q_a_norm, cfg.rms_norm_eps), self.q_b)
+            q = F.linear(rms_norm(F.linear(x, self.q_a), self.q_a_norm, LATENT_NORM_EPS), self.q_b)
         else:
             q = F.linear(x, self.q_proj)
         q = q.view(x.shape[0], cfg.num_attention_heads, cfg.qk_head_dim)
@@ -112,7 +117,7 @@ class HelixMLA:
     def kv_entries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> cache rows [T, Lkv + R] = [RMSNorm(c_kv) | RoPE(k_pe)]."""
         c_kv, k_pe = F.linear(x, self.kv_a).split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
-        return torch.cat([rms_norm(c_kv, self.kv_a_norm, self.cfg.rms_norm_eps), self.rope.apply(k_pe, cos, sin)], -1)
+        return torch.cat([rms_norm(c_kv, self.kv_a_norm, LATENT_NORM_EPS), self.rope.apply(k_pe, cos, sin)], -1)
 
     def output(self, o_lat: torch.Tensor) -> torch.Tensor:
         """o_lat [T, h, Lkv] of the local heads -> W_UV -> row-parallel o_proj -> all-reduce -> [T, D]."""

@@ -36,3 +36,12 @@ def checkpoint_factory(tmp_path_factory):
 def tiny_checkpoint(checkpoint_factory) -> Path:
     """The deepseek-v3-lite-tiny synthetic checkpoint: float32 weights, seed 0, tokenizer files included."""
     return checkpoint_factory()
+
+
+@pytest.fixture(scope="session")
+def rank_pool():
+    """Four local gloo ranks, spawned once per xdist worker; ``pool.run(fn, ..., n=N)`` uses ranks 0..N-1."""
+    from helix.workers import RankPool
+
+    with RankPool(4) as pool:
+        yield pool

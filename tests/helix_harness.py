@@ -1,0 +1,157 @@
+"""Rank-side functions the Helix tests run through a RankPool (module-level, so spawned ranks import them),
+and the reference side they are compared with.
+
+``run_mla_module``: layer 0's Helix MLA alone. Each sequence's context hidden states go through the
+head-split prefill (writing each KV block on its owner rank), then ``steps`` batched Helix decode steps, all
+sequences at once with their own positions. ``reference_mla``: the same through the naive single-device MLA
+of helix/reference.py.
+
+``FAULTS``: known Helix bugs, planted by monkeypatching inside the ranks (no switches in product code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+import helix.attention
+from helix.attention import HelixMLA, StepMeta
+from helix.checkpoint import DTYPES, Checkpoint
+from helix.kv_cache import PagedKVCache
+from helix.mapping import HelixMapping
+from helix.model import HelixModel
+from helix.reference import mla_reference
+from helix.rope import Rope
+from helix.runner import rank_generate
+
+
+# ----------------------------------------------------------------------------------------------- faults
+def _uniform_combine(o_parts, lse_parts):
+    """Wrong combine weights: every rank's partial weighted equally, ignoring its lse."""
+    live = torch.isfinite(lse_parts)[..., None]
+    o = (o_parts.float() * live).sum(0) / live.sum(0).clamp(min=1)
+    return o.to(o_parts.dtype), lse_parts.logsumexp(0)
+
+
+def _drop_last_shard(o_parts, lse_parts):
+    """A dropped shard: the last rank's partial never reaches the combine."""
+    return _ORIGINAL["combine"](o_parts[:-1], lse_parts[:-1])
+
+
+def _shifted_owner(self, pos):
+    """Wrong owner rank: the new KV goes to the next rank over, while readers still expect round-robin."""
+    return ((pos // self.tokens_per_block) + 1) % self.world_size
+
+
+def _local_rope_positions(n: int, tpb: int):
+    """Local instead of global RoPE position: each rank rotates by the token's index in its own shard."""
+    def cos_sin(self, positions):
+        return _ORIGINAL["cos_sin"](self, (positions // tpb // n) * tpb + positions % tpb)
+    return cos_sin
+
+
+_ORIGINAL = {"combine": helix.attention.helix_combine, "cos_sin": Rope.cos_sin}
+
+
+@contextlib.contextmanager
+def planted(fault: str | None, n: int, tpb: int):
+    if fault is None:
+        yield
+        return
+    saved = (helix.attention.helix_combine, HelixMapping.owner_of_position, Rope.cos_sin)
+    try:
+        if fault == "uniform_combine":
+            helix.attention.helix_combine = _uniform_combine
+        elif fault == "drop_shard":
+            helix.attention.helix_combine = _drop_last_shard
+        elif fault == "wrong_owner":
+            HelixMapping.owner_of_position = _shifted_owner
+        elif fault == "local_rope":
+            Rope.cos_sin = _local_rope_positions(n, tpb)
+        else:
+            raise ValueError(fault)
+        yield
+    finally:
+        helix.attention.helix_combine, HelixMapping.owner_of_position, Rope.cos_sin = saved
+
+
+FAULTS = ["uniform_combine", "drop_shard", "wrong_owner", "local_rope"]
+
+
+def rank_generate_with_fault(ctx, fault, spec, requests):
+    with planted(fault, spec.cp, spec.tokens_per_block):
+        ctx.state.clear()  # a fresh engine per run: nothing built under a fault outlives it
+        try:
+            return rank_generate(ctx, spec, requests)
+        finally:
+            ctx.state.clear()
+
+
+# ----------------------------------------------------------------------------------------------- MLA module
+def run_mla_module(ctx, ckpt_dir: str, n: int, tpb: int, dtype: str, contexts: list[torch.Tensor],
+                   decode_x: torch.Tensor, fault: str | None = None):
+    """contexts: per sequence [S_i, D]; decode_x [steps, B, D]. Returns (prefill outs, decode outs [steps, B, D])
+    from rank 0 (every rank computes the same)."""
+    with planted(fault, n, tpb):
+        dt = DTYPES[dtype]
+        ckpt = Checkpoint(ckpt_dir)
+        cfg = ckpt.config
+        mapping = HelixMapping(ctx.rank, n, tpb)
+        comm = ctx.comm(n)
+        rope = Rope(cfg, ctx.device)
+        attn = HelixMLA(cfg, 0, ckpt, mapping, comm, rope, dt, ctx.device)
+        total = max(c.shape[0] for c in contexts) + decode_x.shape[0]
+        cache = PagedKVCache.for_config(mapping, 1, cfg.kv_cache_dim, total, len(contexts), dt, ctx.device)
+        # NaN-poison every block: a kernel that reads past a sequence's end (or an unowned slot) shows up.
+        for layer in cache.layers:
+            layer.fill_(float("nan"))
+        prefill_out = []
+        for sid, x in enumerate(contexts):
+            cache.add(sid)
+            cache.reserve(sid, x.shape[0])
+            slots = cache.slots(sid, torch.arange(x.shape[0]))
+            cache.advance(sid, x.shape[0])
+            if x.shape[0]:
+                cos, sin = rope.cos_sin(torch.arange(x.shape[0]))
+                prefill_out.append(attn.prefill(x.to(dt), cos, sin, slots, cache).float())
+            else:
+                prefill_out.append(torch.zeros(0, cfg.hidden_size))
+        decode_out = []
+        ids = list(range(len(contexts)))
+        for step in range(decode_x.shape[0]):
+            lengths = [c.shape[0] + step for c in contexts]
+            for sid in ids:
+                cache.reserve(sid, 1)
+            slots = torch.cat([cache.slots(sid, torch.tensor([lengths[sid]])) for sid in ids])
+            table, local_lens = cache.block_table(ids, [L + 1 for L in lengths])
+            cos, sin = rope.cos_sin(torch.tensor(lengths))
+            decode_out.append(attn.decode(decode_x[step].to(dt), StepMeta(cos, sin, slots, table, local_lens), cache).float())
+            for sid in ids:
+                cache.advance(sid, 1)
+        return (prefill_out, torch.stack(decode_out)) if ctx.rank == 0 else None
+
+
+def reference_mla(ckpt_dir: str, dtype: torch.dtype, contexts: list[torch.Tensor], decode_x: torch.Tensor):
+    """The same inputs through the naive single-device MLA, in ``dtype`` (float64 for the oracle)."""
+    ckpt = Checkpoint(ckpt_dir)
+    cfg = ckpt.config
+    prefix = "model.layers.0.self_attn."
+    w = {name[len(prefix):]: ckpt.get(name, dtype=dtype) for name in ckpt.expected if name.startswith(prefix)}
+    prefill_out, pasts = [], []
+    for x in contexts:
+        if x.shape[0]:
+            out, past = mla_reference(cfg, w, x.to(dtype), torch.arange(x.shape[0]))
+        else:
+            out, past = torch.zeros(0, cfg.hidden_size, dtype=dtype), None
+        prefill_out.append(out)
+        pasts.append(past)
+    decode_out = []
+    for step in range(decode_x.shape[0]):
+        row = []
+        for i, x in enumerate(contexts):
+            pos = torch.tensor([x.shape[0] + step])
+            out, pasts[i] = mla_reference(cfg, w, decode_x[step, i : i + 1].to(dtype), pos, pasts[i])
+            row.append(out[0])
+        decode_out.append(torch.stack(row))
+    return prefill_out, torch.stack(decode_out)
