@@ -1,4 +1,5 @@
-"""Sessions: demo (the quick start's `helix generate`), unit (CPU suite), e2e_accuracy (MMLU/GSM8K through disaggregated Helix), gpu, bench.
+"""Sessions: demo (the quick start's `helix generate`), unit (CPU suite), e2e_accuracy (MMLU/GSM8K through
+disaggregated Helix), gpu, bench.
 
 CPU sessions pin torch 2.13.0 (the CPU build); an unpinned torch would pull a multi-GB CUDA build.
 GPU sessions reuse the machine's own torch (``venv_params=["--system-site-packages"]``).
