@@ -139,14 +139,12 @@ def figures(t, bsz, heads, seq, ceil) -> dict:
 
 
 SWEEP = {
-    16: [MLAConfig(16, 64, 0, 4, 2, 2), MLAConfig(16, 32, 0, 4, 3, 2), MLAConfig(16, 64, 0, 4, 3, 2),
-         MLAConfig(16, 64, 0, 8, 2, 2), MLAConfig(16, 128, 0, 8, 2, 2), MLAConfig(16, 32, 0, 4, 2, 4),
-         MLAConfig(16, 64, 128, 4, 2, 2)],
-    32: [MLAConfig(32, 64, 0, 4, 2, 1), MLAConfig(32, 64, 0, 8, 2, 1), MLAConfig(32, 32, 0, 4, 3, 2),
-         MLAConfig(32, 32, 0, 4, 2, 2), MLAConfig(16, 64, 0, 4, 2, 2), MLAConfig(32, 64, 128, 4, 2, 1)],
-    128: [MLAConfig(64, 64, 0, 8, 2, 1), MLAConfig(64, 32, 0, 8, 2, 1), MLAConfig(64, 32, 0, 8, 3, 1),
-          MLAConfig(64, 64, 0, 8, 1, 1), MLAConfig(64, 64, 0, 4, 2, 1), MLAConfig(32, 64, 0, 4, 2, 1),
-          MLAConfig(32, 64, 0, 8, 2, 1), MLAConfig(64, 64, 128, 8, 2, 1), MLAConfig(64, 16, 0, 4, 3, 1)],
+    16: [MLAConfig(16, 64, 0, 4, 2, 2), MLAConfig(16, 32, 0, 4, 3, 2), MLAConfig(16, 64, 0, 4, 2, 3)],
+    32: [MLAConfig(32, 32, 0, 4, 3, 2), MLAConfig(32, 32, 0, 8, 3, 2), MLAConfig(32, 64, 0, 8, 2, 2),
+         MLAConfig(32, 32, 0, 4, 4, 2), MLAConfig(32, 16, 0, 4, 4, 2)],
+    128: [MLAConfig(64, 64, 0, 8, 2, 1), MLAConfig(64, 64, 0, 16, 2, 1), MLAConfig(64, 32, 0, 16, 3, 1),
+          MLAConfig(64, 128, 0, 16, 1, 1), MLAConfig(64, 128, 0, 8, 1, 1), MLAConfig(64, 64, 0, 8, 2, 2),
+          MLAConfig(64, 64, 0, 16, 1, 1)],
 }
 
 
@@ -255,7 +253,7 @@ def markdown(res: dict) -> str:
            "| H | B | S | KV MB | floor us (bytes / flops) | triton us | GB/s | TFLOP/s | x floor | %copy | %matmul "
            "| torch us | torch GB/s | torch TFLOP/s | speedup | launch |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in res["decode"]:
+    for r in res.get("decode", []):
         t = r["triton"]
         tt = r["torch"] if isinstance(r["torch"], dict) else None
         la = r["launch"]

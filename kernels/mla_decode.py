@@ -184,7 +184,7 @@ def default_config(heads: int, lkv: int, dtype: torch.dtype, interpret: bool) ->
     if heads <= 16:
         return MLAConfig(block_h=16, block_n=64, num_warps=4, num_stages=2, programs_per_sm=2)
     if heads <= 32:
-        return MLAConfig(block_h=32, block_n=64, num_warps=4, num_stages=2, programs_per_sm=1)
+        return MLAConfig(block_h=32, block_n=32, num_warps=4, num_stages=3, programs_per_sm=2)
     return MLAConfig(block_h=64, block_n=64, num_warps=8, num_stages=2, programs_per_sm=1)
 
 
@@ -192,7 +192,8 @@ def _choose_splits(cfg: MLAConfig, bsz: int, head_tiles: int, capacity: int, sms
     if cfg.num_splits is not None:
         return max(1, int(cfg.num_splits))
     max_splits = max(1, triton.cdiv(capacity, cfg.block_n * cfg.min_tiles_per_split))
-    want = triton.cdiv(sms * cfg.programs_per_sm, max(1, bsz * head_tiles))
+    # floor, not ceil: a grid a little over a whole number of waves leaves most SMs idle in its last wave
+    want = (sms * cfg.programs_per_sm) // max(1, bsz * head_tiles)
     return max(1, min(want, max_splits))
 
 
