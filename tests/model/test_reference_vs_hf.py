@@ -1,8 +1,8 @@
 """The oracle checked against transformers' DeepseekV3ForCausalLM / DeepseekV2ForCausalLM.
 
 Each model shape is a synthetic checkpoint of the tiny preset with overrides, written with helix.checkpoint
-(tests/conftest.py) and loaded by transformers with
-``from_pretrained(dir)``, so both sides read the same files through their own loading code. Shapes cover:
+(tests/conftest.py) and loaded by transformers with ``from_pretrained(dir)``, so both sides read the same
+files through their own loading code. Shapes cover:
 V3 without q_lora (group-limited sigmoid routing, YaRN x32, interleaved RoPE); V3 with q_lora, YaRN x4 over
 an original context of 32 (positions well beyond it), mscale != mscale_all_dim and non-interleaved RoPE;
 V2 with softmax greedy routing; V2 with group_limited_greedy and q_lora.
