@@ -1,0 +1,155 @@
+"""What the lm-eval adapter talks to: the disaggregated Helix cluster, or the single-device reference.
+
+Both offer the driver interface of ``helix.disagg.launch(...)``:
+
+* ``tokenizer``: the checkpoint's transformers tokenizer;
+* ``generate(prompts, sampling) -> list[list[int]]``: generated ids only, per prompt; ``sampling`` is one
+  ``SamplingParams`` or one per prompt; generation stops at ``max_new_tokens``, at a stop token id (kept) or
+  once the generated text contains a stop string (ids kept up to the token that completed it);
+* ``score([(context_ids, continuation_ids), ...]) -> [(logprobs, greedy_flags), ...]``, per continuation
+  token: its log-probability given everything before it, and whether it is the argmax;
+* ``shutdown()``, and use as a context manager.
+
+``make_backend(spec)`` is the only place that chooses between them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from helix.checkpoint import DTYPES
+from helix.config import ConfigError
+from helix.sampling import SamplingParams, first_stop, select_token
+
+BACKENDS = ("helix", "reference")
+
+
+@dataclass
+class BackendSpec:
+    """Which backend, on which weights. ``config`` (a deployment file) or ``model`` (a checkpoint dir) is set."""
+
+    backend: str = "helix"
+    model: str | None = None
+    config: str | None = None
+    cp: int = 2
+    tokens_per_block: int = 32
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend={self.backend!r}: choose one of {list(BACKENDS)}")
+        if (self.model is None) == (self.config is None):
+            raise ConfigError(f"model={self.model!r}, config={self.config!r}: give exactly one of them "
+                              "(a checkpoint directory, or a deployment file)")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r}: choose one of {sorted(DTYPES)}")
+        self.cp, self.tokens_per_block = int(self.cp), int(self.tokens_per_block)
+
+    def deployment(self) -> dict:
+        """The deployment (DESIGN §4): the given file, or context 1 + Helix generation CP ``cp`` on ``model``."""
+        if self.config is not None:
+            return load_deployment(self.config)
+        kv = {"tokens_per_block": self.tokens_per_block}
+        return {"model": {"path": self.model, "dtype": self.dtype, "device": self.device},
+                "context_servers": {"tensor_parallel_size": 1, "kv_cache_config": dict(kv)},
+                "generation_servers": {"context_parallel_size": self.cp,
+                                       "cp_config": {"cp_type": "HELIX", **kv}, "kv_cache_config": dict(kv)}}
+
+    def model_dir(self) -> str:
+        if self.model is not None:
+            return self.model
+        model = self.deployment().get("model")
+        path = model.get("path") if isinstance(model, dict) else model
+        if not isinstance(path, str):
+            raise ConfigError(f"model={model!r} in {self.config}: expected a checkpoint path or {{path: DIR}}")
+        return path
+
+
+def load_deployment(path: str | os.PathLike) -> dict:
+    """A deployment file, YAML or JSON (JSON is YAML)."""
+    import yaml
+
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config={os.fspath(path)!r}: expected a mapping with model / context_servers / "
+                          "generation_servers sections")
+    return cfg
+
+
+def make_backend(spec: BackendSpec):
+    """The Helix cluster (``helix.disagg.launch``) or the single-device reference, both used as context managers."""
+    if spec.backend == "helix":
+        from helix.disagg import launch  # the driver API of the disaggregated deployment
+
+        return launch(spec.deployment())
+    return ReferenceBackend(spec.model_dir(), dtype=spec.dtype, device=spec.device)
+
+
+class ReferenceBackend:
+    """The driver interface on the single-device oracle (``helix.reference.ReferenceModel``), one request at a time."""
+
+    def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu"):
+        from helix.reference import ReferenceModel
+        from helix.tokenizer import load_tokenizer
+
+        self.model = ReferenceModel.from_checkpoint(model_dir, dtype=DTYPES[dtype], device=device)
+        self.tokenizer = load_tokenizer(model_dir)
+
+    def __enter__(self) -> "ReferenceBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Nothing runs in the background; kept for the driver interface."""
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        return [self._generate_one(p, s) for p, s in zip(prompts, params)]
+
+    def _generate_one(self, prompt: list[int], params: SamplingParams) -> list[int]:
+        out: list[int] = []
+        if params.max_new_tokens == 0:
+            return out
+        logits, cache = self.model.prefill(prompt)
+        logits = logits[-1]
+        for step in range(params.max_new_tokens):
+            out.append(select_token(logits, params, step))
+            if out[-1] in params.stop_token_ids:
+                break
+            text = self.tokenizer.decode(out, skip_special_tokens=True) if params.stop_strings else ""
+            if first_stop(text, params.stop_strings) is not None:
+                break
+            if step + 1 < params.max_new_tokens:
+                logits = self.model.decode(out[-1], cache)
+        return out
+
+    @torch.no_grad()
+    def score(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[list[float], list[bool]]]:
+        # Requests that feed the model the same tokens (context + continuation without its last token) differ
+        # only in which logits they read: the choices of one multiple-choice question share a forward pass.
+        by_input: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, (context, continuation) in enumerate(requests):
+            if not context or not continuation:
+                raise ValueError(f"request {i}: score needs a non-empty context and continuation "
+                                 f"(got {len(context)} and {len(continuation)} tokens)")
+            by_input[tuple(context) + tuple(continuation[:-1])].append(i)
+        results: list[tuple[list[float], list[bool]]] = [([], [])] * len(requests)
+        for tokens, members in by_input.items():
+            logits, _ = self.model.prefill(list(tokens))  # [T, V] float32; row t predicts token t + 1
+            for i in members:
+                context, continuation = requests[i]
+                rows = logits[len(context) - 1:]  # [len(continuation), V]
+                target = torch.tensor(continuation, dtype=torch.long, device=rows.device)
+                logp = rows.double().log_softmax(-1).gather(1, target[:, None])[:, 0]
+                results[i] = (logp.tolist(), (rows.argmax(-1) == target).tolist())
+        return results
