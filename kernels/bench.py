@@ -138,18 +138,20 @@ def figures(t, bsz, heads, seq, ceil) -> dict:
             "pct_matmul": 100 * fl / t / 1e12 / ceil["matmul_TFLOPs"]}
 
 
-SWEEP = {
-    16: [MLAConfig(16, 64, 0, 4, 2, 2), MLAConfig(16, 32, 0, 4, 3, 2), MLAConfig(16, 64, 0, 4, 2, 3)],
-    32: [MLAConfig(32, 32, 0, 4, 3, 2), MLAConfig(32, 32, 0, 8, 3, 2), MLAConfig(32, 64, 0, 8, 2, 2),
-         MLAConfig(32, 32, 0, 4, 4, 2), MLAConfig(32, 16, 0, 4, 4, 2)],
-    128: [MLAConfig(64, 64, 0, 8, 2, 1), MLAConfig(64, 64, 0, 16, 2, 1), MLAConfig(64, 32, 0, 16, 3, 1),
-          MLAConfig(64, 128, 0, 16, 1, 1), MLAConfig(64, 128, 0, 8, 1, 1), MLAConfig(64, 64, 0, 8, 2, 2),
-          MLAConfig(64, 64, 0, 16, 1, 1)],
+def _c(h, n, w, st, p, slack=0.0):
+    return MLAConfig(block_h=h, block_n=n, num_warps=w, num_stages=st, programs_per_sm=p, rescale_slack=slack)
+
+
+SWEEP = {  # the first entry of each list is the default of kernels.mla_decode.default_config
+    16: [_c(16, 64, 4, 2, 2), _c(16, 64, 4, 2, 2, 8.0), _c(16, 32, 4, 3, 2, 8.0)],
+    32: [_c(32, 32, 4, 3, 2), _c(32, 32, 4, 3, 2, 8.0), _c(32, 64, 8, 2, 2, 8.0)],
+    128: [_c(64, 64, 8, 2, 1), _c(64, 64, 8, 2, 1, 8.0), _c(64, 32, 8, 3, 1, 8.0), _c(64, 64, 8, 2, 2, 8.0)],
 }
 
 
 def cfg_str(c: MLAConfig) -> str:
-    return f"h{c.block_h}/n{c.block_n}/d{c.block_d or 'all'}/w{c.num_warps}/s{c.num_stages}/p{c.programs_per_sm}"
+    lazy = f"/lazy{c.rescale_slack:g}" if c.rescale_slack else ""
+    return f"h{c.block_h}/n{c.block_n}/d{c.block_d or 'all'}/w{c.num_warps}/s{c.num_stages}/p{c.programs_per_sm}{lazy}"
 
 
 def run_sweep(ws, ceil, heads_list, seq, deadline) -> list[dict]:
@@ -161,7 +163,7 @@ def run_sweep(ws, ceil, heads_list, seq, deadline) -> list[dict]:
             if time.time() > deadline:
                 log("sweep: out of time")
                 return rows
-            row = {"H": heads, "B": 1, "S": seq, "config": cfg_str(cfg)}
+            row = {"H": heads, "B": 1, "S": seq, "config": cfg_str(cfg), "_cfg": cfg}
             try:
                 st: dict = {}
                 o, _ = mla_decode_triton(qn, qp, kv, bt, sl, scale, config=cfg, stats=st)
@@ -172,14 +174,25 @@ def run_sweep(ws, ceil, heads_list, seq, deadline) -> list[dict]:
                 row.update(figures(t, 1, heads, seq, ceil))
             except Exception as e:  # noqa: BLE001 - a launch shape that does not fit is a result too
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            log("sweep", json.dumps(row))
+            log("sweep", json.dumps(row, default=str))
             rows.append(row)
         del ref
         torch.cuda.empty_cache()
     return rows
 
 
-def run_decode(ws, ceil, heads_list, batches, seqs, with_torch, deadline) -> list[dict]:
+def best_configs(sweep: list[dict]) -> dict:
+    """Fastest correct launch shape per head count."""
+    best: dict = {}
+    for r in sweep:
+        if "error" in r or r["rel_err_vs_torch"] > 1e-2:
+            continue
+        if r["H"] not in best or r["us"] < best[r["H"]]["us"]:
+            best[r["H"]] = r
+    return {h: r["_cfg"] for h, r in best.items()}
+
+
+def run_decode(ws, ceil, heads_list, batches, seqs, with_torch, deadline, configs=None) -> list[dict]:
     rows = []
     free = torch.cuda.mem_get_info()[0]
     for seq in seqs:
@@ -192,9 +205,13 @@ def run_decode(ws, ceil, heads_list, batches, seqs, with_torch, deadline) -> lis
                 row = {"H": heads, "B": bsz, "S": seq, "kv_bytes": kv_bytes(bsz, seq, LKV, R, 2),
                        "flops": flops(bsz, heads, seq, LKV, R)}
                 st: dict = {}
-                o, lse = mla_decode_triton(qn, qp, kv, bt, sl, scale, stats=st)
+                cfg = (configs or {}).get(heads)
+                o, lse = mla_decode_triton(qn, qp, kv, bt, sl, scale, config=cfg, stats=st)
                 row["launch"] = {k: v for k, v in st.items() if k != "grid"}
-                t = time_graph(lambda: mla_decode(qn, qp, kv, bt, sl, scale))
+                if cfg is None:  # the public entry point with its default launch shape
+                    t = time_graph(lambda: mla_decode(qn, qp, kv, bt, sl, scale))
+                else:
+                    t = time_graph(lambda: mla_decode_triton(qn, qp, kv, bt, sl, scale, config=cfg))
                 row["triton"] = figures(t, bsz, heads, seq, ceil)
                 # torch needs the contiguous copy plus [B, H, S] scores in bf16 and float32 (x2)
                 need = bsz * seq * (LKV + R) * 2 + bsz * heads * seq * 14
@@ -250,6 +267,9 @@ def markdown(res: dict) -> str:
            f"bf16 matmul {c['matmul_TFLOPs']:.0f} TFLOP/s, both measured in this run. "
            f"Lkv {LKV}, R {R}, {TPB} tokens/block, shuffled block table, bf16; median of CUDA-graph replays.", "",
            "## mla_decode (Triton) vs plain-torch absorbed decode (contiguous cache, gather not timed)", "",
+           "Launch shape per H: " + (", ".join(f"H={h}: {c}" for h, c in res["table_configs"].items())
+                                     + " (fastest of the sweep below)" if res.get("table_configs")
+                                     else "the defaults of kernels.mla_decode.default_config") + ".", "",
            "| H | B | S | KV MB | floor us (bytes / flops) | triton us | GB/s | TFLOP/s | x floor | %copy | %matmul "
            "| torch us | torch GB/s | torch TFLOP/s | speedup | launch |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -257,7 +277,8 @@ def markdown(res: dict) -> str:
         t = r["triton"]
         tt = r["torch"] if isinstance(r["torch"], dict) else None
         la = r["launch"]
-        launch = f"h{la['block_h']}/n{la['block_n']}/w{la['num_warps']}/s{la['num_stages']}/splits {la['splits']}"
+        launch = (f"h{la['block_h']}/n{la['block_n']}/w{la['num_warps']}/s{la['num_stages']}/splits {la['splits']}"
+                  + (f"/lazy{la['rescale_slack']:g}" if la.get("rescale_slack") else ""))
         out.append(
             f"| {r['H']} | {r['B']} | {r['S'] // 1024}K | {r['kv_bytes'] / 1e6:.0f} | {t['floor_us']:.0f} "
             f"({t['floor_bytes_us']:.0f} / {t['floor_flops_us']:.0f}) | {t['us']:.1f} | {t['GBps']:.0f} | "
@@ -291,6 +312,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--seqs", type=int, nargs="+", default=[1 << 16, 1 << 18, 1 << 20])
     ap.add_argument("--sweep", action="store_true", help="also time several launch shapes at S=1M, B=1")
+    ap.add_argument("--tuned", action="store_true", help="with --sweep: time the table with each H's fastest shape")
     ap.add_argument("--no-torch", action="store_true", help="skip the plain-torch baseline")
     ap.add_argument("--no-combine", action="store_true")
     ap.add_argument("--budget-s", type=float, default=420, help="stop starting new measurements after this")
@@ -323,13 +345,20 @@ def main(argv=None) -> int:
         (out / f"kernels-{tag}.json").write_text(json.dumps(res, indent=1, default=str))
         (out / f"kernels-{tag}.md").write_text(markdown(res))
 
+    configs = None
     if args.sweep:
         res["sweep"] = run_sweep(ws, res["ceilings"], args.heads, max(args.seqs), deadline)
+        if args.tuned:
+            configs = best_configs(res["sweep"])
+            res["table_configs"] = {h: cfg_str(c) for h, c in configs.items()}
+            log("table configs", res["table_configs"])
+        for r in res["sweep"]:
+            r.pop("_cfg", None)
         save()
     res["decode"] = []
     for seq in args.seqs:
         bs = [b for b in args.batches if (b, seq) in fits]
-        res["decode"] += run_decode(ws, res["ceilings"], args.heads, bs, [seq], not args.no_torch, deadline)
+        res["decode"] += run_decode(ws, res["ceilings"], args.heads, bs, [seq], not args.no_torch, deadline, configs)
         save()
     del ws
     torch.cuda.empty_cache()

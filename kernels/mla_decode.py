@@ -62,6 +62,7 @@ def _mla_split_kernel(
     BLOCK_LKV: tl.constexpr, BLOCK_R: tl.constexpr,
     F32: tl.constexpr,                         # compute in float32 (interpreter, float32 inputs)
     IEEE: tl.constexpr,                        # float32 dots in full precision (no tf32)
+    RESCALE_SLACK: tl.constexpr,               # 0: rescale every tile; > 0: lazy rescale (log2 units)
 ):
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -139,17 +140,36 @@ def _mla_split_kernel(
             if F32:
                 c = c.to(tl.float32)
 
-        # online softmax (base 2). Every tile holds >= 1 live token, so m_new is finite.
+        # online softmax (base 2). Every tile holds >= 1 live token, so the running max is finite.
         s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = tl.dot(p, c, acc=acc * alpha[:, None], input_precision="ieee")
+        m_tile = tl.max(s, axis=1)
+        if RESCALE_SLACK > 0:
+            # lazy rescale: move the reference max (and rescale acc) only when some row's max grew by
+            # more than RESCALE_SLACK (log2 units); p <= 2^SLACK stays exact enough in bf16/fp32, and the
+            # accumulator chains straight from one output dot into the next on most tiles
+            grow = tl.max((m_tile > m_i + RESCALE_SLACK).to(tl.int32), axis=0)
+            if grow > 0:
+                m_new = tl.maximum(m_i, m_tile)
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                acc = acc * alpha[:, None]
+                m_i = m_new
+            p = tl.exp2(s - m_i[:, None])
+            l_i = l_i + tl.sum(p, axis=1)
+            if IEEE:
+                acc = tl.dot(p, c, acc=acc, input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(c.dtype), c, acc=acc)
         else:
-            acc = tl.dot(p.to(c.dtype), c, acc=acc * alpha[:, None])
-        m_i = m_new
+            m_new = tl.maximum(m_i, m_tile)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                acc = tl.dot(p, c, acc=acc * alpha[:, None], input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(c.dtype), c, acc=acc * alpha[:, None])
+            m_i = m_new
 
     nonempty = l_i > 0.0
     l_safe = tl.where(nonempty, l_i, 1.0)
@@ -172,6 +192,7 @@ class MLAConfig:
     programs_per_sm: int = 2    # target resident programs per SM when choosing the split count
     min_tiles_per_split: int = 4
     num_splits: int | None = None
+    rescale_slack: float = 0.0  # > 0: lazy softmax rescale, see the kernel
 
 
 def default_config(heads: int, lkv: int, dtype: torch.dtype, interpret: bool) -> MLAConfig:
@@ -317,12 +338,12 @@ def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
         kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         *so, *sl,
         LKV=lkv, R=rope, TPB=tpb, BLOCK_H=block_h, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        BLOCK_LKV=block_lkv, BLOCK_R=block_r, F32=f32, IEEE=ieee,
+        BLOCK_LKV=block_lkv, BLOCK_R=block_r, F32=f32, IEEE=ieee, RESCALE_SLACK=float(cfg.rescale_slack),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if stats is not None:
         stats.update(block_h=block_h, block_n=cfg.block_n, block_d=block_d, num_warps=cfg.num_warps,
-                     num_stages=cfg.num_stages, splits=splits, grid=grid)
+                     num_stages=cfg.num_stages, splits=splits, grid=grid, rescale_slack=cfg.rescale_slack)
         if not interpret and compiled is not None:
             ptx = getattr(compiled, "asm", {}).get("ptx", "")
             stats.update(n_regs=getattr(compiled, "n_regs", None), n_spills=getattr(compiled, "n_spills", None),

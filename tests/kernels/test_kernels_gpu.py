@@ -80,7 +80,8 @@ def test_mla_decode_tile_variants(heads, block_h, num_warps):
 
     case = make_mla_case([20_000, 77], heads, lkv=LKV, rope=R, tpb=TPB, dtype=torch.bfloat16, seed=11,
                          device="cuda")
-    cfgs = [MLAConfig(block_h=block_h, block_n=32, num_warps=num_warps, num_stages=3)]
+    cfgs = [MLAConfig(block_h=block_h, block_n=32, num_warps=num_warps, num_stages=3),
+            MLAConfig(block_h=block_h, block_n=64, num_warps=num_warps, rescale_slack=8.0)]
     if block_h <= 32:  # the chunked score dot pipelines each chunk: too much shared memory at 64 heads
         cfgs.append(MLAConfig(block_h=block_h, block_n=64, block_d=128, num_warps=num_warps))
     for cfg in cfgs:

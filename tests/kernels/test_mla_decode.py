@@ -84,15 +84,27 @@ def test_triton_interpreted_f32(lens, heads, tpb):
     pytest.param(MLAConfig(block_h=16, block_n=16, num_splits=3), id="3-splits"),
     pytest.param(MLAConfig(block_h=16, block_n=16, num_splits=8), id="more-splits-than-tiles"),
     pytest.param(MLAConfig(block_h=32, block_n=32, block_d=16, num_splits=2), id="chunked-score-dot"),
+    pytest.param(MLAConfig(block_h=16, block_n=16, num_splits=2, rescale_slack=8.0), id="lazy-rescale"),
 ])
 def test_triton_interpreted_split_and_tile_variants(cfg):
     case = make_mla_case([0, 1, 45, 16], 5, tpb=8, seed=21)
     _check_f32(*mla_decode_triton(*case.args, config=cfg), case, f"triton {cfg}")
 
 
-def test_triton_interpreted_bf16():
+@pytest.mark.parametrize("slack", [0.0, 8.0])
+def test_triton_interpreted_bf16(slack):
     case = make_mla_case([0, 1, 37, 8], 5, tpb=8, dtype=torch.bfloat16, seed=9)
-    _check_bf16(*mla_decode_triton(*case.args), case, "triton bf16")
+    cfg = MLAConfig(block_h=16, block_n=16, num_splits=2, rescale_slack=slack)
+    _check_bf16(*mla_decode_triton(*case.args, config=cfg), case, f"triton bf16 slack={slack}")
+
+
+def test_triton_interpreted_lazy_rescale_growing_scores():
+    """Scores that rise along the sequence force the lazy rescale to move its reference max often."""
+    case = make_mla_case([90, 45], 3, tpb=8, seed=23, poison=True)
+    ramp = torch.linspace(0, 30, case.kv_cache.shape[0] * case.kv_cache.shape[1]).view(case.kv_cache.shape[:2])
+    case.kv_cache[..., 64:] += ramp[..., None] * case.q_pe[0, 0].sign() * 0.3
+    cfg = MLAConfig(block_h=16, block_n=16, num_splits=1, rescale_slack=8.0)
+    _check_f32(*mla_decode_triton(*case.args, config=cfg), case, "triton lazy rescale, rising scores")
 
 
 def test_triton_interpreted_non_pow2_dims():
