@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -24,6 +25,7 @@ from helix.checkpoint import DEFAULT_PRESET, DTYPES, CheckpointError, ensure_che
 from helix.config import ConfigError, ModelConfig
 from helix.presets import PRESETS
 from helix.tokenizer import load_tokenizer
+from helix.workers import WorkerError
 
 log = logging.getLogger("helix")
 
@@ -39,8 +41,42 @@ def generate_reference(args: argparse.Namespace, model_dir: str, prompt_ids: lis
     return model.generate(prompt_ids, args.max_new_tokens, eos_token_ids=model.cfg.eos_token_ids)
 
 
+def generate_helix(args: argparse.Namespace, model_dir: str, prompt_ids: list[int]) -> list[int]:
+    """Helix decode on --cp ranks: spawned locally (gloo on CPU, one GPU per rank on CUDA), or this process is
+    one rank when started by torchrun (WORLD_SIZE set); then only rank 0 prints."""
+    from helix.config import HelixConfig
+    from helix.engine import Request
+    from helix.runner import HelixSpec, helix_generate, torchrun_generate
+    from helix.sampling import SamplingParams
+
+    cfg = ModelConfig.from_json(model_dir)
+    helix_cfg = HelixConfig.from_dict({"context_parallel_size": args.cp,
+                                       "cp_config": {"cp_type": "HELIX", "tokens_per_block": args.tokens_per_block},
+                                       "kv_cache_config": {"tokens_per_block": args.tokens_per_block,
+                                                           "max_tokens": max(len(prompt_ids) + args.max_new_tokens,
+                                                                             args.tokens_per_block)}})
+    helix_cfg.validate_for_model(cfg)
+    if args.dtype == "float64":
+        raise ConfigError("--dtype='float64': the Helix runtime computes in float32 or bfloat16 "
+                          "(float64 is for the reference oracle)")
+    spec = HelixSpec(model_dir, args.cp, args.tokens_per_block, args.dtype, args.device,
+                     max_tokens=helix_cfg.max_tokens, max_batch_size=1)
+    request = Request(0, prompt_ids, SamplingParams(max_new_tokens=args.max_new_tokens,
+                                                    stop_token_ids=tuple(cfg.eos_token_ids)))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        results = torchrun_generate(spec, [request])
+        if results is None:
+            sys.exit(0)  # non-zero ranks print nothing
+    else:
+        results = helix_generate(spec, [request])
+    if results[0].error:
+        raise ConfigError(results[0].error)
+    return results[0].token_ids
+
+
 BACKENDS: dict[str, Callable[[argparse.Namespace, str, list[int]], list[int]]] = {
     "reference": generate_reference,
+    "helix": generate_helix,
 }
 
 
@@ -95,6 +131,9 @@ def add_generate(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32",
                    help="compute dtype (default float32)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--cp", type=int, default=2, help="helix backend: Helix ranks N (context_parallel_size, >= 2)")
+    p.add_argument("--tokens-per-block", type=int, default=32,
+                   help="helix backend: KV block size; block b lives on rank b mod N (default 32)")
     p.add_argument("--json", action="store_true",
                    help='print {"token_ids": [...], "text": "..."} (generated tokens only) as the last line')
     p.set_defaults(func=run_generate)
@@ -143,5 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (ConfigError, CheckpointError) as e:
         print("helix: error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 1
+    except WorkerError as e:  # a rank raised or died: its name and traceback, no driver traceback
+        print(f"helix: error: {e}", file=sys.stderr)
         return 1
     return 0

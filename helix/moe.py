@@ -40,7 +40,8 @@ def route(cfg: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None) -> 
     V3: sigmoid scores; the correction bias only steers the choice; groups ranked by the sum of their two best
     biased scores, the best ``topk_group`` groups kept, top-k experts among them; weights are the unbiased
     scores, normalised if ``norm_topk_prob``, times ``routed_scaling_factor``.
-    V2: softmax scores; ``greedy`` top-k, or ``group_limited_greedy`` with groups ranked by their best score.
+    V2: softmax scores; ``greedy`` top-k, or ``group_limited_greedy`` with groups ranked by their best score;
+    weights normalised if ``norm_topk_prob`` (and k > 1), otherwise scaled (DeepSeek-V2's code).
     """
     t, e = logits.shape
     g = cfg.n_group
@@ -60,9 +61,12 @@ def route(cfg: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None) -> 
         choice = choice.masked_fill(~group_mask.repeat_interleave(e // g, dim=1), masked_fill)
     ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
     weights = scores.gather(1, ids)
-    if cfg.norm_topk_prob and cfg.scoring_func == "sigmoid":
+    normalise = cfg.norm_topk_prob and (cfg.scoring_func == "sigmoid" or cfg.num_experts_per_tok > 1)
+    if normalise:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return ids, weights * cfg.routed_scaling_factor
+    if cfg.scoring_func == "sigmoid" or not normalise:  # DeepSeek-V2 normalises *or* scales, V3 does both
+        weights = weights * cfg.routed_scaling_factor
+    return ids, weights
 
 
 class MoE:

@@ -32,11 +32,8 @@ def inverse_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
     extrapolate = 1 - ramp  # 1: keep the trained frequency, 0: interpolate by `factor`
     inv_freq = (1.0 / (rs.factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
-    if rs.mscale and rs.mscale_all_dim:
-        attn = yarn_mscale(rs.factor, rs.mscale) / yarn_mscale(rs.factor, rs.mscale_all_dim)
-    else:
-        attn = yarn_mscale(rs.factor, 1.0)
-    return inv_freq, attn
+    # DeepSeek's formula (transformers differs only when mscale_all_dim is 0, which no released config sets).
+    return inv_freq, yarn_mscale(rs.factor, rs.mscale) / yarn_mscale(rs.factor, rs.mscale_all_dim)
 
 
 class Rope:

@@ -35,8 +35,8 @@ GPU_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 class WorkerError(RuntimeError):
     """A rank raised or died. ``rank`` names it; the message carries its traceback."""
 
-    def __init__(self, rank: int, message: str, role: str = "rank"):
-        super().__init__(f"{role} {rank} failed:\n{message}")
+    def __init__(self, rank: int, message: str, who: str | None = None):
+        super().__init__(f"{who or f'rank {rank}'} failed:\n{message}")
         self.rank = rank
 
 

@@ -1,0 +1,20 @@
+"""Loaded at start-up by every Python process of a test that puts this folder on PYTHONPATH (the `helix`
+command and the ranks it spawns). With HELIX_TEST_FAULT_RANK=r set, rank r raises in its third decode step;
+each process records its pid in HELIX_TEST_PID_DIR so the test can check that none outlives the command."""
+
+import os
+
+if os.environ.get("HELIX_TEST_PID_DIR"):
+    open(os.path.join(os.environ["HELIX_TEST_PID_DIR"], str(os.getpid())), "w").close()
+
+if os.environ.get("HELIX_TEST_FAULT_RANK"):
+    import helix.engine
+
+    _step = helix.engine.HelixEngine.step
+
+    def _failing_step(self):
+        if self.model.mapping.rank == int(os.environ["HELIX_TEST_FAULT_RANK"]) and self.steps == 2:
+            raise RuntimeError("planted failure in decode step 3")
+        return _step(self)
+
+    helix.engine.HelixEngine.step = _failing_step
