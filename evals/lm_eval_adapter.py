@@ -43,8 +43,6 @@ class HelixLM(TemplateLM):
 
     def __init__(self, backend, max_length: int, max_gen_toks: int = 256, batch_size: int = 64, seed: int = 0):
         super().__init__()
-        if max_gen_toks >= max_length:
-            raise ConfigError(f"max_gen_toks={max_gen_toks}: must be < max_length={max_length}")
         self.engine = backend
         self.tokenizer = backend.tokenizer
         self._max_length = int(max_length)
@@ -77,8 +75,9 @@ class HelixLM(TemplateLM):
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "HelixLM":
-        # lm-eval adds its own --batch_size / --device; model_args win where both are given.
-        extra = {k: v for k, v in (additional_config or {}).items() if k in ("batch_size", "device") and v is not None}
+        # lm-eval adds its own --batch_size (model_args win) and --device, which is ignored: its CLI default is
+        # "cuda" whatever the user wants, so the device comes from model_args (device=...) alone.
+        extra = {k: v for k, v in (additional_config or {}).items() if k == "batch_size" and v is not None}
         return cls.from_model_args({**extra, **arg_dict})
 
     # ------------------------------------------------------------------ TemplateLM hooks
@@ -180,8 +179,10 @@ class HelixLM(TemplateLM):
         for req in requests:
             context, gen_kwargs = req.args
             params = self._sampling(context, gen_kwargs)
-            # Left-truncate the prompt so prompt + generation fit in max_length.
-            prompt = self.tok_encode(context)[-(self.max_length - params.max_new_tokens):]
+            keep = self.max_length - params.max_new_tokens  # prompt + generation fit in max_length
+            if keep < 1:
+                raise ConfigError(f"max_gen_toks={params.max_new_tokens}: must be < max_length={self.max_length}")
+            prompt = self.tok_encode(context)[-keep:]
             jobs.append((prompt, params))
 
         def run(batch):

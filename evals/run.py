@@ -186,15 +186,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--write-golden", help=argparse.SUPPRESS)  # regenerates golden/accuracy/tiny-synthetic-reference.json
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> None:
+    """Runs, prints the markdown report, and exits with status 2 when any check failed."""
     report = run(args)
     print(report_markdown(report))
     print(f"wrote {os.path.join(args.out, 'results.json')} and report.md")
-    return 0 if report["passed"] else 2
+    if not report["passed"]:
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m evals.run", description=__doc__.splitlines()[0])
     add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    raise SystemExit(main(parser.parse_args()))
+    main(parser.parse_args())

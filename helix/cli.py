@@ -1,6 +1,7 @@
 """The ``helix`` command.
 
     helix make-checkpoint --preset NAME --out DIR [--seed S] [--dtype D] [--dry-run]
+    helix eval [--tasks mmlu,gsm8k] [--limit N] [--model DIR | --config DEPLOY] [--cp N] ...   (evals/run.py)
     helix generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3) --max-new-tokens N
                    --backend reference [--dtype float32|bfloat16|float64] [--device cpu|cuda] [--json]
 
@@ -160,6 +161,18 @@ def add_make_checkpoint(sub) -> None:
     p.set_defaults(func=run_make_checkpoint)
 
 
+# --------------------------------------------------------------------------------------------- eval
+
+
+def add_eval(sub) -> None:
+    from evals import run as eval_run  # the accuracy suite (evals/run.py) owns its flags
+
+    p = sub.add_parser("eval", help="MMLU / GSM8K on the Helix deployment vs the single-device reference",
+                       description=eval_run.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    eval_run.add_arguments(p)
+    p.set_defaults(func=eval_run.main)
+
+
 # --------------------------------------------------------------------------------------------- entry point
 
 
@@ -169,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate(sub)
     add_make_checkpoint(sub)
+    add_eval(sub)
     return parser
 
 
