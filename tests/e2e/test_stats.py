@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from evals.compare import compare_task
+from evals.compare import check_public_reference, compare_task, public_references
 from evals.stats import ThresholdTest, paired_difference
 
 
@@ -56,3 +56,14 @@ def test_task_verdict_needs_agreement_and_the_threshold():
     assert compare_task("mmlu", flipped, ref)["passed"]  # +1 point is within the threshold without min_agreement
     worse = _mmlu([0, 1, 2, 3] * 25, [0] * 100)
     assert not compare_task("mmlu", worse, ref)["passed"]  # 0 vs 50: far below the one-sided threshold
+
+
+def test_public_figures_match_by_checkpoint_name_and_apply_their_test():
+    v3 = {e["task"]: e for e in public_references("/models/DeepSeek-V3-Lite")}
+    assert set(v3) == {"mmlu", "gsm8k"} and v3["mmlu"]["reference"] == 71.40 and v3["gsm8k"]["num_samples"] == 1319
+    # TensorRT-LLM's GSM8K figure is the mean of the two filters: (62 + 61) / 2 = 61.5 < threshold 61.54.
+    check = check_public_reference(v3["gsm8k"], {"exact_match,strict-match": 62.0, "exact_match,flexible-extract": 61.0}, 1319)
+    assert check["score"] == 61.5 and not check["passed"] and "note" not in check
+    floor, = public_references("deepseek-ai/DeepSeek-V2-Lite-Chat")
+    check = check_public_reference(floor, {"exact_match,strict-match": 64.0}, 100)
+    assert check["passed"] and check["floor"] == 64.0 and "100 samples" in check["note"]
