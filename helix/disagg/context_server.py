@@ -1,0 +1,67 @@
+"""The context server: prefills each request's prompt but its last token (DESIGN §7) and hands the KV over.
+
+It is a HelixModel over a world of one (its own group: mapping HelixMapping(0, 1, T), so every block is
+local), with a cache for one sequence at a time. Per request: prefill, signal ``ready``, post one send per
+(layer, generation rank that owns blocks), free its cache blocks (the sends carry staged copies). It runs
+ahead of the generation server by at most ``max_batch_size`` requests, which bounds the staged copies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import torch
+
+from helix.checkpoint import DTYPES, Checkpoint
+from helix.comm import Comm
+from helix.disagg.deploy import Deployment
+from helix.disagg.handoff import Handoff, handed_over
+from helix.disagg.kv_transfer import send_prompt_kv
+from helix.engine import Request
+from helix.mapping import HelixMapping
+from helix.model import HelixModel
+
+log = logging.getLogger(__name__)
+
+
+class ContextServer:
+    def __init__(self, dep: Deployment, device: torch.device):
+        self.dep = dep
+        ckpt = Checkpoint(dep.model_path)
+        mapping = HelixMapping(0, 1, dep.context.tokens_per_block)
+        self.model = HelixModel(ckpt, mapping, Comm(0, 1), DTYPES[dep.dtype], device, dep.generation.moe_parallel)
+        ckpt.close()
+        self.cache = self.model.new_cache(dep.context.max_tokens, max_batch_size=1)
+
+    def prefill(self, req: Request) -> int:
+        """Write the KV of prompt[:-1] into the cache as sequence ``req.req_id``; returns its token count."""
+        n = len(req.prompt) - 1
+        self.cache.add(req.req_id)
+        self.cache.reserve(req.req_id, n)
+        slots = self.cache.slots(req.req_id, torch.arange(n)).to(self.model.device)
+        self.cache.advance(req.req_id, n)
+        if n:
+            self.model.prefill(torch.tensor(req.prompt[:-1], device=self.model.device), slots, self.cache)
+        return n
+
+    def serve(self, requests: list[Request], handoff: Handoff) -> None:
+        lookahead = self.dep.generation.max_batch_size
+        pending: deque[tuple[int, list]] = deque()
+        for req in handed_over(requests, self.dep):
+            n = self.prefill(req)
+            handoff.mark_ready(req.req_id)
+            pending.append((req.req_id, send_prompt_kv(self.cache, req.req_id, n, self.dep.generation_ranks)))
+            self.cache.release(req.req_id)
+            log.debug("context server: request %d prefilled (%d tokens), KV sent", req.req_id, n)
+            while len(pending) > lookahead:
+                self._finish(pending.popleft(), handoff)
+        while pending:
+            self._finish(pending.popleft(), handoff)
+
+    @staticmethod
+    def _finish(entry: tuple[int, list], handoff: Handoff) -> None:
+        req_id, sends = entry
+        handoff.wait_admitted(req_id)
+        for work, _ in sends:
+            work.wait()

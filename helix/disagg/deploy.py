@@ -1,0 +1,194 @@
+"""The deployment file of disaggregated serving, parsed and validated before any process starts.
+
+YAML or JSON, three sections (DESIGN §4)::
+
+    model:
+      path: /checkpoints/deepseek-v3-lite     # an HF checkpoint directory (config.json + safetensors)
+      dtype: bfloat16                         # float32 | bfloat16
+      device: cuda                            # cpu (gloo) | cuda (nccl, one GPU per rank)
+    context_servers:
+      tensor_parallel_size: 1
+      kv_cache_config: {tokens_per_block: 32, max_tokens: 65536}
+    generation_servers:                       # the keys of TensorRT-LLM's Helix documentation
+      context_parallel_size: 2
+      cp_config: {cp_type: HELIX, tokens_per_block: 32}
+      kv_cache_config: {tokens_per_block: 32, max_tokens: 65536}
+      max_batch_size: 8
+
+Rank layout: the context server's rank(s) come first, then the N generation ranks; on CUDA rank r uses GPU r.
+Every error is a ``ConfigError`` naming the key, the value and the rule (and the file, when there is one).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from helix.checkpoint import Checkpoint, CheckpointError
+from helix.config import ConfigError, HelixConfig, ModelConfig
+
+SECTIONS = ("model", "context_servers", "generation_servers")
+MODEL_KEYS = ("path", "dtype", "device")
+CONTEXT_KEYS = ("tensor_parallel_size", "kv_cache_config")
+RUNTIME_DTYPES = ("float32", "bfloat16")
+
+
+def _fail(key: str, value, rule: str):
+    raise ConfigError(f"{key}={value!r}: {rule}")
+
+
+@dataclass(frozen=True)
+class ContextServerConfig:
+    tensor_parallel_size: int = 1
+    tokens_per_block: int = 32
+    max_tokens: int = 8192  # longest prompt it prefills (its KV capacity for one sequence)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    model_path: str
+    dtype: str
+    device: str
+    context: ContextServerConfig
+    generation: HelixConfig
+    source: str | None = None  # the file it came from, for messages
+
+    # ------------------------------------------------------------------ rank layout
+    @property
+    def context_ranks(self) -> list[int]:
+        return list(range(self.context.tensor_parallel_size))
+
+    @property
+    def generation_ranks(self) -> list[int]:
+        c = self.context.tensor_parallel_size
+        return list(range(c, c + self.generation.context_parallel_size))
+
+    @property
+    def world_size(self) -> int:
+        return self.context.tensor_parallel_size + self.generation.context_parallel_size
+
+    def devices(self) -> list[str]:
+        """Context server rank(s) first, then generation ranks: one GPU each on CUDA."""
+        return ["cpu"] * self.world_size if self.device == "cpu" else [f"cuda:{r}" for r in range(self.world_size)]
+
+    def role_of(self, rank: int) -> str:
+        if rank in self.context_ranks:
+            return f"context server rank {rank} (world rank {rank})"
+        return f"generation server rank {rank - len(self.context_ranks)} (world rank {rank})"
+
+    @property
+    def tokens_per_block(self) -> int:
+        return self.generation.tokens_per_block
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+
+def read_file(path: str | os.PathLike) -> dict:
+    """The raw mapping of a YAML or JSON deployment file (JSON is YAML)."""
+    import yaml
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config={path!r}: no such deployment file")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config={path!r}: not valid YAML/JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config={path!r}: expected a mapping with sections {list(SECTIONS)}")
+    return raw
+
+
+def load_deployment(config: "str | os.PathLike | dict | Deployment") -> Deployment:
+    """A validated Deployment from a file path, a dict of the file's content, or a Deployment (returned as is)."""
+    if isinstance(config, Deployment):
+        return config
+    if isinstance(config, dict):
+        return parse(config)
+    path = os.fspath(config)
+    try:
+        return parse(read_file(path), source=path)
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith("config=") else f"{path}: {msg}") from None
+
+
+def _section(raw: dict, name: str) -> dict:
+    value = raw.get(name)
+    if not isinstance(value, dict):
+        _fail(name, value, "required section (a mapping); see the README's deployment file example")
+    return value
+
+
+def _int(key: str, value, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        _fail(key, value, f"must be an integer >= {minimum}")
+    return value
+
+
+def parse(raw: dict, source: str | None = None) -> Deployment:
+    for key in raw:
+        if key not in SECTIONS:
+            _fail(key, raw[key], f"unknown section; a deployment file has {list(SECTIONS)}")
+    model = raw.get("model")
+    if isinstance(model, str):  # shorthand: `model: DIR`
+        model = {"path": model}
+    if not isinstance(model, dict):
+        _fail("model", model, "required section: {path: CHECKPOINT_DIR, dtype: float32|bfloat16, device: cpu|cuda}")
+    for key in model:
+        if key not in MODEL_KEYS:
+            _fail(f"model.{key}", model[key], f"unknown key; model takes {list(MODEL_KEYS)}")
+    path, dtype, device = model.get("path"), model.get("dtype", "float32"), model.get("device", "cpu")
+    if dtype not in RUNTIME_DTYPES:
+        _fail("model.dtype", dtype, f"must be one of {list(RUNTIME_DTYPES)} (the Helix runtime's compute dtypes)")
+    if device not in ("cpu", "cuda"):
+        _fail("model.device", device, "must be 'cpu' (gloo) or 'cuda' (nccl, one GPU per rank)")
+    model_cfg = _model_config(path)
+
+    generation = HelixConfig.from_dict(_section(raw, "generation_servers"), prefix="generation_servers.")
+    generation.validate_for_model(model_cfg, prefix="generation_servers.")
+    context = _context_config(_section(raw, "context_servers"), generation)
+    return Deployment(os.path.abspath(path), dtype, device, context, generation, source)
+
+
+def _model_config(path) -> ModelConfig:
+    if not isinstance(path, str) or not path:
+        _fail("model.path", path, "required: the checkpoint directory (config.json + *.safetensors + tokenizer files)")
+    if not os.path.isdir(path):
+        _fail("model.path", path, "no such directory; point it at an HF checkpoint directory "
+              "(write a synthetic one with `helix make-checkpoint --preset deepseek-v3-lite-tiny --out DIR`)")
+    try:
+        ckpt = Checkpoint(path)
+        ckpt.check_complete()  # a missing or mis-shaped tensor, named with both shapes
+    except (CheckpointError, ConfigError) as e:
+        raise ConfigError(f"model.path={path!r}: {e}") from None
+    ckpt.close()
+    return ckpt.config
+
+
+def _context_config(raw: dict, generation: HelixConfig) -> ContextServerConfig:
+    for key in raw:
+        if key not in CONTEXT_KEYS:
+            _fail(f"context_servers.{key}", raw[key], f"unknown key; context_servers takes {list(CONTEXT_KEYS)}")
+    tp = raw.get("tensor_parallel_size", 1)
+    if tp != 1:
+        _fail("context_servers.tensor_parallel_size", tp, "must be 1: the context server runs on one rank")
+    kv = raw.get("kv_cache_config") or {}
+    if not isinstance(kv, dict):
+        _fail("context_servers.kv_cache_config", kv, "must be a mapping {tokens_per_block: T, max_tokens: M}")
+    for key in kv:
+        if key not in ("tokens_per_block", "max_tokens"):
+            _fail(f"context_servers.kv_cache_config.{key}", kv[key], "unknown key; takes tokens_per_block and max_tokens")
+    want = generation.tokens_per_block
+    if "tokens_per_block" not in kv:
+        _fail("context_servers.kv_cache_config.tokens_per_block", None,
+              f"required, and must equal generation_servers.cp_config.tokens_per_block={want}")
+    tpb = _int("context_servers.kv_cache_config.tokens_per_block", kv["tokens_per_block"], 1)
+    if tpb != want:
+        _fail("context_servers.kv_cache_config.tokens_per_block", tpb,
+              f"must equal generation_servers.cp_config.tokens_per_block={want}: KV is handed over block by block "
+              "to the generation rank that owns it")
+    max_tokens = _int("context_servers.kv_cache_config.max_tokens", kv.get("max_tokens", generation.max_tokens), tpb)
+    return ContextServerConfig(tp, tpb, max_tokens)

@@ -1,0 +1,71 @@
+"""KV hand-over from the context server to the generation ranks, by block ownership.
+
+A prompt's prefilled tokens [0, T) form global blocks b = 0 .. ceil(T / tokens_per_block) - 1; the last
+may be partial (its tail rows are never read: decode overwrites them before local_lens reaches them).
+Block b belongs to generation rank b mod N (DESIGN §3), where it is local block b // N. So generation rank g
+receives exactly the blocks g, g + N, g + 2N, ..., in that order, which is its local block order: one
+message per layer, [n_g, tokens_per_block, Lkv + R], straight from the context server to the owner. No
+generation rank ever holds another's blocks, and ranks with no block for a short prompt get no message.
+
+Message order on every (context rank, generation rank) pair is layer 0, 1, ..., L-1 for request after
+request in hand-over order, on both sides, so sends and receives pair up under gloo (matched by order and
+tag) and NCCL (matched by order alone).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from helix.kv_cache import PagedKVCache
+
+
+def owned_blocks(num_tokens: int, tokens_per_block: int, n: int, g: int) -> range:
+    """Global blocks of a ``num_tokens``-token prefix that generation rank ``g`` of ``n`` owns, in its local order."""
+    return range(g, -(-num_tokens // tokens_per_block), n)
+
+
+def send_prompt_kv(cache: PagedKVCache, seq_id: int, num_tokens: int, gen_ranks: list[int]) -> list:
+    """Post the sends of a prefilled sequence's blocks (the context server's cache holds every block: its
+    local order is the global order). Returns (work, staged tensor) pairs; keep them until the works are done."""
+    seq, n = cache.seqs[seq_id], len(gen_ranks)
+    pending = []
+    for layer in cache.layers:  # [num_blocks, tpb, E]
+        for g, dst in enumerate(gen_ranks):
+            blocks = owned_blocks(num_tokens, cache.tpb, n, g)
+            if not blocks:
+                continue
+            phys = torch.tensor([seq.blocks[b] for b in blocks], device=layer.device)
+            staged = layer.index_select(0, phys)  # [n_g, tpb, E], contiguous
+            pending.append((dist.isend(staged, dst), staged))
+    return pending
+
+
+def recv_prompt_kv(cache: PagedKVCache, seq_id: int, num_tokens: int, src: int, g: int, n: int) -> None:
+    """Receive this rank's blocks of a request's prefilled tokens into its reserved blocks (engine.reserve_prompt)."""
+    blocks = owned_blocks(num_tokens, cache.tpb, n, g)
+    if not blocks:
+        return
+    local = cache.seqs[seq_id].blocks
+    if len(local) != len(blocks):
+        raise RuntimeError(f"sequence {seq_id}: {len(local)} reserved local blocks for {len(blocks)} owned blocks")
+    phys = torch.tensor(local, device=cache.layers[0].device)
+    bufs = [torch.empty((len(blocks), *layer.shape[1:]), dtype=layer.dtype, device=layer.device)
+            for layer in cache.layers]
+    works = [dist.irecv(buf, src) for buf in bufs]
+    for layer, buf, work in zip(cache.layers, bufs, works):
+        work.wait()
+        layer.index_copy_(0, phys, buf)
+
+
+def connect(rank: int, context_rank: int, gen_ranks: list[int], device: torch.device) -> None:
+    """One small message per (context, generation) pair at start-up: proves the path and, on NCCL, creates
+    the pair's communicator before the first request (its creation blocks until both sides join)."""
+    if rank == context_rank:
+        for dst in gen_ranks:
+            dist.send(torch.tensor([dst], device=device), dst)
+    else:
+        buf = torch.zeros(1, dtype=torch.long, device=device)
+        dist.recv(buf, context_rank)
+        if int(buf) != rank:
+            raise RuntimeError(f"KV path check: rank {rank} received {int(buf)} from the context server")
