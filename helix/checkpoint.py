@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -178,19 +179,23 @@ class SyntheticInit:
 
 def synthetic_tensor(name: str, shape: tuple[int, ...], cfg: ModelConfig, gen: torch.Generator,
                      init: SyntheticInit = SyntheticInit()) -> torch.Tensor:
+    """Random float32 tensor on the generator's device."""
+    def randn():
+        return torch.randn(shape, generator=gen, device=gen.device)
+
     if name.endswith("layernorm.weight") or name == "model.norm.weight":
-        return 1.0 + init.norm_jitter * torch.randn(shape, generator=gen)
+        return 1.0 + init.norm_jitter * randn()
     if name.endswith("e_score_correction_bias"):
-        return init.bias_std * torch.randn(shape, generator=gen)
+        return init.bias_std * randn()
     if name == "model.embed_tokens.weight":
-        return init.embed_std * torch.randn(shape, generator=gen)
+        return init.embed_std * randn()
     fan_in = shape[-1]
     std = 1.0 / math.sqrt(fan_in)
     if name == "lm_head.weight":
         std *= init.logit_scale
     elif name.endswith(("o_proj.weight", "down_proj.weight")):
         std /= math.sqrt(2 * cfg.num_hidden_layers)
-    return std * torch.randn(shape, generator=gen)
+    return std * randn()
 
 
 def synthetic_tensors(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -199,6 +204,34 @@ def synthetic_tensors(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torc
     for idx, (name, shape) in enumerate(tensor_shapes(cfg).items()):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + idx)
         yield name, synthetic_tensor(name, shape, cfg, gen).to(dtype)
+
+
+class SyntheticCheckpoint:
+    """The ``Checkpoint`` interface over random weights made on ``device`` on request, never written to disk:
+    a rank of a 54 GB model gets its slices in seconds (benchmarks). Each tensor is drawn whole from a
+    generator seeded by (seed, name) and then sliced, so every layout sees the same weights."""
+
+    def __init__(self, config: ModelConfig, seed: int = 0, device: str | torch.device = "cpu"):
+        self.config, self.seed, self.device = config, seed, torch.device(device)
+        self.expected = tensor_shapes(config)
+        self.path = f"<synthetic {config.model_type} seed={seed}>"
+        self.bytes_read = 0
+
+    def get(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None,
+            dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> torch.Tensor:
+        if name not in self.expected:
+            raise CheckpointError(f"tensor {name!r} is not part of a {self.config.model_type} model")
+        shape = self.expected[name]
+        gen = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        t = synthetic_tensor(name, shape, self.config, gen)
+        if dim is not None:
+            t = t.narrow(dim, start, (shape[dim] if stop is None else stop) - start)
+        t = t.to(dtype or torch.float32).contiguous()
+        self.bytes_read += t.numel() * t.element_size()
+        return t.to(device or self.device)
+
+    def close(self) -> None:
+        pass
 
 
 def write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], out: str, shard_bytes: int = 4 << 30) -> None:

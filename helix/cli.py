@@ -4,6 +4,7 @@
     helix eval [--tasks mmlu,gsm8k] [--limit N] [--model DIR | --config DEPLOY] [--cp N] ...   (evals/run.py)
     helix generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3) --max-new-tokens N
                    --backend reference [--dtype float32|bfloat16|float64] [--device cpu|cuda] [--json]
+    helix generate --config DEPLOY.yaml (--prompt TEXT | --prompt-ids 1,2,3) --max-new-tokens N [--json]
 
 Each subcommand is one ``add_<name>(subparsers)`` function that registers its flags and handler. A generate
 backend is one entry of ``BACKENDS``: ``(args, model_dir, prompt_ids) -> generated ids``; its own flags go
@@ -61,7 +62,7 @@ def generate_helix(args: argparse.Namespace, model_dir: str, prompt_ids: list[in
         raise ConfigError("--dtype='float64': the Helix runtime computes in float32 or bfloat16 "
                           "(float64 is for the reference oracle)")
     spec = HelixSpec(model_dir, args.cp, args.tokens_per_block, args.dtype, args.device,
-                     max_tokens=helix_cfg.max_tokens, max_batch_size=1)
+                     max_tokens=helix_cfg.max_tokens, max_batch_size=1, cuda_graphs=args.device == "cuda")
     request = Request(0, prompt_ids, SamplingParams(max_new_tokens=args.max_new_tokens,
                                                     stop_token_ids=tuple(cfg.eos_token_ids)))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -75,10 +76,36 @@ def generate_helix(args: argparse.Namespace, model_dir: str, prompt_ids: list[in
     return results[0].token_ids
 
 
+def generate_disagg(args: argparse.Namespace, model_dir: str, prompt_ids: list[int]) -> list[int]:
+    """Disaggregated serving from the deployment file --config: a context server prefills, the Helix generation
+    server decodes (helix/disagg); model, dtype, device and N come from the file."""
+    from helix.disagg import launch
+    from helix.sampling import SamplingParams
+
+    eos = tuple(ModelConfig.from_json(model_dir).eos_token_ids)
+    with launch(args.config) as cluster:
+        return cluster.generate([prompt_ids], SamplingParams(max_new_tokens=args.max_new_tokens, stop_token_ids=eos))[0]
+
+
 BACKENDS: dict[str, Callable[[argparse.Namespace, str, list[int]], list[int]]] = {
     "reference": generate_reference,
     "helix": generate_helix,
+    "disagg": generate_disagg,
 }
+
+
+def _backend_and_model(args: argparse.Namespace) -> tuple[str, str]:
+    """--config means the disaggregated backend, on the deployment's model; otherwise --model or the default."""
+    if args.config is None:
+        if args.backend == "disagg":
+            raise ConfigError("--backend='disagg': needs --config DEPLOY.yaml (the deployment file)")
+        return args.backend or "reference", args.model or ensure_checkpoint(DEFAULT_PRESET)
+    from helix.disagg import load_deployment
+
+    if args.backend not in (None, "disagg") or args.model is not None:
+        raise ConfigError(f"--config={args.config!r}: the deployment file names the model and runs the disagg "
+                          "backend; drop --model and --backend")
+    return "disagg", load_deployment(args.config).model_path
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer, cfg: ModelConfig) -> list[int]:
@@ -105,7 +132,7 @@ def run_generate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-new-tokens={args.max_new_tokens}: must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device='cuda': no CUDA device is visible to torch; use --device cpu")
-    model_dir = args.model or ensure_checkpoint(DEFAULT_PRESET)
+    args.backend, model_dir = _backend_and_model(args)
     cfg = ModelConfig.from_json(model_dir)
     try:
         tokenizer = load_tokenizer(model_dir)
@@ -128,7 +155,8 @@ def add_generate(sub) -> None:
     prompt.add_argument("--prompt", help="prompt text, encoded with the checkpoint's tokenizer")
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated (e.g. 1,2,3)")
     p.add_argument("--max-new-tokens", type=int, required=True)
-    p.add_argument("--backend", choices=sorted(BACKENDS), default="reference")
+    p.add_argument("--backend", choices=sorted(BACKENDS), help="default: reference, or disagg with --config")
+    p.add_argument("--config", help="deployment file (YAML or JSON): context server + Helix generation server")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32",
                    help="compute dtype (default float32)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

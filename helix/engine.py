@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from helix.cuda_graph import GraphedDecodeStep
 from helix.kv_cache import CapacityError
 from helix.model import HelixModel
 from helix.sampling import SamplingParams, select_token
@@ -65,11 +66,14 @@ class _Active:
 
 class HelixEngine:
     def __init__(self, model: HelixModel, max_tokens: int, max_batch_size: int,
-                 stop_check: Callable[[Request, list[int]], bool] | None = None):
+                 stop_check: Callable[[Request, list[int]], bool] | None = None, cuda_graphs: bool = False):
         self.model, self.max_batch_size, self.stop_check = model, max_batch_size, stop_check
         self.cache = model.new_cache(max_tokens, max_batch_size)
         self.active: dict[int, _Active] = {}
         self.steps = 0
+        # CUDA graphs: one captured step per batch size, block tables padded to the capacity's width.
+        self.graphs: dict[int, GraphedDecodeStep] | None = {} if cuda_graphs else None
+        self.table_width = -(-max_tokens // self.cache.tpb // model.mapping.world_size)  # ceil(ceil(S / T) / N)
 
     # ------------------------------------------------------------------ admission
     def check(self, req: Request) -> None:
@@ -116,9 +120,15 @@ class HelixEngine:
             cache.reserve(sid, 1)
         positions = torch.tensor([s.position for s in states])
         slots = torch.cat([cache.slots(s.req.req_id, positions[i:i + 1]) for i, s in enumerate(states)])
-        table, local_lens = cache.block_table(ids, [s.position + 1 for s in states])
-        logits = self.model.decode_step(torch.tensor([s.next_input for s in states], device=dev),
-                                        positions.to(dev), slots.to(dev), table.to(dev), local_lens.to(dev), cache)
+        width = self.table_width if self.graphs is not None else None
+        table, local_lens = cache.block_table(ids, [s.position + 1 for s in states], width)
+        inputs = (torch.tensor([s.next_input for s in states]), positions, slots, table, local_lens)
+        if self.graphs is None:
+            logits = self.model.decode_step(*(t.to(dev) for t in inputs), cache)
+        else:
+            if len(states) not in self.graphs:
+                self.graphs[len(states)] = GraphedDecodeStep(self.model, cache, len(states), self.table_width)
+            logits = self.graphs[len(states)](*inputs)
         self.steps += 1
         finished = []
         for i, s in enumerate(states):

@@ -70,6 +70,8 @@ def route(cfg: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 class MoE:
+    """Routed experts are stacked per rank: gate/up [E_r, I_r, D], down [E_r, D, I_r] (E_r local experts)."""
+
     def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, prefix: str, mapping: HelixMapping, mode: str,
                  dtype: torch.dtype, device):
         self.cfg = cfg
@@ -79,22 +81,38 @@ class MoE:
         width = cfg.moe_intermediate_size
         if mode == "ep":
             self.first, last = mapping.expert_range(cfg.n_routed_experts)
-            self.experts = [GatedMLP(ckpt, f"{prefix}experts.{j}.", width, None, dtype, device)
-                            for j in range(self.first, last)]
+            experts = [GatedMLP(ckpt, f"{prefix}experts.{j}.", width, None, dtype, device)
+                       for j in range(self.first, last)]
         else:
             self.first = 0
-            self.experts = [GatedMLP(ckpt, f"{prefix}experts.{j}.", width, mapping, dtype, device)
-                            for j in range(cfg.n_routed_experts)]
+            experts = [GatedMLP(ckpt, f"{prefix}experts.{j}.", width, mapping, dtype, device)
+                       for j in range(cfg.n_routed_experts)]
+        self.w_gate = torch.stack([e.gate for e in experts])
+        self.w_up = torch.stack([e.up for e in experts])
+        self.w_down = torch.stack([e.down for e in experts])
         self.shared = (GatedMLP(ckpt, prefix + "shared_experts.", width * cfg.n_shared_experts, mapping, dtype, device)
                        if cfg.n_shared_experts else None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = route(self.cfg, F.linear(x.float(), self.gate), self.bias)
         out = self.shared(x) if self.shared is not None else torch.zeros_like(x)
-        local = ids - self.first  # [T, k]; in range [0, len(experts)) for this rank's experts
-        hit = (local >= 0) & (local < len(self.experts))
-        for j in torch.unique(local[hit]).tolist():
+        local = ids - self.first  # [T, k]; in [0, E_r) for this rank's experts
+        mine = (local >= 0) & (local < self.w_gate.shape[0])
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return out + self._gathered(x, local, mine, weights)
+        for j in torch.unique(local[mine]).tolist():  # host sync: which experts got tokens
             token, slot = torch.where(local == j)
-            y = self.experts[j](x[token]) * weights[token, slot, None].to(x.dtype)
-            out.index_add_(0, token, y)
+            h = F.silu(F.linear(x[token], self.w_gate[j])) * F.linear(x[token], self.w_up[j])
+            out.index_add_(0, token, F.linear(h, self.w_down[j]) * weights[token, slot, None].to(x.dtype))
         return out
+
+    def _gathered(self, x: torch.Tensor, local: torch.Tensor, mine: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The same sum with static shapes and no host sync (CUDA graphs): every (token, choice) pair gathers its
+        expert's weights; choices owned by other ranks use expert 0 with weight 0."""
+        T, k = local.shape
+        idx = torch.where(mine, local, 0).flatten()  # [T k]
+        w = torch.where(mine, weights, 0.0).flatten().to(x.dtype)
+        xs = x.repeat_interleave(k, dim=0)[:, :, None]  # [T k, D, 1]
+        h = F.silu(torch.bmm(self.w_gate[idx], xs)) * torch.bmm(self.w_up[idx], xs)  # [T k, I_r, 1]
+        y = torch.bmm(self.w_down[idx], h)[:, :, 0] * w[:, None]  # [T k, D]
+        return y.view(T, k, -1).sum(1)

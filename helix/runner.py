@@ -28,6 +28,7 @@ class HelixSpec:
     max_tokens: int = 8192
     max_batch_size: int = 8
     moe_mode: str = "ep"
+    cuda_graphs: bool = False  # capture the decode step (CUDA only)
 
     def devices(self, first_gpu: int = 0) -> list[str]:
         if self.device == "cpu":
@@ -40,7 +41,7 @@ def build_engine(spec: HelixSpec, rank: int, comm: Comm, device: torch.device) -
     mapping = HelixMapping(rank, spec.cp, spec.tokens_per_block)
     model = HelixModel(ckpt, mapping, comm, DTYPES[spec.dtype], device, spec.moe_mode)
     ckpt.close()
-    return HelixEngine(model, spec.max_tokens, spec.max_batch_size)
+    return HelixEngine(model, spec.max_tokens, spec.max_batch_size, cuda_graphs=spec.cuda_graphs and device.type == "cuda")
 
 
 def rank_engine(ctx: RankContext, spec: HelixSpec) -> HelixEngine:

@@ -45,3 +45,15 @@ def rank_pool():
 
     with RankPool(4) as pool:
         yield pool
+
+
+def pytest_collection_modifyitems(config, items):
+    """Capability probe: `gpu` tests need one CUDA device, `multi_gpu(n)` tests need n on this host."""
+    import torch
+
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item in items:
+        marker = item.get_closest_marker("multi_gpu")
+        need = marker.args[0] if marker else (1 if item.get_closest_marker("gpu") else 0)
+        if need > found:
+            item.add_marker(pytest.mark.skip(reason=f"needs {need} CUDA GPU(s); torch sees {found}"))
