@@ -83,6 +83,7 @@ class HelixMLA:
     def __init__(self, cfg: ModelConfig, layer: int, ckpt: Checkpoint, mapping: HelixMapping, comm: Comm,
                  rope: Rope, dtype: torch.dtype, device):
         self.cfg, self.layer, self.mapping, self.comm, self.rope = cfg, layer, mapping, comm, rope
+        self.cache_mapping = mapping  # which tokens this rank's cache holds: its blocks (b mod N)
         p = f"model.layers.{layer}.self_attn."
         H, P, V, L = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
 
@@ -103,13 +104,13 @@ class HelixMLA:
 
     # ------------------------------------------------------------------ shared pieces
     def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] -> q_abs [T, H, Lkv], q_pe [T, H, R] (roped)."""
+        """x [T, D] -> q_abs [T, H, Lkv], q_pe [T, H, R] (roped), for the heads whose W_UK this module holds."""
         cfg = self.cfg
         if cfg.q_lora_rank:
             q = F.linear(rms_norm(F.linear(x, self.q_a), self.q_a_norm, LATENT_NORM_EPS), self.q_b)
         else:
             q = F.linear(x, self.q_proj)
-        q = q.view(x.shape[0], cfg.num_attention_heads, cfg.qk_head_dim)
+        q = q.view(x.shape[0], self.w_uk.shape[0], cfg.qk_head_dim)  # all H heads (a TP baseline: its own)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         q_abs = torch.einsum("thp,hpl->thl", q_nope, self.w_uk)
         return q_abs, self.rope.apply(q_pe, cos, sin)
@@ -146,7 +147,8 @@ class HelixMLA:
         entries = self.kv_entries(x, cos, sin)  # [T, Lkv + R], every rank computes all tokens
         cache.write(self.layer, slots, entries)
         q_abs, q_pe = self.queries(x, cos, sin)
-        q_abs, q_pe = q_abs[:, self.h0:self.h1].float(), q_pe[:, self.h0:self.h1].float()
+        local = slice(self.h0, self.h1) if self.w_uk.shape[0] == self.cfg.num_attention_heads else slice(None)
+        q_abs, q_pe = q_abs[:, local].float(), q_pe[:, local].float()  # this rank's heads
         c_kv, k_pe = entries.float().split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
         T = x.shape[0]
         out = []

@@ -156,3 +156,13 @@ def reference_mla(ckpt_dir: str, dtype: torch.dtype, contexts: list[torch.Tensor
             row.append(out[0])
         decode_out.append(torch.stack(row))
     return prefill_out, torch.stack(decode_out)
+
+
+def rank_generate_tp_attention(ctx, ckpt_dir: str, n: int, tpb: int, requests):
+    """The TP-attention baseline of the benchmarks (heads split, whole cache everywhere) through the engine."""
+    from helix.baselines import TPAttentionMLA
+    from helix.engine import HelixEngine
+
+    model = HelixModel(Checkpoint(ckpt_dir), HelixMapping(ctx.rank, n, tpb), ctx.comm(n), attention=TPAttentionMLA)
+    results = HelixEngine(model, max_tokens=256, max_batch_size=len(requests)).run(requests)
+    return results if ctx.rank == 0 else None

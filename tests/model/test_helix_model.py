@@ -69,3 +69,12 @@ def test_checkpoint_written_by_transformers(rank_pool, tmp_path_factory, tiny_ch
     expected = _reference(out, PROMPTS[:2], 32)
     spec = HelixSpec(str(out), 2, tokens_per_block=4, max_tokens=128, max_batch_size=4)
     _compare(helix_generate(spec, _requests(PROMPTS[:2], 32), rank_pool), expected, "transformers checkpoint N=2")
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_tp_attention_baseline_equals_reference(rank_pool, tiny_checkpoint, expected, n):
+    """The benchmark's baseline must compute the same model, or its timings mean nothing."""
+    from tests.helix_harness import rank_generate_tp_attention
+
+    results = rank_pool.run(rank_generate_tp_attention, str(tiny_checkpoint), n, 4, _requests(PROMPTS, NEW_TOKENS), n=n)[0]
+    _compare(results, expected, f"TP attention N={n}")
