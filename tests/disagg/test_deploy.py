@@ -1,0 +1,100 @@
+"""Every deployment-file rule fails before any process starts, with a message naming the key, the value and the
+rule; YAML and JSON files load to the same deployment."""
+
+import copy
+import json
+import shutil
+
+import pytest
+
+from helix.config import ConfigError
+from helix.disagg import launch, load_deployment
+from tests.disagg.conftest import deployment
+
+
+@pytest.fixture(scope="module")
+def good(tiny_checkpoint) -> dict:
+    return deployment(tiny_checkpoint, n=2)
+
+
+def _with(raw: dict, path: str, value) -> dict:
+    """A copy of ``raw`` with the dotted ``path`` set to ``value`` (deleted when value is ...)."""
+    out = copy.deepcopy(raw)
+    *parents, last = path.split(".")
+    node = out
+    for key in parents:
+        node = node[key]
+    if value is ...:
+        del node[last]
+    else:
+        node[last] = value
+    return out
+
+
+# (dotted path, new value, substrings of the message: key=value, rule)
+RULES = [
+    ("generation_servers.cp_config.cp_type", "ULYSSES", ["generation_servers.cp_config.cp_type='ULYSSES'", "must be 'HELIX'"]),
+    ("generation_servers.context_parallel_size", 1, ["generation_servers.context_parallel_size=1", "integer >= 2 with cp_type HELIX"]),
+    ("generation_servers.kv_cache_config.tokens_per_block", 8,
+     ["generation_servers.kv_cache_config.tokens_per_block=8", "must equal cp_config.tokens_per_block=4"]),
+    ("context_servers.kv_cache_config.tokens_per_block", 8,
+     ["context_servers.kv_cache_config.tokens_per_block=8", "must equal generation_servers.cp_config.tokens_per_block=4"]),
+    ("context_servers.kv_cache_config.tokens_per_block", ...,
+     ["context_servers.kv_cache_config.tokens_per_block=None", "required, and must equal"]),
+    ("generation_servers.context_parallel_size", 5,
+     ["generation_servers.context_parallel_size=5", "must divide num_attention_heads=12"]),
+    ("context_servers.tensor_parallel_size", 2, ["context_servers.tensor_parallel_size=2", "must be 1"]),
+    ("generation_servers.kv_cache_config.max_tokens", 2,
+     ["generation_servers.kv_cache_config.max_tokens=2", "must be an integer >= tokens_per_block=4"]),
+    ("model.path", "/nonexistent/ckpt", ["model.path='/nonexistent/ckpt'", "no such directory", "helix make-checkpoint"]),
+    ("model.dtype", "float64", ["model.dtype='float64'", "must be one of ['float32', 'bfloat16']"]),
+    ("model.device", "tpu", ["model.device='tpu'", "must be 'cpu' (gloo) or 'cuda'"]),
+    ("model.revision", "main", ["model.revision='main'", "unknown key; model takes"]),
+    ("generation_servers.cp_config.block_size", 4, ["generation_servers.cp_config.block_size=4", "unknown key"]),
+    ("context_servers.batch", 4, ["context_servers.batch=4", "unknown key; context_servers takes"]),
+    ("generation_servers", ..., ["generation_servers=None", "required section"]),
+    ("servers", {}, ["servers={}", "unknown section"]),
+]
+
+
+@pytest.mark.parametrize("path,value,expected", RULES, ids=[f"{p}={v!r}" for p, v, _ in RULES])
+def test_rule_names_key_value_and_rule(good, path, value, expected):
+    with pytest.raises(ConfigError) as info:
+        launch(_with(good, path, value))  # must fail in validation: no process is started
+    for part in expected:
+        assert part in str(info.value), f"{part!r} not in {info.value}"
+
+
+def test_experts_not_divisible(checkpoint_factory):
+    # 12 heads (divisible by 3), 16 experts (not): expert parallelism cannot split them.
+    ckpt = checkpoint_factory(n_routed_experts=16)
+    with pytest.raises(ConfigError, match=r"generation_servers.context_parallel_size=3: must divide n_routed_experts=16"):
+        load_deployment(deployment(ckpt, n=3))
+
+
+def test_mismatched_checkpoint_tensor_is_named_with_both_shapes(tiny_checkpoint, tmp_path):
+    broken = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["kv_lora_rank"] += 8
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"model.path=.*tensor '.*kv_a.*': checkpoint shape \(\d+, \d+\) != shape"):
+        load_deployment(deployment(broken))
+
+
+def test_yaml_and_json_files_load_alike_and_errors_name_the_file(good, tmp_path):
+    yaml = pytest.importorskip("yaml")
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump(good))
+    (tmp_path / "d.json").write_text(json.dumps(good))
+    from_yaml, from_json = load_deployment(tmp_path / "d.yaml"), load_deployment(tmp_path / "d.json")
+    assert from_yaml.generation == from_json.generation and from_yaml.context == from_json.context
+    assert from_yaml.generation_ranks == [1, 2] and from_yaml.devices() == ["cpu"] * 3
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_with(good, "generation_servers.cp_config.cp_type", "helix")))
+    with pytest.raises(ConfigError, match=rf"^{bad}: generation_servers.cp_config.cp_type='helix': must be 'HELIX'"):
+        load_deployment(bad)
+    (tmp_path / "broken.yaml").write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML/JSON"):
+        load_deployment(tmp_path / "broken.yaml")
+    with pytest.raises(ConfigError, match="no such deployment file"):
+        load_deployment(tmp_path / "missing.yaml")
