@@ -201,6 +201,37 @@ def add_eval(sub) -> None:
     p.set_defaults(func=eval_run.main)
 
 
+# --------------------------------------------------------------------------------------------- bench
+
+
+def run_bench_cmd(args: argparse.Namespace) -> None:
+    if not torch.cuda.is_available():
+        raise ConfigError("bench: no CUDA device is visible to torch; the decode benchmark needs GPUs")
+    from helix.bench import markdown_table, run_bench
+
+    configs = [(c.split("x")[0], int(c.split("x")[1])) for c in args.configs] if args.configs else None
+    result = run_bench(args.out, args.preset, args.layers, args.gpus, args.batch, args.context, args.tokens_per_block,
+                       args.iters, configs)
+    print(markdown_table(result))
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="decode latency vs context: single GPU, TP attention, Helix (CUDA)",
+                       description="Token-to-token latency of the whole decode step (one CUDA graph) on synthetic "
+                                   "weights; baselines in the same run; JSON, markdown and PNG plots in --out.")
+    p.add_argument("--preset", default="deepseek-v3-lite", choices=sorted(PRESETS))
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4: the single-GPU baseline's "
+                   "whole cache must fit at B=8, 1M tokens)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--context", type=int, nargs="+", default=[65536, 131072, 524288, 1048576])
+    p.add_argument("--tokens-per-block", type=int, default=64)
+    p.add_argument("--iters", type=int, default=60, help="timed CUDA-graph replays per point (median reported)")
+    p.add_argument("--configs", nargs="+", help="e.g. singlex1 tpx4 helixx2 helixx4 (default: all that fit --gpus)")
+    p.add_argument("--out", default="golden/perf")
+    p.set_defaults(func=run_bench_cmd)
+
+
 # --------------------------------------------------------------------------------------------- entry point
 
 
@@ -211,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_make_checkpoint(sub)
     add_eval(sub)
+    add_bench(sub)
     return parser
 
 

@@ -1,0 +1,314 @@
+"""`helix bench`: token-to-token decode latency against context length (DESIGN §8).
+
+One run on one machine measures, on the same synthetic DeepSeek-V3-Lite-shaped weights:
+
+* ``single``: one GPU holds every weight and the whole latent cache;
+* ``tp``: tensor-parallel attention on N GPUs (heads split, the whole latent cache on every GPU: the layout
+  Helix replaces), FFN tensor / expert parallel as in Helix;
+* ``helix``: Helix on N GPUs (cache sharded by blocks, one all-to-all per layer).
+
+Each configuration times the whole decode step (all layers, one CUDA graph): the median of ``iters`` graph
+replays after warm-up, CUDA events, random cache contents. The floor of a step is
+max(bytes / copy bandwidth, attention FLOPs / matmul rate) + collectives x in-graph collective latency, all
+measured in the same run (bytes: this rank's KV shard plus the weights a step must read).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from helix.attention import HelixMLA
+from helix.baselines import TPAttentionMLA
+from helix.checkpoint import SyntheticCheckpoint
+from helix.config import ModelConfig
+from helix.cuda_graph import GraphedDecodeStep
+from helix.mapping import HelixMapping
+from helix.model import HelixModel
+from helix.presets import get_preset
+from helix.workers import RankContext, RankPool
+
+log = logging.getLogger(__name__)
+BF16 = 2  # bytes
+
+
+@dataclass
+class Row:
+    mode: str
+    gpus: int
+    layers: int
+    batch: int
+    context: int
+    ms: float  # median token-to-token latency
+    ms_p10: float
+    ms_p90: float
+    tokens_per_s_per_user: float
+    kv_bytes: int  # per rank per step
+    weight_bytes: int  # per rank per step (weights a step must read)
+    attn_flops: float  # per rank per step
+    collectives: int  # per step
+    floor_ms: float
+    floor_parts: dict
+    vs_floor: float
+
+
+# --------------------------------------------------------------------------------------------- ceilings
+
+
+def _time_graph(fn, iters: int, device) -> list[float]:
+    """Capture ``fn`` once, replay ``iters`` times; per-replay milliseconds from CUDA events."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return _time_replays(g.replay, iters, device)
+
+
+def _time_replays(replay, iters: int, device, warmup: int = 5) -> list[float]:
+    for _ in range(warmup):
+        replay()
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for a, b in events:
+        a.record()
+        replay()
+        b.record()
+    torch.cuda.synchronize(device)
+    return [a.elapsed_time(b) for a, b in events]
+
+
+def measure_ceilings(device) -> dict:
+    """Copy bandwidth (bytes read + written per second) and the bf16 matmul rate of this GPU."""
+    src = torch.randn(1 << 30, device=device, dtype=torch.bfloat16)  # 2 GiB
+    dst = torch.empty_like(src)
+    ms = statistics.median(_time_graph(lambda: dst.copy_(src), 20, device))
+    copy = 2 * src.numel() * BF16 / (ms * 1e-3)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = statistics.median(_time_graph(lambda: a @ b, 20, device))
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"copy_GBps": copy / 1e9, "matmul_TFLOPs": 2 * 8192 ** 3 / (ms * 1e-3) / 1e12,
+            "device": torch.cuda.get_device_name(device)}
+
+
+def measure_collectives(ctx: RankContext, n: int, cfg: ModelConfig, batch: int, reps: int = 20) -> dict:
+    """In-graph latency (us) of the step's collectives at their real sizes on ``n`` ranks."""
+    comm = ctx.comm(n)
+    h = cfg.num_attention_heads // n
+    a2a = torch.randn(n, batch, h, cfg.kv_lora_rank + 2, device=ctx.device, dtype=torch.bfloat16)
+    ar = torch.randn(batch, cfg.hidden_size, device=ctx.device, dtype=torch.bfloat16)
+
+    def many(op):
+        def run():
+            for _ in range(reps):
+                op()
+        return run
+
+    out = {}
+    for name, op in (("all_to_all", lambda: comm.all_to_all(a2a)), ("all_reduce", lambda: comm.all_reduce(ar))):
+        dist.barrier(group=comm.group)
+        out[name + "_us"] = statistics.median(_time_graph(many(op), 10, ctx.device)) / reps * 1e3
+    return out
+
+
+# --------------------------------------------------------------------------------------------- byte model
+
+
+def step_bytes_and_flops(model: HelixModel, mode: str, n: int, batch: int, context: int) -> tuple[int, int, float]:
+    """(KV bytes, weight bytes, attention FLOPs) one rank must move / do in one decode step."""
+    cfg = model.cfg
+    L = cfg.num_hidden_layers
+    cache_map = model.layers[0].attn.cache_mapping
+    local = cache_map.local_length(context + 1)
+    kv = batch * local * cfg.kv_cache_dim * BF16 * L
+    heads = model.layers[0].attn.w_uk.shape[0]  # H for Helix, H / N for TP attention
+    flops = 2.0 * batch * heads * local * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) * L
+    w = 0
+    for layer in model.layers:
+        a = layer.attn
+        for name in ("q_proj", "q_a", "q_b", "kv_a", "w_uk", "w_uv", "o_proj"):
+            t = getattr(a, name, None)
+            w += t.numel() * BF16 if t is not None else 0
+        ffn = layer.ffn
+        if hasattr(ffn, "w_gate"):  # MoE: shared slice + the routed experts this rank is expected to touch
+            e_local, e_total, k = ffn.w_gate.shape[0], cfg.n_routed_experts, cfg.num_experts_per_tok
+            hit = e_local * (1 - (1 - k / e_total) ** batch)
+            per_expert = (ffn.w_gate[0].numel() + ffn.w_up[0].numel() + ffn.w_down[0].numel()) * BF16
+            w += int(hit * per_expert) + ffn.gate.numel() * 4
+            if ffn.shared is not None:
+                w += sum(t.numel() for t in (ffn.shared.gate, ffn.shared.up, ffn.shared.down)) * BF16
+        else:
+            w += sum(t.numel() for t in (ffn.gate, ffn.up, ffn.down)) * BF16
+    w += model.lm_head.numel() * BF16 + batch * cfg.hidden_size * BF16
+    return kv, w, flops
+
+
+def collectives_per_step(mode: str, n: int, layers: int) -> tuple[int, int]:
+    """(all-to-alls, all-reduce-like collectives) per decode step; the logits all-gather counts as the latter."""
+    if n == 1:
+        return 0, 0
+    return (layers if mode == "helix" else 0), 2 * layers + 1
+
+
+# --------------------------------------------------------------------------------------------- rank side
+
+
+def rank_bench(ctx: RankContext, preset: str, layers: int, mode: str, n: int, batches: list[int],
+               contexts: list[int], tpb: int, iters: int, ceilings: dict) -> list[dict] | None:
+    cfg = get_preset(preset, num_hidden_layers=layers)
+    src = SyntheticCheckpoint(cfg, seed=0, device=ctx.device)
+    mapping = HelixMapping(ctx.rank, n, tpb)
+    comm = ctx.comm(n)
+    attention = TPAttentionMLA if mode in ("tp", "single") else HelixMLA
+    model = HelixModel(src, mapping, comm, torch.bfloat16, ctx.device, moe_mode="ep", attention=attention)
+    max_s, max_b = max(contexts) + 1, max(batches)
+    cache = model.new_cache(max_s, max_b)
+    for t in cache.layers:  # random latent rows everywhere (never zeros: they flatter the kernels)
+        t.normal_()
+    ids = list(range(max_b))
+    for sid in ids:
+        cache.add(sid)
+        cache.reserve(sid, max_s)
+    width = -(-max_s // tpb // cache.mapping.world_size)
+    rows = []
+    for batch in batches:
+        coll = measure_collectives(ctx, n, cfg, batch) if n > 1 else {"all_to_all_us": 0.0, "all_reduce_us": 0.0}
+        graph = GraphedDecodeStep(model, cache, batch, width)
+        gen = torch.Generator().manual_seed(batch)
+        for context in contexts:
+            b_ids = ids[:batch]
+            tokens = torch.randint(0, cfg.vocab_size, (batch,), generator=gen)
+            positions = torch.full((batch,), context)
+            slots = torch.cat([cache.slots(s, positions[:1]) for s in b_ids])
+            table, lens = cache.block_table(b_ids, [context + 1] * batch, width)
+            if comm.group is not None:
+                dist.barrier(group=comm.group)
+            times = _time_replays(lambda: graph(tokens, positions, slots, table, lens), iters, ctx.device)
+            kv, w, flops = step_bytes_and_flops(model, mode, n, batch, context)
+            a2a, other = collectives_per_step(mode, n, layers)
+            t_mem = (kv + w) / (ceilings["copy_GBps"] * 1e9) * 1e3
+            t_flop = flops / (ceilings["matmul_TFLOPs"] * 1e12) * 1e3
+            t_coll = (a2a * coll["all_to_all_us"] + other * coll["all_reduce_us"]) * 1e-3
+            floor = max(t_mem, t_flop) + t_coll
+            med = statistics.median(times)
+            q = statistics.quantiles(times, n=10)
+            rows.append(asdict(Row(mode, n, layers, batch, context, med, q[0], q[-1], 1e3 / med, kv, w, flops,
+                                   a2a + other, floor, {"memory_ms": t_mem, "flops_ms": t_flop, "collectives_ms": t_coll,
+                                                        **coll}, med / floor)))
+            log.info("%s N=%d B=%d S=%d: %.3f ms (floor %.3f)", mode, n, batch, context, med, floor)
+        del graph
+    del model, cache
+    torch.cuda.empty_cache()
+    return rows if ctx.rank == 0 else None
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def kv_capacity(cfg: ModelConfig, mode: str, n: int, gpu_bytes: int, weight_bytes_rank: int) -> int:
+    """Longest context (B = 1) whose KV fits beside this rank's weights, 90% of GPU memory usable."""
+    per_token = cfg.kv_cache_dim * BF16 * cfg.num_hidden_layers
+    room = 0.9 * gpu_bytes - weight_bytes_rank
+    tokens = max(0, int(room // per_token))
+    return tokens * (n if mode == "helix" else 1)
+
+
+def resident_weight_bytes(cfg: ModelConfig, mode: str, n: int) -> int:
+    """Bytes of weights one rank holds (bf16): replicated attention, 1/N of the o_proj, FFN, experts, LM head."""
+    p = cfg.num_parameters()
+    replicated = p["attention"] - cfg.num_hidden_layers * cfg.num_attention_heads * cfg.v_head_dim * cfg.hidden_size
+    sharded = p["total"] - p["attention"] - p["embedding"] + (p["attention"] - replicated)
+    return int((replicated + p["embedding"] + sharded / n) * BF16)
+
+
+def run_bench(out_dir: str, preset: str = "deepseek-v3-lite", layers: int = 4, gpus: int | None = None,
+              batches=(1, 8), contexts=(65536, 131072, 524288, 1048576), tpb: int = 64, iters: int = 60,
+              configs: list[tuple[str, int]] | None = None) -> dict:
+    gpus = gpus or torch.cuda.device_count()
+    configs = configs or [("single", 1)] + [(m, k) for k in (2, 4) if k <= gpus for m in ("tp", "helix")]
+    os.makedirs(out_dir, exist_ok=True)
+    ceilings = measure_ceilings("cuda:0")
+    log.info("ceilings: %s", ceilings)
+    rows = []
+    with RankPool(gpus, [f"cuda:{i}" for i in range(gpus)]) as pool:
+        for mode, n in configs:
+            rows += pool.run(rank_bench, preset, layers, mode, n, list(batches), list(contexts), tpb, iters, ceilings,
+                             n=n)[0]
+    full_cfg = get_preset(preset)
+    gpu_mem = torch.cuda.get_device_properties(0).total_memory
+    capacity = {f"{m}-x{n}": kv_capacity(full_cfg, m, n, gpu_mem, resident_weight_bytes(full_cfg, m, n))
+                for m, n in configs}
+    card = ceilings["device"]
+    result = {"card": card, "gpus": gpus, "preset": preset, "layers": layers, "tokens_per_block": tpb,
+              "ceilings": ceilings, "kv_capacity_tokens_30_layers": capacity, "rows": rows}
+    slug = "h200" if "H200" in card else "h100" if "H100" in card else card.split()[-1].lower()
+    base = os.path.join(out_dir, f"{slug}-x{gpus}")
+    with open(base + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(markdown_table(result))
+    plot(result, base)
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    c = result["ceilings"]
+    lines = [f"# Decode latency: {result['card']} x{result['gpus']}, {result['preset']} ({result['layers']} layers)",
+             "", f"Measured in the same run: copy {c['copy_GBps']:.0f} GB/s (read + write), bf16 matmul "
+             f"{c['matmul_TFLOPs']:.0f} TFLOP/s. Median of CUDA-graph replays.", "",
+             "| config | B | context | ms/token | tok/s/user | KV GB/rank | weights GB/rank | floor ms | x floor | collectives ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        name = "single GPU" if r["mode"] == "single" else f"{'Helix' if r['mode'] == 'helix' else 'TP-attn'} N={r['gpus']}"
+        lines.append(f"| {name} | {r['batch']} | {r['context'] // 1024}K | {r['ms']:.3f} | {r['tokens_per_s_per_user']:.0f} | "
+                     f"{r['kv_bytes'] / 1e9:.2f} | {r['weight_bytes'] / 1e9:.2f} | {r['floor_ms']:.3f} | "
+                     f"{r['vs_floor']:.2f} | {r['floor_parts']['collectives_ms']:.3f} |")
+    lines += ["", "KV capacity per deployment (B = 1, all 30 layers, 90% of GPU memory): " +
+              ", ".join(f"{k}: {v / 1e6:.2f}M tokens" for k, v in result["kv_capacity_tokens_30_layers"].items()), ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, base: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib missing: no plots")
+        return
+    rows = result["rows"]
+    keys = sorted({(r["mode"], r["gpus"]) for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, batch in zip(axes, sorted({r["batch"] for r in rows})):
+        for mode, n in keys:
+            pts = sorted((r["context"], r["ms"]) for r in rows if (r["mode"], r["gpus"], r["batch"]) == (mode, n, batch))
+            ax.plot([p[0] / 1024 for p in pts], [p[1] for p in pts], marker="o", label=f"{mode} x{n}")
+        ax.set_xscale("log", base=2)
+        ax.set(title=f"B={batch}", xlabel="context (K tokens)", ylabel="ms / token")
+        ax.legend()
+    fig.suptitle(f"Decode latency, {result['card']}, {result['preset']} ({result['layers']} layers)")
+    fig.tight_layout()
+    fig.savefig(base + "-latency.png", dpi=110)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    top = max(r["context"] for r in rows)
+    for mode, n in keys:
+        pts = sorted((r["batch"], r["tokens_per_s_per_user"]) for r in rows
+                     if (r["mode"], r["gpus"], r["context"]) == (mode, n, top))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{mode} x{n}")
+    ax.set(title=f"tokens/s/user at {top // 1024}K context", xlabel="batch", ylabel="tokens/s/user")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(base + "-throughput.png", dpi=110)
