@@ -84,6 +84,7 @@ class HelixMLA:
                  rope: Rope, dtype: torch.dtype, device):
         self.cfg, self.layer, self.mapping, self.comm, self.rope = cfg, layer, mapping, comm, rope
         self.cache_mapping = mapping  # which tokens this rank's cache holds: its blocks (b mod N)
+        self.microbatches = 1  # HOP-B: > 1 overlaps each micro-batch's all-to-all with the next's attention
         p = f"model.layers.{layer}.self_attn."
         H, P, V, L = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
 
@@ -127,18 +128,31 @@ class HelixMLA:
 
     # ------------------------------------------------------------------ decode (Helix)
     def decode(self, x: torch.Tensor, meta: StepMeta, cache: PagedKVCache) -> torch.Tensor:
-        """x [B, D] normed hidden states of the batch -> attention output [B, D] (identical on all ranks)."""
+        """x [B, D] normed hidden states of the batch -> attention output [B, D] (identical on all ranks).
+
+        HOP-B (``self.microbatches`` > 1): the batch is cut into micro-batches whose all-to-all is started
+        asynchronously, so it travels while the next micro-batch's attention runs; with 1 the exchange is
+        simply the step's one all-to-all.
+        """
         cfg, n = self.cfg, self.mapping.world_size
-        B, H, L = x.shape[0], cfg.num_attention_heads, cfg.kv_lora_rank
+        H, L = cfg.num_attention_heads, cfg.kv_lora_rank
         cache.write(self.layer, meta.slots, self.kv_entries(x, meta.cos, meta.sin))
         q_abs, q_pe = self.queries(x, meta.cos, meta.sin)
-        o, lse = mla_decode(q_abs, q_pe, cache.layers[self.layer], meta.block_table, meta.local_lens,
-                            cfg.softmax_scale)
-        # [B, H, *] -> [N, B, h, *]: slice j of the send buffer holds the heads rank j combines.
-        send = pack_lse(o, lse).view(B, n, H // n, -1).transpose(0, 1)
-        o_parts, lse_parts = unpack_lse(self.comm.all_to_all(send), L)  # [N, B, h, Lkv], [N, B, h]
-        o_lat, _ = helix_combine(o_parts, lse_parts)
-        return self.output(o_lat)
+        in_flight = []
+        for part in torch.arange(x.shape[0]).tensor_split(min(self.microbatches, x.shape[0])):
+            sl = slice(int(part[0]), int(part[-1]) + 1)
+            o, lse = mla_decode(q_abs[sl], q_pe[sl], cache.layers[self.layer], meta.block_table[sl],
+                                meta.local_lens[sl], cfg.softmax_scale)
+            # [b, H, *] -> [N, b, h, *]: slice j of the send buffer holds the heads rank j combines.
+            send = pack_lse(o, lse).view(o.shape[0], n, H // n, -1).transpose(0, 1)
+            in_flight.append(self.comm.all_to_all(send, async_op=True))
+        o_lat = []
+        for recv, work in in_flight:
+            if work is not None:
+                work.wait()  # stream-ordered on CUDA: no host sync
+            o_parts, lse_parts = unpack_lse(recv, L)  # [N, b, h, Lkv], [N, b, h]
+            o_lat.append(helix_combine(o_parts, lse_parts)[0])
+        return self.output(torch.cat(o_lat))
 
     # ------------------------------------------------------------------ prefill (heads split, whole prompt)
     def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,

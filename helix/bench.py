@@ -186,33 +186,44 @@ def rank_bench(ctx: RankContext, preset: str, layers: int, mode: str, n: int, ba
     rows = []
     for batch in batches:
         coll = measure_collectives(ctx, n, cfg, batch) if n > 1 else {"all_to_all_us": 0.0, "all_reduce_us": 0.0}
-        graph = GraphedDecodeStep(model, cache, batch, width)
-        gen = torch.Generator().manual_seed(batch)
-        for context in contexts:
-            b_ids = ids[:batch]
-            tokens = torch.randint(0, cfg.vocab_size, (batch,), generator=gen)
-            positions = torch.full((batch,), context)
-            slots = torch.cat([cache.slots(s, positions[:1]) for s in b_ids])
-            table, lens = cache.block_table(b_ids, [context + 1] * batch, width)
-            if comm.group is not None:
-                dist.barrier(group=comm.group)
-            times = _time_replays(lambda: graph(tokens, positions, slots, table, lens), iters, ctx.device)
-            kv, w, flops = step_bytes_and_flops(model, mode, n, batch, context)
-            a2a, other = collectives_per_step(mode, n, layers)
-            t_mem = (kv + w) / (ceilings["copy_GBps"] * 1e9) * 1e3
-            t_flop = flops / (ceilings["matmul_TFLOPs"] * 1e12) * 1e3
-            t_coll = (a2a * coll["all_to_all_us"] + other * coll["all_reduce_us"]) * 1e-3
-            floor = max(t_mem, t_flop) + t_coll
-            med = statistics.median(times)
-            q = statistics.quantiles(times, n=10)
-            rows.append(asdict(Row(mode, n, layers, batch, context, med, q[0], q[-1], 1e3 / med, kv, w, flops,
-                                   a2a + other, floor, {"memory_ms": t_mem, "flops_ms": t_flop, "collectives_ms": t_coll,
-                                                        **coll}, med / floor)))
-            log.info("%s N=%d B=%d S=%d: %.3f ms (floor %.3f)", mode, n, batch, context, med, floor)
-        del graph
+        hop_b_variants = [1, 2] if mode == "helix" and batch > 1 else [1]  # HOP-B needs a batch to split
+        for hop_b in hop_b_variants:
+            for layer in model.layers:
+                layer.attn.microbatches = hop_b
+            graph = GraphedDecodeStep(model, cache, batch, width)
+            gen = torch.Generator().manual_seed(batch)
+            name = mode if hop_b == 1 else f"{mode}+hopb{hop_b}"
+            for context in contexts:
+                rows.append(_time_point(ctx, model, cache, graph, comm, coll, ceilings, name, mode, n, layers,
+                                        batch, context, width, gen, iters))
+            del graph
     del model, cache
     torch.cuda.empty_cache()
     return rows if ctx.rank == 0 else None
+
+
+def _time_point(ctx, model, cache, graph, comm, coll, ceilings, name, mode, n, layers, batch, context, width, gen,
+                iters) -> dict:
+    cfg = model.cfg
+    b_ids = list(range(batch))
+    tokens = torch.randint(0, cfg.vocab_size, (batch,), generator=gen)
+    positions = torch.full((batch,), context)
+    slots = torch.cat([cache.slots(s, positions[:1]) for s in b_ids])
+    table, lens = cache.block_table(b_ids, [context + 1] * batch, width)
+    if comm.group is not None:
+        dist.barrier(group=comm.group)
+    times = _time_replays(lambda: graph(tokens, positions, slots, table, lens), iters, ctx.device)
+    kv, w, flops = step_bytes_and_flops(model, mode, n, batch, context)
+    a2a, other = collectives_per_step(mode, n, layers)
+    t_mem = (kv + w) / (ceilings["copy_GBps"] * 1e9) * 1e3
+    t_flop = flops / (ceilings["matmul_TFLOPs"] * 1e12) * 1e3
+    t_coll = (a2a * coll["all_to_all_us"] + other * coll["all_reduce_us"]) * 1e-3
+    floor = max(t_mem, t_flop) + t_coll
+    med = statistics.median(times)
+    q = statistics.quantiles(times, n=10)
+    log.info("%s N=%d B=%d S=%d: %.3f ms (floor %.3f)", name, n, batch, context, med, floor)
+    return asdict(Row(name, n, layers, batch, context, med, q[0], q[-1], 1e3 / med, kv, w, flops, a2a + other, floor,
+                      {"memory_ms": t_mem, "flops_ms": t_flop, "collectives_ms": t_coll, **coll}, med / floor))
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -264,6 +275,14 @@ def run_bench(out_dir: str, preset: str = "deepseek-v3-lite", layers: int = 4, g
     return result
 
 
+def label(row: dict) -> str:
+    mode = row["mode"]
+    if mode == "single":
+        return "single GPU"
+    name = "Helix" if mode.startswith("helix") else "TP-attn"
+    return f"{name} N={row['gpus']}" + (" HOP-B" if "hopb" in mode else "")
+
+
 def markdown_table(result: dict) -> str:
     c = result["ceilings"]
     lines = [f"# Decode latency: {result['card']} x{result['gpus']}, {result['preset']} ({result['layers']} layers)",
@@ -272,8 +291,7 @@ def markdown_table(result: dict) -> str:
              "| config | B | context | ms/token | tok/s/user | KV GB/rank | weights GB/rank | floor ms | x floor | collectives ms |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        name = "single GPU" if r["mode"] == "single" else f"{'Helix' if r['mode'] == 'helix' else 'TP-attn'} N={r['gpus']}"
-        lines.append(f"| {name} | {r['batch']} | {r['context'] // 1024}K | {r['ms']:.3f} | {r['tokens_per_s_per_user']:.0f} | "
+        lines.append(f"| {label(r)} | {r['batch']} | {r['context'] // 1024}K | {r['ms']:.3f} | {r['tokens_per_s_per_user']:.0f} | "
                      f"{r['kv_bytes'] / 1e9:.2f} | {r['weight_bytes'] / 1e9:.2f} | {r['floor_ms']:.3f} | "
                      f"{r['vs_floor']:.2f} | {r['floor_parts']['collectives_ms']:.3f} |")
     lines += ["", "KV capacity per deployment (B = 1, all 30 layers, 90% of GPU memory): " +
@@ -291,11 +309,12 @@ def plot(result: dict, base: str) -> None:
         return
     rows = result["rows"]
     keys = sorted({(r["mode"], r["gpus"]) for r in rows})
+    names = {(r["mode"], r["gpus"]): label(r) for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, batch in zip(axes, sorted({r["batch"] for r in rows})):
         for mode, n in keys:
             pts = sorted((r["context"], r["ms"]) for r in rows if (r["mode"], r["gpus"], r["batch"]) == (mode, n, batch))
-            ax.plot([p[0] / 1024 for p in pts], [p[1] for p in pts], marker="o", label=f"{mode} x{n}")
+            ax.plot([p[0] / 1024 for p in pts], [p[1] for p in pts], marker="o", label=names[mode, n])
         ax.set_xscale("log", base=2)
         ax.set(title=f"B={batch}", xlabel="context (K tokens)", ylabel="ms / token")
         ax.legend()
@@ -307,7 +326,7 @@ def plot(result: dict, base: str) -> None:
     for mode, n in keys:
         pts = sorted((r["batch"], r["tokens_per_s_per_user"]) for r in rows
                      if (r["mode"], r["gpus"], r["context"]) == (mode, n, top))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{mode} x{n}")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=names[mode, n])
     ax.set(title=f"tokens/s/user at {top // 1024}K context", xlabel="batch", ylabel="tokens/s/user")
     ax.legend()
     fig.tight_layout()

@@ -35,14 +35,15 @@ class Comm:
             dist.all_reduce(x, group=self.group)
         return x
 
-    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
-        """send [N, ...] -> recv [N, ...]: recv[j] is what rank j put in its send[self.rank]."""
+    def all_to_all(self, send: torch.Tensor, async_op: bool = False):
+        """send [N, ...] -> recv [N, ...]: recv[j] is what rank j put in its send[self.rank].
+        With ``async_op`` returns (recv, work): recv is valid after ``work.wait()`` (work None: already)."""
         if self.world_size == 1:
-            return send
+            return (send, None) if async_op else send
         send = send.contiguous()
         recv = torch.empty_like(send)  # after .contiguous(): empty_like would copy a transposed layout
-        dist.all_to_all_single(recv, send, group=self.group)
-        return recv
+        work = dist.all_to_all_single(recv, send, group=self.group, async_op=async_op)
+        return (recv, work) if async_op else recv
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """x [...] -> [N, ...] (equal shapes on every rank)."""

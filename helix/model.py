@@ -49,14 +49,19 @@ class HelixDecoderLayer:
 
 class HelixModel:
     def __init__(self, ckpt: Checkpoint, mapping: HelixMapping, comm: Comm, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", moe_mode: str = "ep", attention: type = HelixMLA):
-        """``attention`` swaps the attention module (benchmarks use it for the TP-attention baseline)."""
+                 device: torch.device | str = "cpu", moe_mode: str = "ep", attention: type = HelixMLA,
+                 hop_b: int = 1):
+        """``attention`` swaps the attention module (benchmarks use it for the TP-attention baseline);
+        ``hop_b`` > 1 splits each decode batch into that many micro-batches whose all-to-alls overlap the
+        next micro-batch's attention (HOP-B)."""
         cfg = self.cfg = ckpt.config
         self.mapping, self.comm, self.dtype, self.device = mapping, comm, dtype, torch.device(device)
         self.rope = Rope(cfg, self.device)
         self.embed = ckpt.get("model.embed_tokens.weight", dtype=dtype, device=device)  # [V, D] replicated lookup
         self.layers = [HelixDecoderLayer(cfg, i, ckpt, mapping, comm, self.rope, moe_mode, dtype, device, attention)
                        for i in range(cfg.num_hidden_layers)]
+        for layer in self.layers:
+            layer.attn.microbatches = hop_b
         self.norm = ckpt.get("model.norm.weight", dtype=dtype, device=device)
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         self.v0, self.v1 = mapping.vocab_range(cfg.vocab_size)

@@ -38,6 +38,17 @@ def test_helix_mla_matches_reference_float32(rank_pool, tiny_checkpoint, n, case
         assert_f32_parity(dec[step], ref_dec[step], f"N={n} {case}: decode step {step}")
 
 
+@pytest.mark.parametrize("microbatches", [2, 3])
+def test_hop_b_microbatches_match_reference(rank_pool, tiny_checkpoint, microbatches):
+    """HOP-B: the batch in micro-batches, each all-to-all started asynchronously, gives the same result."""
+    contexts, decode_x = _inputs(96, CASES["batch3_ragged"], seed=7)
+    _, ref_dec = reference_mla(tiny_checkpoint, torch.float64, contexts, decode_x)
+    _, dec = rank_pool.run(run_mla_module, str(tiny_checkpoint), 3, TPB, "float32", contexts, decode_x, None,
+                           microbatches, n=3)[0]
+    for step in range(STEPS):
+        assert_f32_parity(dec[step], ref_dec[step], f"HOP-B x{microbatches}: decode step {step}")
+
+
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_helix_mla_bf16_policy_and_trtllm_criterion(rank_pool, tiny_checkpoint, checkpoint_factory, n):
     ckpt = checkpoint_factory(dtype="bfloat16")  # same seed, weights stored in bf16: one set of weights for all
