@@ -29,6 +29,8 @@ from helix.comm import Comm, destroy, init_process_group
 
 log = logging.getLogger(__name__)
 
+DEATH_GRACE_S = 0.5  # how long a rank's error waits for a peer's death to become visible
+
 GPU_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -123,20 +125,30 @@ class RankPool:
             try:
                 rank, status, payload = self.results.get(timeout=0.2)
             except queue.Empty:
-                for r, p in enumerate(self.procs):
-                    if not p.is_alive():
-                        self.close()
-                        raise WorkerError(r, f"process exited with code {p.exitcode} without reporting an error",
-                                          self.role_of(r))
+                self._raise_if_dead(0.0)
                 if deadline is not None and time.monotonic() > deadline:
                     self.close()
                     raise TimeoutError(f"ranks {sorted(set(ranks) - set(got))} did not answer within {timeout_s:.0f} s")
                 continue
             if status == "err":
+                # A rank's death often reaches its peers first (a closed connection): name the dead rank.
+                self._raise_if_dead(DEATH_GRACE_S)
                 self.close()
                 raise WorkerError(rank, payload, self.role_of(rank))
             got[rank] = payload
         return got
+
+    def _raise_if_dead(self, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        while True:
+            for r, p in enumerate(self.procs):
+                if not p.is_alive():
+                    self.close()
+                    raise WorkerError(r, f"process exited with code {p.exitcode} without reporting an error",
+                                      self.role_of(r))
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
 
     def run(self, fn: Callable, *args, ranks: list[int] | None = None, n: int | None = None,
             timeout_s: float | None = None, **kwargs) -> list[Any]:
