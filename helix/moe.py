@@ -19,6 +19,12 @@ import torch.nn.functional as F
 from helix.checkpoint import Checkpoint
 from helix.config import ModelConfig
 from helix.mapping import HelixMapping
+from kernels import moe_decode
+from kernels._triton import use_triton
+
+# up to this many tokens (decode batches) the routed experts run the kernels.moe_decode kernel, which reads each
+# chosen expert once per choice (repeats from L2); larger batches (prefill) loop over the chosen experts
+DECODE_TOKENS = 64
 
 
 class GatedMLP:
@@ -96,23 +102,15 @@ class MoE:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = route(self.cfg, F.linear(x.float(), self.gate), self.bias)
         out = self.shared(x) if self.shared is not None else torch.zeros_like(x)
-        local = ids - self.first  # [T, k]; in [0, E_r) for this rank's experts
+        local = ids - self.first  # [T, k]; in [0, E_r) for this rank's experts, out of range for the others
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing or (use_triton(x) and x.shape[0] <= DECODE_TOKENS):
+            # decode (on CUDA, or HELIX_KERNELS=triton): no host sync, so CUDA graphs can capture it, and
+            # only the chosen local experts are read; eager and captured decode steps run the same kernels
+            return out + moe_decode(x, self.w_gate, self.w_up, self.w_down, local, weights)
         mine = (local >= 0) & (local < self.w_gate.shape[0])
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return out + self._gathered(x, local, mine, weights)
         for j in torch.unique(local[mine]).tolist():  # host sync: which experts got tokens
             token, slot = torch.where(local == j)
             h = F.silu(F.linear(x[token], self.w_gate[j])) * F.linear(x[token], self.w_up[j])
             out.index_add_(0, token, F.linear(h, self.w_down[j]) * weights[token, slot, None].to(x.dtype))
         return out
-
-    def _gathered(self, x: torch.Tensor, local: torch.Tensor, mine: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The same sum with static shapes and no host sync (CUDA graphs): every (token, choice) pair gathers its
-        expert's weights; choices owned by other ranks use expert 0 with weight 0."""
-        T, k = local.shape
-        idx = torch.where(mine, local, 0).flatten()  # [T k]
-        w = torch.where(mine, weights, 0.0).flatten().to(x.dtype)
-        xs = x.repeat_interleave(k, dim=0)[:, :, None]  # [T k, D, 1]
-        h = F.silu(torch.bmm(self.w_gate[idx], xs)) * torch.bmm(self.w_up[idx], xs)  # [T k, I_r, 1]
-        y = torch.bmm(self.w_down[idx], h)[:, :, 0] * w[:, None]  # [T k, D]
-        return y.view(T, k, -1).sum(1)

@@ -1,7 +1,8 @@
 """Triton kernels, each beside its torch reference (DESIGN §9).
 
 * :func:`mla_decode` - absorbed-MLA decode attention over a paged latent cache, with its natural-log LSE;
-* :func:`helix_combine` - the exact log-sum-exp merge of per-rank partials (Helix step 4).
+* :func:`helix_combine` - the exact log-sum-exp merge of per-rank partials (Helix step 4);
+* :func:`moe_decode` - the routed experts of a decode batch, reading only the chosen local experts.
 
 Triton runs on CUDA tensors, the torch reference on CPU; ``HELIX_KERNELS=triton|torch`` overrides
 (Triton on CPU tensors runs under Triton's interpreter).
@@ -9,13 +10,18 @@ Triton runs on CUDA tensors, the torch reference on CPU; ``HELIX_KERNELS=triton|
 
 from kernels.helix_combine import helix_combine, helix_combine_torch, helix_combine_triton
 from kernels.mla_decode import MLAConfig, mla_decode, mla_decode_torch, mla_decode_triton
+from kernels.moe_decode import MoEConfig, moe_decode, moe_decode_torch, moe_decode_triton
 
 __all__ = [
     "MLAConfig",
+    "MoEConfig",
     "helix_combine",
     "helix_combine_torch",
     "helix_combine_triton",
     "mla_decode",
     "mla_decode_torch",
     "mla_decode_triton",
+    "moe_decode",
+    "moe_decode_torch",
+    "moe_decode_triton",
 ]
