@@ -47,7 +47,8 @@ class GenerationServer:
         mapping = HelixMapping(self.g, self.n, dep.tokens_per_block)
         model = HelixModel(ckpt, mapping, comm, DTYPES[dep.dtype], device, dep.generation.moe_parallel)
         ckpt.close()
-        self.engine = HelixEngine(model, dep.generation.max_tokens, dep.generation.max_batch_size, self._stopped)
+        self.engine = HelixEngine(model, dep.generation.max_tokens, dep.generation.max_batch_size, self._stopped,
+                                  cuda_graphs=device.type == "cuda")  # one captured step per batch size
         self._tokenizer = None
 
     def _stopped(self, req: Request, token_ids: list[int]) -> bool:
