@@ -1,7 +1,7 @@
 """The whole Helix decode step (all layers, every collective) captured in one CUDA graph.
 
 Inputs live in static buffers that are overwritten before each replay; the step has no host
-synchronisation (the MoE takes its gather path while capturing, mla_decode picks its split count from the
+synchronisation (the MoE runs kernels.moe_decode, mla_decode picks its split count from the
 block-table width, NCCL collectives are captured). One graph per batch size; the block-table width is fixed
 per engine, so a graph serves every sequence length up to the KV capacity.
 """
