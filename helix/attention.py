@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from helix.checkpoint import Checkpoint
 from helix.comm import Comm
 from helix.config import ModelConfig
+from helix.fusion import fused_on_cuda
 from helix.kv_cache import PagedKVCache
 from helix.mapping import HelixMapping
 from helix.rope import Rope
@@ -50,6 +51,7 @@ from kernels import helix_combine, mla_decode
 LATENT_NORM_EPS = 1e-6
 
 
+@fused_on_cuda
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm in float32, cast back before the weight (as transformers does)."""
     xf = x.float()

@@ -167,7 +167,7 @@ def collectives_per_step(mode: str, n: int, layers: int) -> tuple[int, int]:
 
 
 def rank_bench(ctx: RankContext, preset: str, layers: int, mode: str, n: int, batches: list[int],
-               contexts: list[int], tpb: int, iters: int, ceilings: dict) -> list[dict] | None:
+               contexts: list[int], tpb: int, iters: int, ceilings: dict, profile: bool = False) -> list[dict] | None:
     cfg = get_preset(preset, num_hidden_layers=layers)
     src = SyntheticCheckpoint(cfg, seed=0, device=ctx.device)
     mapping = HelixMapping(ctx.rank, n, tpb)
@@ -195,7 +195,7 @@ def rank_bench(ctx: RankContext, preset: str, layers: int, mode: str, n: int, ba
             name = mode if hop_b == 1 else f"{mode}+hopb{hop_b}"
             for context in contexts:
                 rows.append(_time_point(ctx, model, cache, graph, comm, coll, ceilings, name, mode, n, layers,
-                                        batch, context, width, gen, iters))
+                                        batch, context, width, gen, iters, profile))
             del graph
     del model, cache
     torch.cuda.empty_cache()
@@ -203,7 +203,7 @@ def rank_bench(ctx: RankContext, preset: str, layers: int, mode: str, n: int, ba
 
 
 def _time_point(ctx, model, cache, graph, comm, coll, ceilings, name, mode, n, layers, batch, context, width, gen,
-                iters) -> dict:
+                iters, profile: bool = False) -> dict:
     cfg = model.cfg
     b_ids = list(range(batch))
     tokens = torch.randint(0, cfg.vocab_size, (batch,), generator=gen)
@@ -222,8 +222,30 @@ def _time_point(ctx, model, cache, graph, comm, coll, ceilings, name, mode, n, l
     med = statistics.median(times)
     q = statistics.quantiles(times, n=10)
     log.info("%s N=%d B=%d S=%d: %.3f ms (floor %.3f)", name, n, batch, context, med, floor)
-    return asdict(Row(name, n, layers, batch, context, med, q[0], q[-1], 1e3 / med, kv, w, flops, a2a + other, floor,
-                      {"memory_ms": t_mem, "flops_ms": t_flop, "collectives_ms": t_coll, **coll}, med / floor))
+    row = asdict(Row(name, n, layers, batch, context, med, q[0], q[-1], 1e3 / med, kv, w, flops, a2a + other, floor,
+                     {"memory_ms": t_mem, "flops_ms": t_flop, "collectives_ms": t_coll, **coll}, med / floor))
+    if profile:
+        row["profile"] = kernel_profile(lambda: graph(tokens, positions, slots, table, lens), ctx.device)
+    return row
+
+
+def kernel_profile(replay, device, steps: int = 5, top: int = 25) -> dict:
+    """Per decode step: GPU kernels by total time (torch.profiler over graph replays), their count, and the
+    step's busy time, so the gap to the floor can be read as 'which kernels' versus 'idle between kernels'."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            replay()
+        torch.cuda.synchronize(device)
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(e.name, []).append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+    table = sorted(((sum(v) / steps, len(v) / steps, k[:90]) for k, v in kernels.items()), reverse=True)
+    return {"kernels_per_step": sum(c for _, c, _ in table), "busy_us_per_step": sum(t for t, _, _ in table),
+            "top": [{"us": round(t, 1), "count": c, "name": k} for t, c, k in table[:top]]}
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -247,7 +269,7 @@ def resident_weight_bytes(cfg: ModelConfig, mode: str, n: int) -> int:
 
 def run_bench(out_dir: str, preset: str = "deepseek-v3-lite", layers: int = 4, gpus: int | None = None,
               batches=(1, 8), contexts=(65536, 131072, 524288, 1048576), tpb: int = 64, iters: int = 60,
-              configs: list[tuple[str, int]] | None = None) -> dict:
+              configs: list[tuple[str, int]] | None = None, profile: bool = False) -> dict:
     gpus = gpus or torch.cuda.device_count()
     configs = configs or [("single", 1)] + [(m, k) for k in (2, 4) if k <= gpus for m in ("tp", "helix")]
     os.makedirs(out_dir, exist_ok=True)
@@ -257,7 +279,7 @@ def run_bench(out_dir: str, preset: str = "deepseek-v3-lite", layers: int = 4, g
     with RankPool(gpus, [f"cuda:{i}" for i in range(gpus)]) as pool:
         for mode, n in configs:
             rows += pool.run(rank_bench, preset, layers, mode, n, list(batches), list(contexts), tpb, iters, ceilings,
-                             n=n)[0]
+                             profile, n=n)[0]
     full_cfg = get_preset(preset)
     gpu_mem = torch.cuda.get_device_properties(0).total_memory
     capacity = {f"{m}-x{n}": kv_capacity(full_cfg, m, n, gpu_mem, resident_weight_bytes(full_cfg, m, n))
@@ -273,6 +295,17 @@ def run_bench(out_dir: str, preset: str = "deepseek-v3-lite", layers: int = 4, g
         f.write(markdown_table(result))
     plot(result, base)
     return result
+
+
+def profile_text(result: dict) -> str:
+    out = []
+    for r in result["rows"]:
+        if "profile" in r:
+            p = r["profile"]
+            out.append(f"## {label(r)} B={r['batch']} S={r['context']}: {r['ms']:.3f} ms/step, GPU busy "
+                       f"{p['busy_us_per_step'] / 1e3:.3f} ms in {p['kernels_per_step']:.0f} kernels")
+            out += [f"  {k['us']:8.1f} us  x{k['count']:<5g} {k['name']}" for k in p["top"]]
+    return "\n".join(out)
 
 
 def label(row: dict) -> str:

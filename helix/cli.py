@@ -207,12 +207,14 @@ def add_eval(sub) -> None:
 def run_bench_cmd(args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
         raise ConfigError("bench: no CUDA device is visible to torch; the decode benchmark needs GPUs")
-    from helix.bench import markdown_table, run_bench
+    from helix.bench import markdown_table, profile_text, run_bench
 
-    configs = [(c.split("x")[0], int(c.split("x")[1])) for c in args.configs] if args.configs else None
+    configs = [(c.rsplit("x", 1)[0], int(c.rsplit("x", 1)[1])) for c in args.configs] if args.configs else None
     result = run_bench(args.out, args.preset, args.layers, args.gpus, args.batch, args.context, args.tokens_per_block,
-                       args.iters, configs)
+                       args.iters, configs, args.profile)
     print(markdown_table(result))
+    if args.profile:
+        print(profile_text(result))
 
 
 def add_bench(sub) -> None:
@@ -229,6 +231,7 @@ def add_bench(sub) -> None:
     p.add_argument("--iters", type=int, default=60, help="timed CUDA-graph replays per point (median reported)")
     p.add_argument("--configs", nargs="+", help="e.g. singlex1 tpx4 helixx2 helixx4 (default: all that fit --gpus)")
     p.add_argument("--out", default="golden/perf")
+    p.add_argument("--profile", action="store_true", help="also list each step's GPU kernels by time (torch.profiler)")
     p.set_defaults(func=run_bench_cmd)
 
 

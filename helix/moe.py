@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from helix.checkpoint import Checkpoint
 from helix.config import ModelConfig
+from helix.fusion import fused_on_cuda
 from helix.mapping import HelixMapping
 from kernels import moe_decode
 from kernels._triton import use_triton
@@ -40,6 +41,7 @@ class GatedMLP:
         return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
 
 
+@fused_on_cuda
 def route(cfg: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 router logits [T, E] -> (expert ids [T, k], weights [T, k] float32).
 

@@ -13,6 +13,7 @@ import math
 import torch
 
 from helix.config import ModelConfig, yarn_mscale
+from helix.fusion import fused_on_cuda
 
 
 def inverse_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -42,11 +43,13 @@ class Rope:
         self.inv_freq = inv_freq.to(device)
         self.interleave = cfg.rope_interleave or cfg.model_type == "deepseek_v2"  # V2 always rotates adjacent pairs
 
+    @fused_on_cuda
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] int64 -> cos, sin [T, R/2] float32."""
         angles = positions.float()[:, None] * self.inv_freq[None, :]
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
+    @fused_on_cuda
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, ..., R] with cos/sin [T, R/2] -> rotated x, same dtype."""
         shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
