@@ -10,6 +10,10 @@ Both offer the driver interface of ``helix.disagg.launch(...)``:
   token: its log-probability given everything before it, and whether it is the argmax;
 * ``shutdown()``, and use as a context manager.
 
+Scoring groups requests that feed the model the same tokens (context + continuation without its last
+token): they differ only in which logits they read, so the four choices of an MMLU question cost one forward
+pass on the reference and one Helix request (one context-server prefill, one decode step) on the cluster.
+
 ``make_backend(spec)`` is the only place that chooses between them.
 """
 
@@ -23,6 +27,7 @@ import torch
 
 from helix.checkpoint import DTYPES
 from helix.config import ConfigError
+from helix.engine import Request
 from helix.sampling import SamplingParams, first_stop, select_token
 
 BACKENDS = ("helix", "reference")
@@ -87,8 +92,74 @@ def make_backend(spec: BackendSpec):
     if spec.backend == "helix":
         from helix.disagg import launch  # the driver API of the disaggregated deployment
 
-        return launch(spec.deployment())
+        return HelixBackend(launch(spec.deployment()))
     return ReferenceBackend(spec.model_dir(), dtype=spec.dtype, device=spec.device)
+
+
+def group_by_input(requests: list[tuple[list[int], list[int]]]) -> dict[tuple[int, ...], list[int]]:
+    """``{tokens fed to the model: [request indices]}``; the tokens are context + continuation[:-1]."""
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, (context, continuation) in enumerate(requests):
+        if not context or not continuation:
+            raise ValueError(f"request {i}: score needs a non-empty context and continuation "
+                             f"(got {len(context)} and {len(continuation)} tokens)")
+        groups[tuple(context) + tuple(continuation[:-1])].append(i)
+    return groups
+
+
+def read_scores(rows: torch.Tensor, continuation: list[int]) -> tuple[list[float], list[bool]]:
+    """rows [len(continuation), V]: row k holds the logits that predict continuation[k]."""
+    target = torch.tensor(continuation, dtype=torch.long, device=rows.device)
+    logp = rows.double().log_softmax(-1).gather(1, target[:, None])[:, 0]
+    return logp.tolist(), (rows.argmax(-1) == target).tolist()
+
+
+class HelixBackend:
+    """The driver interface on a disaggregated cluster (``helix.disagg.launch``), with grouped scoring.
+
+    A group of requests with the same input tokens becomes one teacher-forced Helix request that starts after
+    the group's shortest context and keeps its steps' logits; each member reads its own rows. A request alone
+    in its group goes through ``cluster.score`` as it is (no logits travel back)."""
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+        self.tokenizer = cluster.tokenizer
+
+    def __enter__(self) -> "HelixBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        return self.cluster.generate(prompts, sampling)
+
+    def score(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[list[float], list[bool]]]:
+        from helix.disagg import RequestError
+
+        groups = list(group_by_input(requests).items())
+        batch = []
+        for g, (tokens, members) in enumerate(groups):
+            start = min(len(requests[i][0]) for i in members)
+            # The forced tokens after the prompt are the inputs of the later steps; the last one is only read.
+            forced = list(tokens[start:]) + [requests[members[0]][1][-1]]
+            batch.append(Request(g, list(tokens[:start]), forced=forced, keep_logits=len(members) > 1))
+        results = self.cluster.run(batch)
+        if any(r.error is not None for r in results):
+            raise RequestError(results)
+        out: list[tuple[list[float], list[bool]]] = [([], [])] * len(requests)
+        for (_, members), req, res in zip(groups, batch, results):
+            if len(members) == 1:
+                out[members[0]] = (res.logprobs, res.greedy)
+                continue
+            rows = torch.stack(res.logits)  # [len(forced), V]; row k predicts the token at len(req.prompt) + k
+            for i in members:
+                context, continuation = requests[i]
+                out[i] = read_scores(rows[len(context) - len(req.prompt):], continuation)
+        return out
 
 
 class ReferenceBackend:
@@ -135,21 +206,10 @@ class ReferenceBackend:
 
     @torch.no_grad()
     def score(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[list[float], list[bool]]]:
-        # Requests that feed the model the same tokens (context + continuation without its last token) differ
-        # only in which logits they read: the choices of one multiple-choice question share a forward pass.
-        by_input: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, (context, continuation) in enumerate(requests):
-            if not context or not continuation:
-                raise ValueError(f"request {i}: score needs a non-empty context and continuation "
-                                 f"(got {len(context)} and {len(continuation)} tokens)")
-            by_input[tuple(context) + tuple(continuation[:-1])].append(i)
         results: list[tuple[list[float], list[bool]]] = [([], [])] * len(requests)
-        for tokens, members in by_input.items():
+        for tokens, members in group_by_input(requests).items():
             logits, _ = self.model.prefill(list(tokens))  # [T, V] float32; row t predicts token t + 1
             for i in members:
                 context, continuation = requests[i]
-                rows = logits[len(context) - 1:]  # [len(continuation), V]
-                target = torch.tensor(continuation, dtype=torch.long, device=rows.device)
-                logp = rows.double().log_softmax(-1).gather(1, target[:, None])[:, 0]
-                results[i] = (logp.tolist(), (rows.argmax(-1) == target).tolist())
+                results[i] = read_scores(logits[len(context) - 1:], continuation)
         return results
