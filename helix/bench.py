@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import statistics
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from helix.mapping import HelixMapping
 from helix.model import HelixModel
 from helix.presets import get_preset
 from helix.workers import RankContext, RankPool
+from kernels import bench as kernel_bench
 
 log = logging.getLogger(__name__)
 BF16 = 2  # bytes
@@ -62,20 +62,6 @@ class Row:
 # --------------------------------------------------------------------------------------------- ceilings
 
 
-def _time_graph(fn, iters: int, device) -> list[float]:
-    """Capture ``fn`` once, replay ``iters`` times; per-replay milliseconds from CUDA events."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return _time_replays(g.replay, iters, device)
-
-
 def _time_replays(replay, iters: int, device, warmup: int = 5) -> list[float]:
     for _ in range(warmup):
         replay()
@@ -90,18 +76,9 @@ def _time_replays(replay, iters: int, device, warmup: int = 5) -> list[float]:
 
 
 def measure_ceilings(device) -> dict:
-    """Copy bandwidth (bytes read + written per second) and the bf16 matmul rate of this GPU."""
-    src = torch.randn(1 << 30, device=device, dtype=torch.bfloat16)  # 2 GiB
-    dst = torch.empty_like(src)
-    ms = statistics.median(_time_graph(lambda: dst.copy_(src), 20, device))
-    copy = 2 * src.numel() * BF16 / (ms * 1e-3)
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    ms = statistics.median(_time_graph(lambda: a @ b, 20, device))
-    del src, dst
-    torch.cuda.empty_cache()
-    return {"copy_GBps": copy / 1e9, "matmul_TFLOPs": 2 * 8192 ** 3 / (ms * 1e-3) / 1e12,
-            "device": torch.cuda.get_device_name(device)}
+    """Copy bandwidth (read + write) and bf16 matmul rate of this GPU: the kernel benchmark's measurement."""
+    with torch.cuda.device(device):
+        return {**kernel_bench.measure_ceilings(), "device": torch.cuda.get_device_name(device)}
 
 
 def measure_collectives(ctx: RankContext, n: int, cfg: ModelConfig, batch: int, reps: int = 20) -> dict:
@@ -111,16 +88,10 @@ def measure_collectives(ctx: RankContext, n: int, cfg: ModelConfig, batch: int, 
     a2a = torch.randn(n, batch, h, cfg.kv_lora_rank + 2, device=ctx.device, dtype=torch.bfloat16)
     ar = torch.randn(batch, cfg.hidden_size, device=ctx.device, dtype=torch.bfloat16)
 
-    def many(op):
-        def run():
-            for _ in range(reps):
-                op()
-        return run
-
     out = {}
     for name, op in (("all_to_all", lambda: comm.all_to_all(a2a)), ("all_reduce", lambda: comm.all_reduce(ar))):
         dist.barrier(group=comm.group)
-        out[name + "_us"] = statistics.median(_time_graph(many(op), 10, ctx.device)) / reps * 1e3
+        out[name + "_us"] = kernel_bench.time_graph_batched(op, inner=reps, replays=10) * 1e6
     return out
 
 
@@ -287,8 +258,7 @@ def run_bench(out_dir: str, preset: str = "deepseek-v3-lite", layers: int = 4, g
     card = ceilings["device"]
     result = {"card": card, "gpus": gpus, "preset": preset, "layers": layers, "tokens_per_block": tpb,
               "ceilings": ceilings, "kv_capacity_tokens_30_layers": capacity, "rows": rows}
-    slug = "h200" if "H200" in card else "h100" if "H100" in card else card.split()[-1].lower()
-    base = os.path.join(out_dir, f"{slug}-x{gpus}")
+    base = os.path.join(out_dir, f"{kernel_bench.card_tag(card)}-x{gpus}")
     with open(base + ".json", "w") as f:
         json.dump(result, f, indent=1)
     with open(base + ".md", "w") as f:
