@@ -167,10 +167,10 @@ class ReferenceBackend:
 
     def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu"):
         from helix.reference import ReferenceModel
-        from helix.tokenizer import load_tokenizer
+        from helix.sources import load_source_tokenizer
 
         self.model = ReferenceModel.from_checkpoint(model_dir, dtype=DTYPES[dtype], device=device)
-        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer = load_source_tokenizer(model_dir)
 
     def __enter__(self) -> "ReferenceBackend":
         return self

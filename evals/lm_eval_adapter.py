@@ -28,8 +28,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simpl
 from tqdm import tqdm
 
 from evals.backends import BackendSpec, make_backend
-from helix.config import ConfigError, ModelConfig
+from helix.config import ConfigError
 from helix.sampling import SamplingParams, first_stop
+from helix.sources import source_config
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class HelixLM(TemplateLM):
             raise ConfigError(f"model_args {unknown}: unknown; helix takes {sorted(known)}")
         spec = BackendSpec(**{k: args[k] for k in ("backend", "config", "cp", "tokens_per_block", "dtype", "device")
                               if k in args}, model=args.get("pretrained"))
-        max_length = args.get("max_length") or ModelConfig.from_json(spec.model_dir()).max_position_embeddings
+        max_length = args.get("max_length") or source_config(spec.model_dir()).max_position_embeddings
         batch = args.get("batch_size", 64)
         lm = cls(make_backend(spec), max_length=int(max_length), max_gen_toks=int(args.get("max_gen_toks", 256)),
                  batch_size=64 if str(batch).startswith("auto") else int(batch), seed=int(args.get("seed", 0)))

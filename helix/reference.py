@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from helix.checkpoint import Checkpoint, CheckpointError, tensor_shapes
+from helix.checkpoint import CheckpointError, tensor_shapes
 from helix.config import ModelConfig, yarn_mscale
+from helix.sources import open_source
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -238,7 +239,7 @@ class ReferenceModel:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> "ReferenceModel":
-        ckpt = Checkpoint(path)
+        ckpt = open_source(path, device)
         weights = {name: ckpt.get(name, dtype=dtype, device=device) for name in ckpt.expected}
         ckpt.close()
         return cls(ckpt.config, weights)

@@ -31,7 +31,7 @@ from helix.disagg.handoff import STORE_WAIT, Handoff, connect_store
 from helix.disagg.kv_transfer import connect
 from helix.engine import Request, Result
 from helix.sampling import SamplingParams
-from helix.tokenizer import load_tokenizer
+from helix.sources import load_source_tokenizer
 from helix.workers import RankContext, RankPool
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class Cluster:
             raise ConfigError(f"model.device='cuda': the deployment needs {dep.world_size} GPUs (context server "
                               f"{len(dep.context_ranks)} + generation_servers.context_parallel_size "
                               f"{len(dep.generation_ranks)}), {torch.cuda.device_count()} visible")
-        self.tokenizer = load_tokenizer(dep.model_path)
+        self.tokenizer = load_source_tokenizer(dep.model_path)
         self._store = dist.TCPStore(STORE_HOST, 0, is_master=True, wait_for_workers=False, timeout=STORE_WAIT)
         self._batches = 0
         log.info("launching %s: context server on %s, Helix generation server N=%d on %s", dep.source or "deployment",

@@ -13,7 +13,7 @@ from collections import deque
 
 import torch
 
-from helix.checkpoint import DTYPES, Checkpoint
+from helix.checkpoint import DTYPES
 from helix.comm import Comm
 from helix.disagg.deploy import Deployment
 from helix.disagg.handoff import Handoff, handed_over
@@ -21,6 +21,7 @@ from helix.disagg.kv_transfer import send_prompt_kv
 from helix.engine import Request
 from helix.mapping import HelixMapping
 from helix.model import HelixModel
+from helix.sources import open_source
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 class ContextServer:
     def __init__(self, dep: Deployment, device: torch.device):
         self.dep = dep
-        ckpt = Checkpoint(dep.model_path)
+        ckpt = open_source(dep.model_path, device)
         mapping = HelixMapping(0, 1, dep.context.tokens_per_block)
         self.model = HelixModel(ckpt, mapping, Comm(0, 1), DTYPES[dep.dtype], device, dep.generation.moe_parallel)
         ckpt.close()

@@ -3,7 +3,8 @@
 YAML or JSON, three sections (DESIGN §4)::
 
     model:
-      path: /checkpoints/deepseek-v3-lite     # an HF checkpoint directory (config.json + safetensors)
+      path: /checkpoints/deepseek-v3-lite     # an HF checkpoint directory (config.json + safetensors),
+                                              # or synthetic:PRESET (random weights, helix/sources.py)
       dtype: bfloat16                         # float32 | bfloat16
       device: cuda                            # cpu (gloo) | cuda (nccl, one GPU per rank)
     context_servers:
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 from helix.checkpoint import Checkpoint, CheckpointError
 from helix.config import ConfigError, HelixConfig, ModelConfig
+from helix.sources import is_synthetic, synthetic_config
 
 SECTIONS = ("model", "context_servers", "generation_servers")
 MODEL_KEYS = ("path", "dtype", "device")
@@ -150,12 +152,18 @@ def parse(raw: dict, source: str | None = None) -> Deployment:
     generation = HelixConfig.from_dict(_section(raw, "generation_servers"), prefix="generation_servers.")
     generation.validate_for_model(model_cfg, prefix="generation_servers.")
     context = _context_config(_section(raw, "context_servers"), generation)
-    return Deployment(os.path.abspath(path), dtype, device, context, generation, source)
+    path = path if is_synthetic(path) else os.path.abspath(path)
+    return Deployment(path, dtype, device, context, generation, source)
 
 
 def _model_config(path) -> ModelConfig:
     if not isinstance(path, str) or not path:
         _fail("model.path", path, "required: the checkpoint directory (config.json + *.safetensors + tokenizer files)")
+    if is_synthetic(path):  # random weights drawn by each rank on its device (helix/sources.py)
+        try:
+            return synthetic_config(path)
+        except ConfigError as e:
+            raise ConfigError(f"model.path={path!r}: {e}") from None
     if not os.path.isdir(path):
         _fail("model.path", path, "no such directory; point it at an HF checkpoint directory "
               "(write a synthetic one with `helix make-checkpoint --preset deepseek-v3-lite-tiny --out DIR`)")

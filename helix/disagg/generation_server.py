@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from helix.checkpoint import DTYPES, Checkpoint
+from helix.checkpoint import DTYPES
 from helix.comm import Comm
 from helix.disagg.deploy import Deployment
 from helix.disagg.handoff import Handoff, admission_error, handed_over
@@ -26,7 +26,7 @@ from helix.engine import HelixEngine, Request, Result
 from helix.mapping import HelixMapping
 from helix.model import HelixModel
 from helix.sampling import first_stop
-from helix.tokenizer import load_tokenizer
+from helix.sources import load_source_tokenizer, open_source
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class GenerationServer:
         self.dep, self.comm = dep, comm
         self.g, self.n = comm.rank, comm.world_size
         self.context_rank = dep.context_ranks[0]
-        ckpt = Checkpoint(dep.model_path)
+        ckpt = open_source(dep.model_path, device)
         mapping = HelixMapping(self.g, self.n, dep.tokens_per_block)
         model = HelixModel(ckpt, mapping, comm, DTYPES[dep.dtype], device, dep.generation.moe_parallel)
         ckpt.close()
@@ -56,7 +56,7 @@ class GenerationServer:
         if not req.sampling.stop_strings:
             return False
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.dep.model_path)
+            self._tokenizer = load_source_tokenizer(self.dep.model_path)
         text = self._tokenizer.decode(token_ids, skip_special_tokens=True)
         return first_stop(text, req.sampling.stop_strings) is not None
 
