@@ -167,3 +167,22 @@ def rank_generate_tp_attention(ctx, ckpt_dir: str, n: int, tpb: int, requests):
     model = HelixModel(Checkpoint(ckpt_dir), HelixMapping(ctx.rank, n, tpb), ctx.comm(n), attention=TPAttentionMLA)
     results = HelixEngine(model, max_tokens=256, max_batch_size=len(requests)).run(requests)
     return results if ctx.rank == 0 else None
+
+
+def check_bf16_teacher_forced(ref64, ref16, prompts, continuations, results, label: str) -> None:
+    """Each result teacher-forced the float64 reference's continuation in bf16: every step's logits against the
+    float64 reference by the model-level bf16 rule (the bf16 reference as baseline); prints the figures."""
+    from tests.tolerance import assert_bf16_model_logits
+
+    agree = total = 0
+    for p, c, res in zip(prompts, continuations, results):
+        ids = torch.tensor([p + c[:-1]])
+        want64 = ref64.forward(ids)[0, len(p) - 1:].double()
+        want16 = ref16.forward(ids)[0, len(p) - 1:].double()
+        got = torch.stack(res.logits).double()
+        s = assert_bf16_model_logits(got, want64, want16, f"{label} request {res.req_id}")
+        print(f"[{label}] request {res.req_id}: Helix {s['text']}; bf16 reference {s['baseline']}; "
+              f"TensorRT-LLM criterion {100 * s['trtllm']:.2f}% (bf16 reference {100 * s['baseline_trtllm']:.2f}%)")
+        agree += int((got.argmax(-1) == want64.argmax(-1)).sum())
+        total += got.shape[0]
+    print(f"[{label}] greedy agreement with the float64 reference {agree}/{total}")

@@ -14,7 +14,8 @@ from helix.engine import Request
 from helix.reference import ReferenceModel
 from helix.sampling import SamplingParams
 from tests.disagg.conftest import deployment
-from tests.tolerance import assert_bf16_model_logits, assert_exact, assert_f32_parity
+from tests.helix_harness import check_bf16_teacher_forced
+from tests.tolerance import assert_exact, assert_f32_parity
 
 PROMPTS = [list(range(40, 140)), [5, 6, 7], [9], list(range(300, 337))]
 NEW_TOKENS = [48, 6, 12, 10]
@@ -53,15 +54,4 @@ def test_bf16_teacher_forced_on_gpus(checkpoint_factory):
     with launch(_cuda(deployment(ckpt, n=3, max_tokens=256), "bfloat16")) as cluster:
         results = cluster.run([Request(i, p, forced=c, keep_logits=True)
                                for i, (p, c) in enumerate(zip(prompts, conts))])
-    agree = total = 0
-    for p, c, res in zip(prompts, conts, results):
-        ids = torch.tensor([p + c[:-1]])
-        want64 = ref64.forward(ids)[0, len(p) - 1:].double()
-        want16 = ref16.forward(ids)[0, len(p) - 1:].double()
-        got = torch.stack(res.logits).double()
-        s = assert_bf16_model_logits(got, want64, want16, f"disagg GPU bf16 request {res.req_id}")
-        print(f"[disagg GPU bf16] request {res.req_id}: Helix {s['text']}; bf16 reference {s['baseline']}; "
-              f"TensorRT-LLM criterion {100 * s['trtllm']:.2f}% (bf16 reference {100 * s['baseline_trtllm']:.2f}%)")
-        agree += int((got.argmax(-1) == want64.argmax(-1)).sum())
-        total += got.shape[0]
-    print(f"[disagg GPU bf16] greedy agreement with the float64 reference {agree}/{total}")
+    check_bf16_teacher_forced(ref64, ref16, prompts, conts, results, f"disagg GPU bf16")

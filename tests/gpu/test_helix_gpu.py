@@ -12,8 +12,8 @@ from helix.runner import HelixSpec, helix_generate
 from helix.sampling import SamplingParams
 from helix.workers import RankPool
 from tests.gpu.long_context import reference_long, run_helix_long
-from tests.helix_harness import reference_mla, run_mla_module
-from tests.tolerance import assert_bf16_model_logits, assert_bf16_policy, error_report, trtllm_pass_ratio
+from tests.helix_harness import check_bf16_teacher_forced, reference_mla, run_mla_module
+from tests.tolerance import assert_bf16_policy, error_report, trtllm_pass_ratio
 
 TPB = 32
 
@@ -63,18 +63,7 @@ def test_full_model_bf16_nccl(gpu_pool, checkpoint_factory, n):
     spec = HelixSpec(str(ckpt), n, TPB, "bfloat16", "cuda", max_tokens=256, max_batch_size=2)
     reqs = [Request(i, p, forced=c, keep_logits=True) for i, (p, c) in enumerate(zip(prompts, conts))]
     results = helix_generate(spec, reqs, gpu_pool)
-    agree = total = 0
-    for p, c, res in zip(prompts, conts, results):
-        ids = torch.tensor([p + c[:-1]])
-        want64 = ref64.forward(ids)[0, len(p) - 1:].double()
-        want16 = ref16.forward(ids)[0, len(p) - 1:].double()
-        got = torch.stack(res.logits).double()
-        s = assert_bf16_model_logits(got, want64, want16, f"N={n} GPU bf16 request {res.req_id}")
-        print(f"[full model] N={n} request {res.req_id}: Helix bf16 {s['text']}; bf16 reference {s['baseline']}; "
-              f"TensorRT-LLM criterion {100 * s['trtllm']:.2f}% (bf16 reference {100 * s['baseline_trtllm']:.2f}%)")
-        agree += int((got.argmax(-1) == want64.argmax(-1)).sum())
-        total += got.shape[0]
-    print(f"[full model] N={n} bf16 NCCL: greedy agreement with the float64 reference {agree}/{total}")
+    check_bf16_teacher_forced(ref64, ref16, prompts, conts, results, f"N={n} GPU bf16")
 
 
 @pytest.mark.multi_gpu(2)
