@@ -54,4 +54,4 @@ def test_bf16_teacher_forced_on_gpus(checkpoint_factory):
     with launch(_cuda(deployment(ckpt, n=3, max_tokens=256), "bfloat16")) as cluster:
         results = cluster.run([Request(i, p, forced=c, keep_logits=True)
                                for i, (p, c) in enumerate(zip(prompts, conts))])
-    check_bf16_teacher_forced(ref64, ref16, prompts, conts, results, f"disagg GPU bf16")
+    check_bf16_teacher_forced(ref64, ref16, prompts, conts, results, "disagg GPU bf16")
