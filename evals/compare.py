@@ -75,7 +75,7 @@ GOLDEN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 def public_references(model_name: str) -> list[dict]:
     """The published figures in golden/accuracy/*.json whose ``model`` ends with ``model_name`` (case-insensitive)."""
     found = []
-    for name in sorted(os.listdir(GOLDEN_DIR)):
+    for name in sorted(n for n in os.listdir(GOLDEN_DIR) if n.endswith(".json")):  # run reports live in subfolders
         with open(os.path.join(GOLDEN_DIR, name)) as f:
             entry = json.load(f)
         if entry.get("kind") == "public" and entry["model"].lower().split("/")[-1] == model_name.lower().split("/")[-1]:
