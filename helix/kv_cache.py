@@ -110,6 +110,3 @@ class PagedKVCache:
         """Store [T, Lkv + R] entries at flat ``slots`` [T] (device tensor)."""
         flat = self.layers[layer].view(-1, self.layers[layer].shape[-1])
         flat.index_copy_(0, slots, entries.to(flat.dtype))
-
-    def read_block(self, layer: int, seq_id: int, local_block: int) -> torch.Tensor:
-        return self.layers[layer][self.seqs[seq_id].blocks[local_block]]
