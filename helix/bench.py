@@ -138,13 +138,14 @@ def collectives_per_step(mode: str, n: int, layers: int) -> tuple[int, int]:
 
 
 def rank_bench(ctx: RankContext, preset: str, layers: int, mode: str, n: int, batches: list[int],
-               contexts: list[int], tpb: int, iters: int, ceilings: dict, profile: bool = False) -> list[dict] | None:
+               contexts: list[int], tpb: int, iters: int, ceilings: dict, profile: bool = False,
+               moe_mode: str = "ep") -> list[dict] | None:
     cfg = get_preset(preset, num_hidden_layers=layers)
     src = SyntheticCheckpoint(cfg, seed=0, device=ctx.device)
     mapping = HelixMapping(ctx.rank, n, tpb)
     comm = ctx.comm(n)
     attention = TPAttentionMLA if mode in ("tp", "single") else HelixMLA
-    model = HelixModel(src, mapping, comm, torch.bfloat16, ctx.device, moe_mode="ep", attention=attention)
+    model = HelixModel(src, mapping, comm, torch.bfloat16, ctx.device, moe_mode=moe_mode, attention=attention)
     max_s, max_b = max(contexts) + 1, max(batches)
     cache = model.new_cache(max_s, max_b)
     for t in cache.layers:  # random latent rows everywhere (never zeros: they flatter the kernels)
@@ -240,7 +241,7 @@ def resident_weight_bytes(cfg: ModelConfig, mode: str, n: int) -> int:
 
 def run_bench(out_dir: str, preset: str = "deepseek-v3-lite", layers: int = 4, gpus: int | None = None,
               batches=(1, 8), contexts=(65536, 131072, 524288, 1048576), tpb: int = 64, iters: int = 60,
-              configs: list[tuple[str, int]] | None = None, profile: bool = False) -> dict:
+              configs: list[tuple[str, int]] | None = None, profile: bool = False, moe_mode: str = "ep") -> dict:
     gpus = gpus or torch.cuda.device_count()
     configs = configs or [("single", 1)] + [(m, k) for k in (2, 4) if k <= gpus for m in ("tp", "helix")]
     os.makedirs(out_dir, exist_ok=True)
@@ -250,13 +251,13 @@ def run_bench(out_dir: str, preset: str = "deepseek-v3-lite", layers: int = 4, g
     with RankPool(gpus, [f"cuda:{i}" for i in range(gpus)]) as pool:
         for mode, n in configs:
             rows += pool.run(rank_bench, preset, layers, mode, n, list(batches), list(contexts), tpb, iters, ceilings,
-                             profile, n=n)[0]
+                             profile, moe_mode, n=n)[0]
     full_cfg = get_preset(preset)
     gpu_mem = torch.cuda.get_device_properties(0).total_memory
     capacity = {f"{m}-x{n}": kv_capacity(full_cfg, m, n, gpu_mem, resident_weight_bytes(full_cfg, m, n))
                 for m, n in configs}
     card = ceilings["device"]
-    result = {"card": card, "gpus": gpus, "preset": preset, "layers": layers, "tokens_per_block": tpb,
+    result = {"card": card, "gpus": gpus, "preset": preset, "layers": layers, "tokens_per_block": tpb, "moe": moe_mode,
               "ceilings": ceilings, "kv_capacity_tokens_30_layers": capacity, "rows": rows}
     base = os.path.join(out_dir, f"{kernel_bench.card_tag(card)}-x{gpus}")
     with open(base + ".json", "w") as f:

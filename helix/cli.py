@@ -211,7 +211,7 @@ def run_bench_cmd(args: argparse.Namespace) -> None:
 
     configs = [(c.rsplit("x", 1)[0], int(c.rsplit("x", 1)[1])) for c in args.configs] if args.configs else None
     result = run_bench(args.out, args.preset, args.layers, args.gpus, args.batch, args.context, args.tokens_per_block,
-                       args.iters, configs, args.profile)
+                       args.iters, configs, args.profile, args.moe)
     print(markdown_table(result))
     if args.profile:
         print(profile_text(result))
@@ -232,6 +232,7 @@ def add_bench(sub) -> None:
     p.add_argument("--configs", nargs="+", help="e.g. singlex1 tpx4 helixx2 helixx4 (default: all that fit --gpus)")
     p.add_argument("--out", default="golden/perf")
     p.add_argument("--profile", action="store_true", help="also list each step's GPU kernels by time (torch.profiler)")
+    p.add_argument("--moe", choices=["ep", "tp"], default="ep", help="routed experts expert- or tensor-parallel")
     p.set_defaults(func=run_bench_cmd)
 
 
