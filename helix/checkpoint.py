@@ -20,7 +20,6 @@ import os
 import shutil
 import tempfile
 import zlib
-import dataclasses
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -30,7 +29,7 @@ from safetensors.torch import save_file
 
 from helix.config import ModelConfig
 from helix.presets import get_preset
-from helix.tokenizer import BOS_ID, EOS_ID, write_byte_tokenizer
+from helix.tokenizer import with_byte_specials, write_byte_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -309,9 +308,7 @@ def make_checkpoint(model: str | ModelConfig, out: str | os.PathLike, seed: int 
     always complete. ``out`` must not exist or be empty.
     """
     cfg = get_preset(model) if isinstance(model, str) else model
-    # The synthetic checkpoint ships the byte tokenizer: its specials, not the preset's (V3's bos/eos 0/1 are
-    # bytes 0x00/0x01 there, and generation would stop at any 0x01 byte).
-    cfg = dataclasses.replace(cfg, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    cfg = with_byte_specials(cfg)
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
     shapes = tensor_shapes(cfg)

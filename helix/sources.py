@@ -10,7 +10,6 @@ that ``helix make-checkpoint`` writes, with the same special-token ids.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 
@@ -19,7 +18,7 @@ import torch
 from helix.checkpoint import Checkpoint, SyntheticCheckpoint
 from helix.config import ConfigError, ModelConfig
 from helix.presets import get_preset
-from helix.tokenizer import BOS_ID, EOS_ID, load_tokenizer, write_byte_tokenizer
+from helix.tokenizer import load_tokenizer, with_byte_specials, write_byte_tokenizer
 
 SYNTHETIC = "synthetic:"
 
@@ -35,7 +34,7 @@ def synthetic_config(source: str) -> ModelConfig:
         cfg = get_preset(name)
     except ConfigError as e:
         raise ConfigError(f"model={source!r}: {name!r} is not a preset ({e})") from None
-    return dataclasses.replace(cfg, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    return with_byte_specials(cfg)
 
 
 def open_source(source: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint | SyntheticCheckpoint:

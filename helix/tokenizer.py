@@ -12,6 +12,7 @@ map, a BPE model with no merges) plus ``tokenizer_config.json``, which
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -46,6 +47,12 @@ def byte_tokenizer() -> Tokenizer:
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, BOS_ID)])
     assert (tok.token_to_id(BOS), tok.token_to_id(EOS), tok.token_to_id(PAD)) == (BOS_ID, EOS_ID, PAD_ID)
     return tok
+
+
+def with_byte_specials(cfg):
+    """``cfg`` (a ModelConfig) with bos/eos set to this tokenizer's ids: a synthetic model ships the byte
+    tokenizer, whatever ids its preset's real tokenizer uses (V3's 0/1 are bytes 0x00/0x01 here)."""
+    return dataclasses.replace(cfg, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
 
 
 def write_byte_tokenizer(out: str | os.PathLike, model_max_length: int) -> None:
