@@ -98,7 +98,7 @@ def measure_collectives(ctx: RankContext, n: int, cfg: ModelConfig, batch: int, 
 # --------------------------------------------------------------------------------------------- byte model
 
 
-def step_bytes_and_flops(model: HelixModel, mode: str, n: int, batch: int, context: int) -> tuple[int, int, float]:
+def step_bytes_and_flops(model: HelixModel, batch: int, context: int) -> tuple[int, int, float]:
     """(KV bytes, weight bytes, attention FLOPs) one rank must move / do in one decode step."""
     cfg = model.cfg
     L = cfg.num_hidden_layers
@@ -185,7 +185,7 @@ def _time_point(ctx, model, cache, graph, comm, coll, ceilings, name, mode, n, l
     if comm.group is not None:
         dist.barrier(group=comm.group)
     times = _time_replays(lambda: graph(tokens, positions, slots, table, lens), iters, ctx.device)
-    kv, w, flops = step_bytes_and_flops(model, mode, n, batch, context)
+    kv, w, flops = step_bytes_and_flops(model, batch, context)
     a2a, other = collectives_per_step(mode, n, layers)
     t_mem = (kv + w) / (ceilings["copy_GBps"] * 1e9) * 1e3
     t_flop = flops / (ceilings["matmul_TFLOPs"] * 1e12) * 1e3
