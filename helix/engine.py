@@ -60,8 +60,7 @@ class Result:
 class _Active:
     req: Request
     result: Result
-    position: int  # global position of the next input token
-    next_input: int
+    next_input: int  # its global position is the sequence's cached length
 
 
 class HelixEngine:
@@ -84,16 +83,12 @@ class HelixEngine:
     def reserve_prompt(self, req: Request) -> torch.Tensor:
         """Allocate the sequence and room for its prefilled tokens (prompt[:-1]); returns their write slots."""
         self.check(req)
-        n = len(req.prompt) - 1
         self.cache.add(req.req_id)
         try:
-            self.cache.reserve(req.req_id, n)
+            return self.cache.append(req.req_id, len(req.prompt) - 1)
         except CapacityError:
             self.cache.release(req.req_id)
             raise
-        slots = self.cache.slots(req.req_id, torch.arange(n))
-        self.cache.advance(req.req_id, n)
-        return slots
 
     def admit(self, req: Request) -> None:
         """Local prefill of prompt[:-1] on these ranks (heads split, each block written by its owner)."""
@@ -106,7 +101,7 @@ class HelixEngine:
     def start(self, req: Request) -> None:
         """Begin decoding a request whose prompt[:-1] KV is in the cache."""
         self.active[req.req_id] = _Active(req, Result(req.req_id, logits=[] if req.keep_logits else None),
-                                          len(req.prompt) - 1, req.prompt[-1])
+                                          req.prompt[-1])
 
     # ------------------------------------------------------------------ decode
     def step(self) -> list[Result]:
@@ -116,12 +111,10 @@ class HelixEngine:
             return []
         cache, dev = self.cache, self.model.device
         ids = [s.req.req_id for s in states]
-        for sid in ids:
-            cache.reserve(sid, 1)
-        positions = torch.tensor([s.position for s in states])
-        slots = torch.cat([cache.slots(s.req.req_id, positions[i:i + 1]) for i, s in enumerate(states)])
+        positions = torch.tensor([cache.seqs[sid].length for sid in ids])
+        slots = torch.cat([cache.append(sid, 1) for sid in ids])
         width = self.table_width if self.graphs is not None else None
-        table, local_lens = cache.block_table(ids, [s.position + 1 for s in states], width)
+        table, local_lens = cache.block_table(ids, [cache.seqs[sid].length for sid in ids], width)
         inputs = (torch.tensor([s.next_input for s in states]), positions, slots, table, local_lens)
         if self.graphs is None:
             logits = self.model.decode_step(*(t.to(dev) for t in inputs), cache)
@@ -132,8 +125,6 @@ class HelixEngine:
         self.steps += 1
         finished = []
         for i, s in enumerate(states):
-            cache.advance(s.req.req_id, 1)
-            s.position += 1
             if self._emit(s, logits[i].cpu()):
                 cache.release(s.req.req_id)
                 del self.active[s.req.req_id]

@@ -74,8 +74,14 @@ class PagedKVCache:
                                     f"({self.num_blocks - 1} in its pool); lower the batch or raise max_tokens")
             seq.blocks.append(self.free.pop())
 
-    def advance(self, seq_id: int, new_tokens: int) -> None:
-        self.seqs[seq_id].length += new_tokens
+    def append(self, seq_id: int, new_tokens: int) -> torch.Tensor:
+        """Take the sequence's next ``new_tokens`` positions: allocate this rank's blocks for them, advance its
+        length, and return their flat write slots [new_tokens] (scratch where this rank is not the owner)."""
+        seq = self.seqs[seq_id]
+        self.reserve(seq_id, new_tokens)
+        slots = self.slots(seq_id, torch.arange(seq.length, seq.length + new_tokens))
+        seq.length += new_tokens
+        return slots
 
     def release(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id)

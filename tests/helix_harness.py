@@ -110,9 +110,7 @@ def run_mla_module(ctx, ckpt_dir: str, n: int, tpb: int, dtype: str, contexts: l
         prefill_out = []
         for sid, x in enumerate(contexts):
             cache.add(sid)
-            cache.reserve(sid, x.shape[0])
-            slots = cache.slots(sid, torch.arange(x.shape[0]))
-            cache.advance(sid, x.shape[0])
+            slots = cache.append(sid, x.shape[0])
             if x.shape[0]:
                 cos, sin = rope.cos_sin(torch.arange(x.shape[0], device=ctx.device))
                 prefill_out.append(attn.prefill(x.to(ctx.device, dt), cos, sin, slots.to(ctx.device), cache).float().cpu())
@@ -122,15 +120,11 @@ def run_mla_module(ctx, ckpt_dir: str, n: int, tpb: int, dtype: str, contexts: l
         ids = list(range(len(contexts)))
         for step in range(decode_x.shape[0]):
             lengths = [c.shape[0] + step for c in contexts]
-            for sid in ids:
-                cache.reserve(sid, 1)
-            slots = torch.cat([cache.slots(sid, torch.tensor([lengths[sid]])) for sid in ids])
+            slots = torch.cat([cache.append(sid, 1) for sid in ids])
             table, local_lens = cache.block_table(ids, [L + 1 for L in lengths])
             cos, sin = rope.cos_sin(torch.tensor(lengths, device=ctx.device))
             meta = StepMeta(cos, sin, *(t.to(ctx.device) for t in (slots, table, local_lens)))
             decode_out.append(attn.decode(decode_x[step].to(ctx.device, dt), meta, cache).float().cpu())
-            for sid in ids:
-                cache.advance(sid, 1)
         return (prefill_out, torch.stack(decode_out)) if ctx.rank == 0 else None
 
 

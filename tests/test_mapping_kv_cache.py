@@ -39,8 +39,7 @@ def test_slots_write_only_owned_positions_and_scratch_elsewhere():
     for rank in range(3):
         c = _cache(rank=rank, n=3, tpb=4)
         c.add(7)
-        c.reserve(7, 19)
-        slots = c.slots(7, torch.arange(19))
+        slots = c.append(7, 19)
         m = c.mapping
         for p, s in enumerate(slots.tolist()):
             if m.owner_of_position(p) == rank:
@@ -49,7 +48,9 @@ def test_slots_write_only_owned_positions_and_scratch_elsewhere():
                 assert s // 4 != SCRATCH_BLOCK
             else:
                 assert s == SCRATCH_BLOCK * 4
-        c.advance(7, 19)
+        split = _cache(rank=rank, n=3, tpb=4)  # appending in pieces continues where the sequence ends
+        split.add(7)
+        assert torch.equal(torch.cat([split.append(7, 10), split.append(7, 9)]), slots)
         table, lens = c.block_table([7], [19])
         assert lens.tolist() == [m.local_length(19)]
         assert table[0, : -(-lens[0] // 4)].tolist() == c.seqs[7].blocks

@@ -39,9 +39,7 @@ class ContextServer:
         """Write the KV of prompt[:-1] into the cache as sequence ``req.req_id``; returns its token count."""
         n = len(req.prompt) - 1
         self.cache.add(req.req_id)
-        self.cache.reserve(req.req_id, n)
-        slots = self.cache.slots(req.req_id, torch.arange(n)).to(self.model.device)
-        self.cache.advance(req.req_id, n)
+        slots = self.cache.append(req.req_id, n).to(self.model.device)
         if n:
             self.model.prefill(torch.tensor(req.prompt[:-1], device=self.model.device), slots, self.cache)
         return n

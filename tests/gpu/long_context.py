@@ -38,21 +38,16 @@ def run_helix_long(ctx, n: int, tpb: int, seq_len: int, steps: int):
     attn = HelixMLA(cfg, 0, src, mapping, ctx.comm(n), rope, torch.bfloat16, ctx.device)
     cache = PagedKVCache.for_config(mapping, 1, cfg.kv_cache_dim, seq_len + steps, 1, torch.bfloat16, ctx.device)
     cache.add(0)
-    cache.reserve(0, seq_len)
-    slots = cache.slots(0, torch.arange(seq_len)).to(ctx.device)
-    cache.write(0, slots, _entries(cfg, seq_len, ctx.device))
-    cache.advance(0, seq_len)
+    cache.write(0, cache.append(0, seq_len).to(ctx.device), _entries(cfg, seq_len, ctx.device))
     xs = _decode_inputs(cfg, steps, ctx.device)
     outs = []
     for step in range(steps):
         pos = seq_len + step
-        cache.reserve(0, 1)
-        s = cache.slots(0, torch.tensor([pos]))
+        s = cache.append(0, 1)
         table, lens = cache.block_table([0], [pos + 1])
         cos, sin = rope.cos_sin(torch.tensor([pos], device=ctx.device))
         meta = StepMeta(cos, sin, s.to(ctx.device), table.to(ctx.device), lens.to(ctx.device))
         outs.append(attn.decode(xs[step].bfloat16(), meta, cache).float().cpu())
-        cache.advance(0, 1)
     return torch.cat(outs) if ctx.rank == 0 else None
 
 
