@@ -19,7 +19,6 @@ pass on the reference and one Helix request (one context-server prefill, one dec
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ import torch
 
 from helix.checkpoint import DTYPES
 from helix.config import ConfigError
+from helix.disagg.deploy import read_file
 from helix.engine import Request
 from helix.sampling import SamplingParams, first_stop, select_token
 
@@ -58,7 +58,7 @@ class BackendSpec:
     def deployment(self) -> dict:
         """The deployment (DESIGN §4): the given file, or context 1 + Helix generation CP ``cp`` on ``model``."""
         if self.config is not None:
-            return load_deployment(self.config)
+            return read_file(self.config)
         kv = {"tokens_per_block": self.tokens_per_block}
         return {"model": {"path": self.model, "dtype": self.dtype, "device": self.device},
                 "context_servers": {"tensor_parallel_size": 1, "kv_cache_config": dict(kv)},
@@ -73,18 +73,6 @@ class BackendSpec:
         if not isinstance(path, str):
             raise ConfigError(f"model={model!r} in {self.config}: expected a checkpoint path or {{path: DIR}}")
         return path
-
-
-def load_deployment(path: str | os.PathLike) -> dict:
-    """A deployment file, YAML or JSON (JSON is YAML)."""
-    import yaml
-
-    with open(path) as f:
-        cfg = yaml.safe_load(f)
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"config={os.fspath(path)!r}: expected a mapping with model / context_servers / "
-                          "generation_servers sections")
-    return cfg
 
 
 def make_backend(spec: BackendSpec):
