@@ -28,7 +28,7 @@ from helix.checkpoint import DTYPES
 from helix.config import ConfigError
 from helix.disagg.deploy import read_file
 from helix.engine import Request
-from helix.sampling import SamplingParams, first_stop, select_token
+from helix.sampling import SamplingParams, first_stop, per_prompt, select_token
 
 BACKENDS = ("helix", "reference")
 
@@ -136,8 +136,7 @@ class HelixBackend:
             forced = list(tokens[start:]) + [requests[members[0]][1][-1]]
             batch.append(Request(g, list(tokens[:start]), forced=forced, keep_logits=len(members) > 1))
         results = self.cluster.run(batch)
-        if any(r.error is not None for r in results):
-            raise RequestError(results)
+        RequestError.raise_if_failed(results)
         out: list[tuple[list[float], list[bool]]] = [([], [])] * len(requests)
         for (_, members), req, res in zip(groups, batch, results):
             if len(members) == 1:
@@ -170,10 +169,7 @@ class ReferenceBackend:
         """Nothing runs in the background; kept for the driver interface."""
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]) -> list[list[int]]:
-        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
-        return [self._generate_one(p, s) for p, s in zip(prompts, params)]
+        return [self._generate_one(p, s) for p, s in zip(prompts, per_prompt(sampling, len(prompts)))]
 
     def _generate_one(self, prompt: list[int], params: SamplingParams) -> list[int]:
         out: list[int] = []

@@ -47,6 +47,14 @@ def select_token(logits: torch.Tensor, params: SamplingParams, step: int) -> int
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def per_prompt(sampling: "SamplingParams | list[SamplingParams]", prompts: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt: the list as given, or the single one repeated."""
+    params = sampling if isinstance(sampling, list) else [sampling] * prompts
+    if len(params) != prompts:
+        raise ValueError(f"{len(params)} SamplingParams for {prompts} prompts")
+    return params
+
+
 def first_stop(text: str, stop_strings: tuple[str, ...] | list[str]) -> int | None:
     """Index in ``text`` where the earliest stop string starts, or None."""
     hits = [i for s in stop_strings if s and (i := text.find(s)) >= 0]

@@ -30,7 +30,7 @@ from helix.disagg.generation_server import BatchReport, GenerationServer
 from helix.disagg.handoff import STORE_WAIT, Handoff, connect_store
 from helix.disagg.kv_transfer import connect
 from helix.engine import Request, Result
-from helix.sampling import SamplingParams
+from helix.sampling import SamplingParams, per_prompt
 from helix.sources import load_source_tokenizer
 from helix.workers import RankContext, RankPool
 
@@ -47,6 +47,11 @@ class RequestError(RuntimeError):
         failed = [r for r in results if r.error is not None]
         super().__init__(f"{len(failed)} of {len(results)} requests failed: " + "; ".join(r.error for r in failed))
         self.results = results
+
+    @classmethod
+    def raise_if_failed(cls, results: list[Result]) -> None:
+        if any(r.error is not None for r in results):
+            raise cls(results)
 
 
 # --------------------------------------------------------------------------------------------- rank side
@@ -116,11 +121,9 @@ class Cluster:
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Generated token ids per prompt (stop token kept; a stop string ends generation at the token that
         completed it). Raises RequestError if any request failed."""
-        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        params = per_prompt(sampling, len(prompts))
         results = self.run([Request(i, list(p), s) for i, (p, s) in enumerate(zip(prompts, params))])
-        _raise_failed(results)
+        RequestError.raise_if_failed(results)
         return [r.token_ids for r in results]
 
     def score(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[list[float], list[bool]]]:
@@ -131,7 +134,7 @@ class Cluster:
                 raise ValueError(f"request {i}: score needs a non-empty context and continuation "
                                  f"(got {len(context)} and {len(continuation)} tokens)")
         results = self.run([Request(i, list(c), forced=list(f)) for i, (c, f) in enumerate(requests)])
-        _raise_failed(results)
+        RequestError.raise_if_failed(results)
         return [(r.logprobs, r.greedy) for r in results]
 
     # ------------------------------------------------------------------ lifetime
@@ -150,7 +153,3 @@ class Cluster:
         if getattr(self, "pool", None) is not None:
             self.shutdown()
 
-
-def _raise_failed(results: list[Result]) -> None:
-    if any(r.error is not None for r in results):
-        raise RequestError(results)
