@@ -54,15 +54,15 @@ class Comm:
         return out
 
 
-def init_process_group(rank: int, world_size: int, device: torch.device | str, init_method: str,
-                       timeout_s: float = DEFAULT_TIMEOUT_S) -> Comm:
-    """Join the world group (``init_method`` e.g. tcp://127.0.0.1:PORT or env://)."""
+def init_process_group(rank: int, world_size: int, device: torch.device | str, init_method: str | None = None,
+                       store: dist.Store | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Comm:
+    """Join the world group through ``init_method`` (env:// under torchrun) or an already connected ``store``."""
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     backend = backend_for(device)
     kwargs = {}
     if backend == "nccl":
         kwargs["device_id"] = torch.device(device)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+    dist.init_process_group(backend, init_method=init_method, store=store, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return Comm(rank, world_size)
 

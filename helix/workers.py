@@ -12,10 +12,10 @@ and no process outlives the pool.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import queue
-import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -25,11 +25,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helix.comm import Comm, destroy, init_process_group
+from helix.comm import DEFAULT_TIMEOUT_S, Comm, destroy, init_process_group
 
 log = logging.getLogger(__name__)
 
 DEATH_GRACE_S = 0.5  # how long a rank's error waits for a peer's death to become visible
+
+STORE_HOST = "127.0.0.1"  # the pool's ranks run on the driver's host
 
 GPU_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -60,13 +62,7 @@ class RankContext:
         return Comm(members.index(self.rank), len(members), self.groups[key])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, devices: list[str], init_method: str, extra_groups: list[tuple[int, ...]],
+def _worker(rank: int, world: int, devices: list[str], store_port: int, extra_groups: list[tuple[int, ...]],
             commands, results, env: dict) -> None:
     os.environ.update(env)
     device = torch.device(devices[rank])
@@ -75,7 +71,9 @@ def _worker(rank: int, world: int, devices: list[str], init_method: str, extra_g
     else:
         torch.set_num_threads(int(os.environ.get("HELIX_THREADS_PER_RANK", "1")))
     try:
-        init_process_group(rank, world, device, init_method)
+        store = dist.TCPStore(STORE_HOST, store_port, world, is_master=False,
+                              timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
+        init_process_group(rank, world, device, store=store)
         ctx = RankContext(rank, world, device)
         for key in [tuple(range(n)) for n in range(1, world + 1)] + list(extra_groups):
             group = dist.new_group(list(key)) if len(key) < world else dist.group.WORLD
@@ -107,10 +105,13 @@ class RankPool:
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
         self.commands = [ctx.Queue() for _ in range(world_size)]
-        init = f"tcp://127.0.0.1:{free_port()}"
+        # The driver owns the rendezvous store on a port the OS picks and holds for the pool's life: choosing a
+        # free port and handing it to rank 0 to bind would race with every other socket on the host.
+        self._store = dist.TCPStore(STORE_HOST, 0, world_size, is_master=True, wait_for_workers=False,
+                                    timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
         env = dict(GPU_SAFE_ENV)
         self.procs = [ctx.Process(target=_worker, daemon=True,
-                                  args=(r, world_size, self.devices, init, [tuple(g) for g in extra_groups or []],
+                                  args=(r, world_size, self.devices, self._store.port, [tuple(g) for g in extra_groups or []],
                                         self.commands[r], self.results, env))
                       for r in range(world_size)]
         for p in self.procs:
@@ -173,6 +174,7 @@ class RankPool:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+        self._store = None  # the rendezvous port is freed once no rank can still need it
 
     def __enter__(self) -> "RankPool":
         return self

@@ -32,11 +32,10 @@ from helix.disagg.kv_transfer import connect
 from helix.engine import Request, Result
 from helix.sampling import SamplingParams, per_prompt
 from helix.sources import load_source_tokenizer
-from helix.workers import RankContext, RankPool
+from helix.workers import STORE_HOST, RankContext, RankPool
 
 log = logging.getLogger(__name__)
 
-STORE_HOST = "127.0.0.1"  # the local driver's control store; the ranks it spawns are on this host
 
 
 class RequestError(RuntimeError):
