@@ -112,3 +112,18 @@ def test_console_entry_point_reports_a_bad_config_without_traceback(bad_config_c
                           "--prompt", "x", "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 1
     assert run.stderr.strip() == "helix: error: hidden_act='gelu': only 'silu' is supported", run.stderr
+
+
+def test_generate_under_torchrun_prints_the_reference_tokens_once(tiny_checkpoint):
+    """The multi-GPU launch path (one process per rank, env:// rendezvous), run on CPU with gloo."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    prompt_ids, n = [256, 1, 2, 3, 300], 8
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "helix", "generate", "--model", str(tiny_checkpoint), "--backend", "helix", "--cp", "2",
+                          "--tokens-per-block", "2", "--prompt-ids", ",".join(map(str, prompt_ids)),
+                          "--max-new-tokens", str(n), "--json"],
+                         capture_output=True, text=True, env=env, timeout=180)
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, run.stdout  # only rank 0 prints
+    assert json.loads(lines[0])["token_ids"] == reference_tokens(tiny_checkpoint, prompt_ids, n)
