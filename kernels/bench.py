@@ -253,6 +253,16 @@ def run_combine(ceil) -> list[dict]:
     return rows
 
 
+def environment() -> dict:
+    """What every benchmark record names: the card and the software that ran on it (logged as well)."""
+    import triton
+
+    env = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "python": platform.python_version()}
+    log(f"card {env['card']}, torch {env['torch']}, triton {env['triton']}")
+    return env
+
+
 def card_tag(name: str) -> str:
     for k in ("H200", "H100", "H800", "A100", "B200", "GB200", "L40S"):
         if k in name.upper():
@@ -321,14 +331,9 @@ def main(argv=None) -> int:
         print("kernels.bench needs a CUDA GPU", file=sys.stderr)
         return 2
     deadline = time.time() + args.budget_s
-    import triton
-
-    name = torch.cuda.get_device_name()
-    res = {"card": name, "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-           "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+    res = {**environment(), "sms": torch.cuda.get_device_properties(0).multi_processor_count,
            "shape": {"Lkv": LKV, "R": R, "tokens_per_block": TPB, "dtype": "bfloat16"},
            "default_configs": {h: cfg_str(default_config(h, LKV, DT, False)) for h in args.heads}}
-    log(f"card {name}, torch {torch.__version__}, triton {triton.__version__}")
     res["ceilings"] = measure_ceilings()
     log("ceilings", json.dumps(res["ceilings"]))
     max_tokens = max(b * s for b in args.batches for s in args.seqs)
@@ -339,7 +344,7 @@ def main(argv=None) -> int:
     res["skipped_for_memory"] = [(b, s) for b in args.batches for s in args.seqs if b * s > max_tokens]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = card_tag(name)
+    tag = card_tag(res["card"])
 
     def save():  # after every section, so a run stopped at its time limit still leaves its figures
         (out / f"kernels-{tag}.json").write_text(json.dumps(res, indent=1, default=str))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels.bench import card_tag, log, measure_ceilings, time_graph
+from kernels.bench import card_tag, environment, log, measure_ceilings, time_graph
 from kernels.moe_decode import MoEConfig, default_config, moe_decode_torch, moe_decode_triton, weight_bytes
 
 I, D, K, N_EXPERTS = 1536, 2560, 6, 72
@@ -166,18 +165,14 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("kernels.bench_moe needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
-
     deadline = time.time() + args.budget_s
-    name = torch.cuda.get_device_name()
-    res = {"card": name, "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-           "shape": {"I": I, "D": D, "k": K, "experts": N_EXPERTS, "dtype": "bfloat16"},
+    res = {**environment(), "shape": {"I": I, "D": D, "k": K, "experts": N_EXPERTS, "dtype": "bfloat16"},
            "default_config": cfg_str(default_config(False)), "ceilings": measure_ceilings()}
-    log(f"card {name}, torch {torch.__version__}, triton {triton.__version__}", json.dumps(res["ceilings"]))
+    log("ceilings", json.dumps(res["ceilings"]))
     res["rows"], res["sweep"] = run(res["ceilings"], deadline)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = card_tag(name)
+    tag = card_tag(res["card"])
     (out / f"moe-{tag}.json").write_text(json.dumps(res, indent=1))
     (out / f"moe-{tag}.md").write_text(markdown(res))
     print(markdown(res))
