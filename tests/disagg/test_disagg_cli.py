@@ -63,14 +63,14 @@ def test_failing_generation_rank_ends_the_command_naming_it(tiny_checkpoint, tmp
     config = _write(tmp_path, deployment(tiny_checkpoint, n=2))
     pids = tmp_path / "pids"
     pids.mkdir()
-    t0 = time.monotonic()
     proc = _helix(["--config", str(config), "--prompt-ids", "1,2,3,4,5,6", "--max-new-tokens", "8"], pids,
                   HELIX_TEST_FAULT_RANK="1")  # generation rank 1 raises in its third decode step
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert "generation server rank 1 (world rank 2) failed" in err and "planted failure in decode step 3" in err, err
     assert "Traceback" in err
-    assert time.monotonic() - t0 < 30
+    reaction = time.time() - float((tmp_path / "failed_at").read_text())
+    assert reaction < 30, f"the command ended {reaction:.1f} s after the failure"
     assert not _survivors(pids)
 
 

@@ -1,8 +1,11 @@
 """Loaded at start-up by every Python process of a test that puts this folder on PYTHONPATH (the `helix`
 command and the ranks it spawns). With HELIX_TEST_FAULT_RANK=r set, rank r raises in its third decode step;
-each process records its pid in HELIX_TEST_PID_DIR so the test can check that none outlives the command."""
+each process records its pid in HELIX_TEST_PID_DIR so the test can check that none outlives the command, and the
+failing rank writes the time it raised to HELIX_TEST_PID_DIR/../failed_at, from which the test times the command's
+reaction (start-up time under a loaded CI machine is not what is being measured)."""
 
 import os
+import time
 
 if os.environ.get("HELIX_TEST_PID_DIR"):
     open(os.path.join(os.environ["HELIX_TEST_PID_DIR"], str(os.getpid())), "w").close()
@@ -14,6 +17,8 @@ if os.environ.get("HELIX_TEST_FAULT_RANK"):
 
     def _failing_step(self):
         if self.model.mapping.rank == int(os.environ["HELIX_TEST_FAULT_RANK"]) and self.steps == 2:
+            with open(os.path.join(os.environ["HELIX_TEST_PID_DIR"], os.pardir, "failed_at"), "w") as f:
+                f.write(repr(time.time()))
             raise RuntimeError("planted failure in decode step 3")
         return _step(self)
 
