@@ -46,12 +46,14 @@ class WorkerError(RuntimeError):
 
 @dataclass
 class RankContext:
-    """What a command sees on its rank: identity, device, the prefix groups, and a dict that persists between
-    commands (models and caches live there)."""
+    """What a command sees on its rank: identity, device, the prefix groups, the pool's store (a key-value
+    control plane shared with the driver and every rank) and a dict that persists between commands (models and
+    caches live there)."""
 
     rank: int
     world_size: int
     device: torch.device
+    store: dist.Store
     groups: dict[int, Any] = field(default_factory=dict)
     state: dict = field(default_factory=dict)
 
@@ -74,7 +76,7 @@ def _worker(rank: int, world: int, devices: list[str], store_port: int, extra_gr
         store = dist.TCPStore(STORE_HOST, store_port, world, is_master=False,
                               timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
         init_process_group(rank, world, device, store=store)
-        ctx = RankContext(rank, world, device)
+        ctx = RankContext(rank, world, device, store)
         for key in [tuple(range(n)) for n in range(1, world + 1)] + list(extra_groups):
             group = dist.new_group(list(key)) if len(key) < world else dist.group.WORLD
             if rank in key:
@@ -110,8 +112,9 @@ class RankPool:
         self._store = dist.TCPStore(STORE_HOST, 0, world_size, is_master=True, wait_for_workers=False,
                                     timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
         env = dict(GPU_SAFE_ENV)
+        groups = [tuple(g) for g in extra_groups or []]
         self.procs = [ctx.Process(target=_worker, daemon=True,
-                                  args=(r, world_size, self.devices, self._store.port, [tuple(g) for g in extra_groups or []],
+                                  args=(r, world_size, self.devices, self._store.port, groups,
                                         self.commands[r], self.results, env))
                       for r in range(world_size)]
         for p in self.procs:

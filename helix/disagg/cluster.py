@@ -21,21 +21,19 @@ import logging
 import os
 
 import torch
-import torch.distributed as dist
 
 from helix.config import ConfigError
 from helix.disagg.context_server import ContextServer
 from helix.disagg.deploy import Deployment, load_deployment
 from helix.disagg.generation_server import BatchReport, GenerationServer
-from helix.disagg.handoff import STORE_WAIT, Handoff, connect_store
+from helix.disagg.handoff import Handoff
 from helix.disagg.kv_transfer import connect
 from helix.engine import Request, Result
 from helix.sampling import SamplingParams, per_prompt
 from helix.sources import load_source_tokenizer
-from helix.workers import STORE_HOST, RankContext, RankPool
+from helix.workers import RankContext, RankPool
 
 log = logging.getLogger(__name__)
-
 
 
 class RequestError(RuntimeError):
@@ -56,17 +54,16 @@ class RequestError(RuntimeError):
 # --------------------------------------------------------------------------------------------- rank side
 
 
-def _start_rank(ctx: RankContext, dep: Deployment, store_port: int) -> None:
+def _start_rank(ctx: RankContext, dep: Deployment) -> None:
     if ctx.rank in dep.context_ranks:
         ctx.state["server"] = ContextServer(dep, ctx.device)
     else:
         ctx.state["server"] = GenerationServer(dep, ctx.rank, ctx.comm(ranks=dep.generation_ranks), ctx.device)
-    ctx.state["store"] = connect_store(STORE_HOST, store_port)
     connect(ctx.rank, dep.context_ranks[0], dep.generation_ranks, ctx.device)
 
 
 def _serve_rank(ctx: RankContext, batch: int, requests: list[Request]) -> BatchReport | None:
-    return ctx.state["server"].serve(requests, Handoff(ctx.state["store"], batch))
+    return ctx.state["server"].serve(requests, Handoff(ctx.store, batch))
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -86,13 +83,12 @@ class Cluster:
                               f"{len(dep.context_ranks)} + generation_servers.context_parallel_size "
                               f"{len(dep.generation_ranks)}), {torch.cuda.device_count()} visible")
         self.tokenizer = load_source_tokenizer(dep.model_path)
-        self._store = dist.TCPStore(STORE_HOST, 0, is_master=True, wait_for_workers=False, timeout=STORE_WAIT)
         self._batches = 0
         log.info("launching %s: context server on %s, Helix generation server N=%d on %s", dep.source or "deployment",
                  dep.devices()[0], len(dep.generation_ranks), ", ".join(dep.devices()[1:]))
         self.pool = RankPool(dep.world_size, dep.devices(), extra_groups=[dep.generation_ranks], role_of=dep.role_of)
         try:
-            self.pool.run(_start_rank, dep, self._store.port)
+            self.pool.run(_start_rank, dep)
         except BaseException:
             self.shutdown()
             raise

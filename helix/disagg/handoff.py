@@ -4,8 +4,9 @@ The context server and the generation ranks must agree, without a round trip, on
 over: ``admission_error`` is a pure function of the request and the deployment, evaluated identically on
 every rank, so a request that cannot fit fails alone and no KV is ever sent for it.
 
-Signals ride on a torch.distributed ``TCPStore`` owned by the driver (the control plane; the KV itself goes
-by point-to-point sends, kv_transfer.py). Per batch and request:
+Signals ride on the rank pool's torch.distributed store, owned by the driver (the control plane; the KV
+itself goes by point-to-point sends, kv_transfer.py), under keys namespaced ``handoff/batch<n>/``. Per batch
+and request:
 
 * ``ready/k``: the context server has prefilled request k and is posting its KV sends. The generation
   leader polls it between decode steps (a non-blocking key check: gloo receives cannot be polled).
@@ -46,15 +47,11 @@ def handed_over(requests: list[Request], dep: Deployment) -> list[Request]:
     return [r for r in requests if r.num_outputs > 0 and admission_error(r, dep) is None]
 
 
-def connect_store(host: str, port: int) -> dist.TCPStore:
-    return dist.TCPStore(host, port, is_master=False, timeout=STORE_WAIT)
-
-
 class Handoff:
     """The signals of one batch (keys are namespaced by the batch number, deleted once consumed)."""
 
-    def __init__(self, store: dist.TCPStore, batch: int):
-        self.store, self.prefix = store, f"batch{batch}/"
+    def __init__(self, store: dist.Store, batch: int):
+        self.store, self.prefix = store, f"handoff/batch{batch}/"
 
     def _key(self, what: str, req_id: int) -> str:
         return f"{self.prefix}{what}/{req_id}"
