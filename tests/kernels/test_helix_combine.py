@@ -3,14 +3,13 @@ combine of per-rank mla_decode partials equals attention over all tokens."""
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
 
 from kernels import helix_combine, helix_combine_torch, helix_combine_triton, mla_decode_torch, mla_decode_triton
-from tests.kernels.cases import (combine_lowp_baseline, combine_oracle64, make_combine_case, make_mla_case,
-                                 mla_oracle64)
+from tests.kernels.cases import (assert_path_selection, combine_lowp_baseline, combine_oracle64, make_combine_case,
+                                 make_mla_case, mla_oracle64)
 from tests.tolerance import assert_bf16_policy, assert_f32_parity
 
 pytest.importorskip("triton", reason="triton not installed: the interpreted kernel tests need it")
@@ -74,15 +73,7 @@ def test_combine_validation_and_path(monkeypatch):
         helix_combine(o_parts, lse_parts.half())
     with pytest.raises(ValueError):
         helix_combine(o_parts[:0], lse_parts[:0])
-    mod = importlib.import_module("kernels.helix_combine")  # the package attribute is the function
-
-    calls = []
-    monkeypatch.setattr(mod, "helix_combine_torch", lambda *a: calls.append("torch"))
-    monkeypatch.setattr(mod, "helix_combine_triton", lambda *a: calls.append("triton"))
-    for mode, want in [("auto", "torch"), ("torch", "torch"), ("triton", "triton")]:
-        monkeypatch.setenv("HELIX_KERNELS", mode)
-        helix_combine(o_parts, lse_parts)
-        assert calls[-1] == want
+    assert_path_selection(monkeypatch, "helix_combine", lambda: helix_combine(o_parts, lse_parts))
 
 
 @pytest.mark.parametrize("decode,combine", [

@@ -7,14 +7,13 @@ sequence's last block.
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
 
 from kernels import mla_decode, mla_decode_torch, mla_decode_triton
 from kernels.mla_decode import MLAConfig
-from tests.kernels.cases import make_mla_case, mla_bf16_baseline, mla_oracle64
+from tests.kernels.cases import assert_path_selection, make_mla_case, mla_bf16_baseline, mla_oracle64
 from tests.tolerance import assert_bf16_policy, assert_f32_parity
 
 triton = pytest.importorskip("triton", reason="triton not installed: the interpreted kernel tests need it")
@@ -135,18 +134,7 @@ def test_all_empty_and_zero_batch():
 # ------------------------------------------------------------------------------ path and validation
 def test_path_selection(monkeypatch):
     case = make_mla_case([5], 2, seed=2)
-    calls = []
-    mod = importlib.import_module("kernels.mla_decode")  # the package attribute is the function
-
-    monkeypatch.setattr(mod, "mla_decode_torch", lambda *a: calls.append("torch") or (None, None))
-    monkeypatch.setattr(mod, "mla_decode_triton", lambda *a: calls.append("triton") or (None, None))
-    for mode, want in [("auto", "torch"), ("torch", "torch"), ("triton", "triton"), ("", "torch")]:
-        monkeypatch.setenv("HELIX_KERNELS", mode)
-        mla_decode(*case.args)
-        assert calls[-1] == want, f"HELIX_KERNELS={mode!r} on CPU picked {calls[-1]}"
-    monkeypatch.setenv("HELIX_KERNELS", "cuda")
-    with pytest.raises(ValueError, match="HELIX_KERNELS"):
-        mla_decode(*case.args)
+    assert_path_selection(monkeypatch, "mla_decode", lambda: mla_decode(*case.args))
 
 
 @pytest.mark.parametrize("mutate,err", [

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import moe_decode, moe_decode_torch, moe_decode_triton
+from tests.kernels.cases import assert_path_selection
 from tests.tolerance import assert_bf16_policy, assert_exact, assert_f32_parity
 
 pytest.importorskip("triton", reason="triton not installed: the interpreted kernel tests need it")
@@ -134,14 +135,7 @@ def test_validation_and_path(monkeypatch):
     with pytest.raises(ValueError):
         moe_decode(x, wg.transpose(1, 2).contiguous().transpose(1, 2), wu, wd, ids, w)
 
-    mod = importlib.import_module("kernels.moe_decode")  # the package attribute is the function
-    calls = []
-    monkeypatch.setattr(mod, "moe_decode_torch", lambda *a: calls.append("torch"))
-    monkeypatch.setattr(mod, "moe_decode_triton", lambda *a: calls.append("triton"))
-    for mode, want in [("auto", "torch"), ("torch", "torch"), ("triton", "triton")]:
-        monkeypatch.setenv("HELIX_KERNELS", mode)
-        moe_decode(x, wg, wu, wd, ids, w)
-        assert calls[-1] == want
+    assert_path_selection(monkeypatch, "moe_decode", lambda: moe_decode(x, wg, wu, wd, ids, w))
 
 
 @pytest.mark.parametrize("mode,rank", [("ep", 1), ("tp", 2)])
