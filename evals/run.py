@@ -17,7 +17,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import multiprocessing
 import os
+import pickle
+import tempfile
 import time
 
 from evals.backends import BACKENDS, BackendSpec
@@ -68,6 +71,45 @@ def evaluate(spec: BackendSpec, tasks: list[str], limits: dict, args: argparse.N
     return out
 
 
+def _evaluate_to_file(spec: BackendSpec, tasks: list[str], limits: dict, args: argparse.Namespace, task_path: str,
+                      out_file: str, log_level: int) -> None:
+    """Entry point of the process that runs one backend beside the other (see ``evaluate_both``)."""
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    run = evaluate(spec, tasks, limits, args, task_manager(task_path))
+    with open(out_file, "wb") as f:
+        pickle.dump(run, f)
+
+
+def evaluate_both(deployed: BackendSpec, reference: BackendSpec, tasks: list[str], limits: dict,
+                  args: argparse.Namespace, task_path: str) -> dict:
+    """``{"deployed": run, "reference": run}``. By default one after the other, so the reference can use the
+    deployment's first device once the deployment has exited; with ``--reference-device`` the reference runs
+    there, in its own process, at the same time as the deployment (on a GPU the deployment does not use)."""
+    if not args.reference_device:
+        tm = task_manager(task_path)
+        return {"deployed": evaluate(deployed, tasks, limits, args, tm),
+                "reference": evaluate(reference, tasks, limits, args, tm)}
+    with tempfile.TemporaryDirectory(prefix="helix-eval-reference-") as tmp:
+        out_file = os.path.join(tmp, "run.pkl")
+        child = multiprocessing.get_context("spawn").Process(
+            target=_evaluate_to_file, name="helix-eval-reference",
+            args=(dataclasses.replace(reference, device=args.reference_device), tasks, limits, args, task_path,
+                  out_file, logging.getLogger().getEffectiveLevel()))
+        child.start()
+        try:
+            deployed_run = evaluate(deployed, tasks, limits, args, task_manager(task_path))
+            child.join()
+        finally:
+            if child.is_alive():  # the deployment failed (or was interrupted): do not leave the reference running
+                child.terminate()
+                child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"the reference run on {args.reference_device} failed (exit code {child.exitcode}); "
+                               "its traceback is printed above")
+        with open(out_file, "rb") as f:
+            return {"deployed": deployed_run, "reference": pickle.load(f)}
+
+
 def report_markdown(report: dict) -> str:
     lines = [f"# helix eval: {report['deployed_backend']} vs reference", "",
              f"model `{report['model']}`, dtype {report['dtype']}, cp {report['cp']}, "
@@ -115,13 +157,12 @@ def run(args: argparse.Namespace) -> dict:
 
     start = time.time()
     with task_dir(data_dir) as path:
-        tm = task_manager(path)
-        runs = {"deployed": evaluate(deployed, tasks, limits, args, tm),
-                "reference": evaluate(reference, tasks, limits, args, tm)}
+        runs = evaluate_both(deployed, reference, tasks, limits, args, path)
     report = {"deployed_backend": deployed.backend, "model": deployed.model_dir(), "dtype": args.dtype,
               "cp": args.cp, "tokens_per_block": args.tokens_per_block, "tasks": tasks, "limits": limits,
               "num_fewshot": args.num_fewshot, "max_length": args.max_length, "max_gen_toks": args.max_gen_toks,
-              "data": data_dir or "huggingface hub", "seconds": time.time() - start,
+              "data": data_dir or "huggingface hub",
+              "reference_device": args.reference_device or deployed.device, "seconds": time.time() - start,
               "comparison": {t: compare_task(t, runs["deployed"][t]["samples"], runs["reference"][t]["samples"],
                                              min_agreement) for t in tasks},
               "public_references": {}}
@@ -172,6 +213,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what is compared against the reference (reference: the pipeline checking itself)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--reference-device",
+                   help="run the reference on this device (e.g. cuda:3, a GPU the deployment leaves free) at the same "
+                        "time as the deployment, in its own process (default: on --device, after the deployment)")
     p.add_argument("--data-dir", help="local mmlu/ and gsm8k/ data (default $HELIX_EVAL_DATA, else the HF hub)")
     p.add_argument("--out", default=os.path.join("runs", "eval"), help="output directory (results.json, report.md, samples.json)")
     p.add_argument("--max-length", type=int, help="tokens the model sees; longer prompts are cut from the left "
