@@ -174,15 +174,23 @@ def route(cfg: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None) -> 
     return ids, weights * cfg.routed_scaling_factor
 
 
-def moe(cfg: ModelConfig, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    """x [T, D] -> routed experts (each on the tokens that chose it) + shared experts. ``w`` keys after ``mlp.``."""
+def moe(cfg: ModelConfig, x: torch.Tensor, w: dict[str, torch.Tensor], chunk: int = 1024) -> torch.Tensor:
+    """x [T, D] -> routed + shared experts. Dense, i.e. the definition: every routed expert runs on every
+    token and is weighted by the router, with weight 0 where the token did not choose it (nothing to dispatch,
+    so nothing to get wrong, and a fixed number of matmuls). ``w`` keys after ``mlp.``; the routed experts
+    stacked as ``experts.gate_proj`` / ``experts.up_proj`` [E, I, D] and ``experts.down_proj`` [E, D, I].
+    Tokens go ``chunk`` at a time to bound the [E, chunk, I] intermediates."""
+    acc = _acc_dtype(x.dtype)
     logits = x.to(w["gate.weight"].dtype) @ w["gate.weight"].T  # [T, E] in float32 or better
     ids, weights = route(cfg, logits, w.get("gate.e_score_correction_bias"))
-    out = torch.zeros_like(x)
-    for e in ids.unique().tolist():
-        tok, slot = (ids == e).nonzero(as_tuple=True)
-        y = mlp(x[tok], w, f"experts.{e}.") * weights[tok, slot, None]  # weighted in float32 or better
-        out.index_add_(0, tok, y.to(x.dtype))
+    mix = torch.zeros_like(logits, dtype=acc).scatter_(1, ids, weights.to(acc))  # [T, E]
+    gate, up, down = (w["experts." + n] for n in ("gate_proj", "up_proj", "down_proj"))
+    out = torch.empty_like(x)
+    for s in range(0, x.shape[0], chunk):
+        xs = x[s:s + chunk]
+        h = F.silu(torch.einsum("td,eid->eti", xs, gate)) * torch.einsum("td,eid->eti", xs, up)  # [E, t, I]
+        y = torch.einsum("eti,edi->etd", h, down)  # [E, t, D]
+        out[s:s + chunk] = torch.einsum("te,etd->td", mix[s:s + chunk], y.to(acc)).to(x.dtype)  # summed in acc
     if cfg.n_shared_experts:
         out = out + mlp(x, w, "shared_experts.")
     return out
@@ -206,6 +214,8 @@ class ReferenceModel:
     """A whole DeepSeek-V2/V3 decoder built from HF on-disk tensors (per-expert names)."""
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+        """``weights`` by HF name; the routed experts' tensors are moved out of it into stacked ones (so a
+        full-size model never holds them twice)."""
         self.cfg = cfg
         expected = tensor_shapes(cfg)
         for name, shape in expected.items():
@@ -228,6 +238,12 @@ class ReferenceModel:
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
             ffn = sub(p + "mlp.")
+            if cfg.is_moe_layer(i):  # routed experts stacked [E, ...]; the per-expert tensors leave ``weights``
+                for n in ("gate_proj", "up_proj", "down_proj"):
+                    names = [f"{p}mlp.experts.{e}.{n}.weight" for e in range(cfg.n_routed_experts)]
+                    ffn["experts." + n] = torch.stack([weights.pop(name) for name in names])
+                    for name in names:
+                        del ffn[name[len(p + "mlp."):]]
             # The router stays in float32 or better (as transformers keeps it): top-k picks are fragile.
             for name in ("gate.weight", "gate.e_score_correction_bias"):
                 if name in ffn:
