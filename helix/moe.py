@@ -112,40 +112,40 @@ class MoE:
             # decode (on CUDA, or HELIX_KERNELS=triton): no host sync, so CUDA graphs can capture it, and
             # only the chosen local experts are read; eager and captured decode steps run the same kernels
             return out + moe_decode(x, self.w_gate, self.w_up, self.w_down, local, weights)
-        return out + sum_chunks(self._routed_many, x, local, weights, chunk=PREFILL_CHUNK)
-
-    def _routed_many(self, x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Routed experts of many tokens (prefill): the (token, choice) pairs that picked this rank's experts,
-        grouped by expert and padded to the busiest expert's count C, run as three batched matmuls over
-        [E_r, C, D]: a fixed number of launches and one host sync (C), however many experts are busy. Each
-        token then sums its k results in choice order (no atomics: the same bits on every run).
-
-        x [T, D], local [T, k] (local expert ids, out of range for other ranks' experts), weights [T, k]."""
-        experts, (t, k), d = self.w_gate.shape[0], local.shape, x.shape[1]
-        expert = local.reshape(-1)  # [T k], pair p = (token p // k, choice p % k)
-        expert = torch.where((expert >= 0) & (expert < experts), expert, experts)  # other ranks' sort last
-        count = torch.bincount(expert, minlength=experts + 1)[:experts]  # [E_r]
-        cap = int(count.max())  # host sync
-        if cap == 0:
-            return torch.zeros_like(x)
-        pair = expert.argsort(stable=True)  # [T k] pairs grouped by expert
-        row = expert[pair]
-        col = torch.arange(t * k, device=x.device) - (count.cumsum(0) - count)[row.clamp(max=experts - 1)]
-        slot = torch.where(row < experts, row * cap + col, experts * cap)  # flat [E_r, C] slot; E_r C: a zero row
-        token = torch.full((experts * cap + 1,), t, dtype=torch.long, device=x.device)  # t: an all-zero pad token
-        token[slot] = pair // k
-        weight = torch.zeros(experts * cap + 1, dtype=weights.dtype, device=x.device)
-        weight[slot] = weights.reshape(-1)[pair]
-        xs = F.pad(x, (0, 0, 0, 1))[token[:-1]].view(experts, cap, d)  # [E_r, C, D]
-        h = F.silu(xs @ self.w_gate.transpose(1, 2)) * (xs @ self.w_up.transpose(1, 2))  # [E_r, C, I_r]
-        y = (h @ self.w_down.transpose(1, 2)).view(-1, d) * weight[:-1, None].to(x.dtype)  # [E_r C, D]
-        where = torch.empty_like(slot)
-        where[pair] = slot  # pair p's slot, in pair order
-        return F.pad(y, (0, 0, 0, 1))[where].view(t, k, d).sum(1)
+        return out + grouped_experts(x, self.w_gate, self.w_up, self.w_down, local, weights)
 
 
-def sum_chunks(fn, x: torch.Tensor, *per_token: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``fn`` over slices of at most ``chunk`` tokens (bounds the [E_r, C, D] buffers of long prompts)."""
-    if x.shape[0] <= chunk:
-        return fn(x, *per_token)
-    return torch.cat([fn(*parts) for parts in zip(*(t.split(chunk) for t in (x, *per_token)))])
+def grouped_experts(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                    expert_ids: torch.Tensor, weights: torch.Tensor, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """``kernels.moe_decode``'s contract for many tokens (prefill): x [T, D], stacked local experts w_gate /
+    w_up [E_r, I, D] and w_down [E_r, D, I], expert_ids [T, k] (out of range for other ranks' experts, whose
+    weights are ignored) and weights [T, k] -> this rank's routed output [T, D].
+
+    The (token, choice) pairs of local experts are grouped by expert and padded to the busiest expert's count
+    C, then run as three batched matmuls over [E_r, C, D]: a fixed number of launches and one host sync (C),
+    however many experts are busy. Each token sums its k results in choice order (no atomics: the same bits
+    on every run). Tokens go ``chunk`` at a time to bound the [E_r, C, .] buffers of long prompts."""
+    if x.shape[0] > chunk:
+        parts = zip(x.split(chunk), expert_ids.split(chunk), weights.split(chunk))
+        return torch.cat([grouped_experts(xc, w_gate, w_up, w_down, ic, wc, chunk) for xc, ic, wc in parts])
+    experts, (t, k), d = w_gate.shape[0], expert_ids.shape, x.shape[1]
+    expert = expert_ids.reshape(-1).long()  # [T k], pair p = (token p // k, choice p % k)
+    expert = torch.where((expert >= 0) & (expert < experts), expert, experts)  # other ranks' sort last
+    count = torch.bincount(expert, minlength=experts + 1)[:experts]  # [E_r]
+    cap = int(count.max()) if experts else 0  # host sync
+    if cap == 0:
+        return torch.zeros_like(x)
+    pair = expert.argsort(stable=True)  # [T k] pairs grouped by expert
+    row = expert[pair]
+    col = torch.arange(t * k, device=x.device) - (count.cumsum(0) - count)[row.clamp(max=experts - 1)]
+    slot = torch.where(row < experts, row * cap + col, experts * cap)  # flat [E_r, C] slot; E_r C: a zero row
+    token = torch.full((experts * cap + 1,), t, dtype=torch.long, device=x.device)  # t: an all-zero pad token
+    token[slot] = pair // k
+    weight = torch.zeros(experts * cap + 1, dtype=weights.dtype, device=x.device)
+    weight[slot] = weights.reshape(-1)[pair]
+    xs = F.pad(x, (0, 0, 0, 1))[token[:-1]].view(experts, cap, d)  # [E_r, C, D]
+    h = F.silu(xs @ w_gate.transpose(1, 2)) * (xs @ w_up.transpose(1, 2))  # [E_r, C, I]
+    y = (h @ w_down.transpose(1, 2)).view(-1, d) * weight[:-1, None].to(x.dtype)  # [E_r C, D]
+    where = torch.empty_like(slot)
+    where[pair] = slot  # pair p's slot, in pair order
+    return F.pad(y, (0, 0, 0, 1))[where].view(t, k, d).sum(1)

@@ -138,10 +138,30 @@ def test_validation_and_path(monkeypatch):
     assert_path_selection(monkeypatch, "moe_decode", lambda: moe_decode(x, wg, wu, wd, ids, w))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("tokens,k,experts,local,chunk", [
+    (1, 6, 9, 0.5, 4096),
+    (13, 6, 7, 0.6, 4096),
+    (13, 6, 7, 0.6, 4),  # chunked: 4 + 4 + 4 + 1 tokens
+    (9, 2, 5, 1.0, 4096),
+    (6, 3, 4, 0.0, 4096),  # no local choice at all
+])
+def test_helix_moe_prefill_grouping_matches_oracle(dtype, tokens, k, experts, local, chunk):
+    """helix.moe.grouped_experts (the prefill path: pairs grouped by expert, padded batched matmuls) keeps
+    moe_decode's contract on the same hostile inputs: foreign ids with NaN weights, a NaN expert nobody chose."""
+    from helix.moe import grouped_experts
+
+    case = make_case(tokens, k, experts, 40, 72, dtype, local, seed=tokens + k)
+    y = grouped_experts(*case, chunk=chunk)
+    if local == 0.0:
+        return assert_exact(y, torch.zeros_like(case[0]), "grouped_experts with no local choice")
+    check(y, case, f"grouped_experts T={tokens} k={k} E_r={experts} chunk={chunk} {dtype}")
+
+
 @pytest.mark.parametrize("mode,rank", [("ep", 1), ("tp", 2)])
-def test_helix_moe_decode_path_matches_expert_loop(checkpoint_factory, monkeypatch, mode, rank):
+def test_helix_moe_decode_path_matches_grouped_path(checkpoint_factory, monkeypatch, mode, rank):
     """helix.moe.MoE on 3 ranks of the tiny preset: the decode path (kernel under the interpreter, which is
-    what CUDA runs) equals the per-expert loop it replaces for small batches."""
+    what CUDA runs) equals the grouped path that larger batches (and HELIX_KERNELS=torch) take."""
     from helix.checkpoint import Checkpoint
     from helix.mapping import HelixMapping
     from helix.moe import MoE
@@ -152,13 +172,13 @@ def test_helix_moe_decode_path_matches_expert_loop(checkpoint_factory, monkeypat
     moe = MoE(cfg, Checkpoint(checkpoint_factory("deepseek-v3-lite-tiny")), f"model.layers.{layer}.mlp.",
               HelixMapping(rank, 3, 8), mode, torch.float32, "cpu")
     x = torch.randn(5, cfg.hidden_size, generator=torch.Generator().manual_seed(rank))
-    monkeypatch.setenv("HELIX_KERNELS", "torch")  # the loop
-    loop = moe(x)
+    monkeypatch.setenv("HELIX_KERNELS", "torch")  # the grouped path
+    grouped = moe(x)
     mod = importlib.import_module("kernels.moe_decode")
     launched = []
     monkeypatch.setattr(mod, "moe_decode_triton", lambda *a: launched.append(1) or moe_decode_triton(*a))
     monkeypatch.setenv("HELIX_KERNELS", "triton")  # moe_decode's kernel
-    assert_f32_parity(moe(x), loop, f"MoE {mode} rank {rank}/3: moe_decode vs expert loop")
+    assert_f32_parity(moe(x), grouped, f"MoE {mode} rank {rank}/3: moe_decode vs grouped path")
     assert launched, "MoE did not take the moe_decode path"
 
 
