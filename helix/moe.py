@@ -124,7 +124,9 @@ def grouped_experts(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w
     The (token, choice) pairs of local experts are grouped by expert and padded to the busiest expert's count
     C, then run as three batched matmuls over [E_r, C, D]: a fixed number of launches and one host sync (C),
     however many experts are busy. Each token sums its k results in choice order (no atomics: the same bits
-    on every run). Tokens go ``chunk`` at a time to bound the [E_r, C, .] buffers of long prompts."""
+    on every run). Tokens go ``chunk`` at a time to bound the [E_r, C, .] buffers of long prompts. It reads
+    every local expert, which a prefill chunk chooses anyway; ``kernels.moe_decode_torch`` (same contract)
+    reads only the chosen ones, one expert at a time, which is what small decode batches want."""
     if x.shape[0] > chunk:
         parts = zip(x.split(chunk), expert_ids.split(chunk), weights.split(chunk))
         return torch.cat([grouped_experts(xc, w_gate, w_up, w_down, ic, wc, chunk) for xc, ic, wc in parts])

@@ -237,13 +237,12 @@ class ReferenceModel:
         self.layers = []
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
-            ffn = sub(p + "mlp.")
-            if cfg.is_moe_layer(i):  # routed experts stacked [E, ...]; the per-expert tensors leave ``weights``
+            ffn = {}
+            if cfg.is_moe_layer(i):  # routed experts stacked [E, ...], moved out of ``weights``
                 for n in ("gate_proj", "up_proj", "down_proj"):
-                    names = [f"{p}mlp.experts.{e}.{n}.weight" for e in range(cfg.n_routed_experts)]
-                    ffn["experts." + n] = torch.stack([weights.pop(name) for name in names])
-                    for name in names:
-                        del ffn[name[len(p + "mlp."):]]
+                    ffn["experts." + n] = torch.stack([weights.pop(f"{p}mlp.experts.{e}.{n}.weight")
+                                                       for e in range(cfg.n_routed_experts)])
+            ffn.update(sub(p + "mlp."))
             # The router stays in float32 or better (as transformers keeps it): top-k picks are fragile.
             for name in ("gate.weight", "gate.e_score_correction_bias"):
                 if name in ffn:
