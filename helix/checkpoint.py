@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from helix.config import ModelConfig
-from helix.presets import get_preset
+from helix.presets import CONSTRUCTED, get_preset
 from helix.tokenizer import with_byte_specials, write_byte_tokenizer
 
 log = logging.getLogger(__name__)
@@ -299,9 +299,22 @@ def _si(n: int) -> str:
     return f"{n} "
 
 
+def preset_tensors(model: str | ModelConfig, cfg: ModelConfig, seed: int, dtype: torch.dtype
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the checkpoint ``make_checkpoint`` writes for ``model``."""
+    if model in CONSTRUCTED:
+        from helix.needle import needle_tensors  # imports the reference's RoPE: only when needed
+
+        return ((name, t.to(dtype)) for name, t in needle_tensors(cfg).items())
+    return synthetic_tensors(cfg, seed, dtype)
+
+
 def make_checkpoint(model: str | ModelConfig, out: str | os.PathLike, seed: int = 0, dtype: str = "bfloat16",
                     dry_run: bool = False, shard_bytes: int = 4 << 30) -> CheckpointPlan:
     """Write a complete synthetic HF checkpoint of preset name or config ``model`` into ``out``.
+
+    Weights are random (seeded), except for the presets in ``presets.CONSTRUCTED`` named by their name, whose
+    weights are written down (``helix.needle``) and take no seed.
 
     Weights are generated and written one shard at a time, so a 54 GB model never sits in memory. The
     files go to a temporary sibling directory renamed onto ``out`` at the end: a directory at ``out`` is
@@ -330,7 +343,7 @@ def make_checkpoint(model: str | ModelConfig, out: str | os.PathLike, seed: int 
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump(generation, f, indent=1)
         write_byte_tokenizer(tmp, cfg.max_position_embeddings)
-        write_safetensors(synthetic_tensors(cfg, seed, DTYPES[dtype]), tmp, shard_bytes)
+        write_safetensors(preset_tensors(model, cfg, seed, DTYPES[dtype]), tmp, shard_bytes)
         if os.path.isdir(out):
             os.rmdir(out)
         os.rename(tmp, out)

@@ -5,6 +5,8 @@
   correction bias). About 27 B parameters, ~54 GB in bf16.
 * ``deepseek-v3-lite-tiny``: the same structure sized for a 2-core CPU (first layer dense, group-limited
   routing with n_group > 1 and topk_group < n_group, YaRN), head / expert / FFN widths divisible by 2, 3, 4.
+* ``deepseek-v3-needle``: a small V3 whose weights are constructed to retrieve needles up to 2^20 tokens
+  (helix/needle.py); ``helix make-checkpoint`` writes those weights instead of random ones.
 * ``deepseek-v2-lite``: the public DeepSeek-V2-Lite ``config.json`` (softmax routing, greedy top-k).
 """
 
@@ -88,6 +90,42 @@ PRESETS: dict[str, dict] = {
         "bos_token_id": 256,
         "eos_token_id": 257,
     },
+    # Weights constructed, not random (helix/needle.py): a copy circuit that retrieves needles at up to 2^20
+    # tokens. 12 heads (Helix N = 2, 3, 4), 12 experts in 4 groups, YaRN x32 over 32K to 1M positions.
+    "deepseek-v3-needle": {
+        "model_type": "deepseek_v3",
+        "vocab_size": 320,  # 259 byte-tokenizer ids, padded; not a multiple of 3 (uneven vocab shards at N = 3)
+        "hidden_size": 128,
+        "intermediate_size": 48,
+        "moe_intermediate_size": 24,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 12,
+        "q_lora_rank": None,
+        "kv_lora_rank": 128,
+        "qk_nope_head_dim": 96,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 16,
+        "n_routed_experts": 12,
+        "num_experts_per_tok": 4,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "n_group": 4,
+        "topk_group": 2,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 32768,
+                         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "rope_interleave": True,
+        "max_position_embeddings": 1048576,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "bos_token_id": 256,
+        "eos_token_id": 257,
+    },
     # https://huggingface.co/deepseek-ai/DeepSeek-V2-Lite/blob/main/config.json
     "deepseek-v2-lite": {
         "model_type": "deepseek_v2",
@@ -123,6 +161,9 @@ PRESETS: dict[str, dict] = {
         "eos_token_id": 100001,
     },
 }
+
+
+CONSTRUCTED = ("deepseek-v3-needle",)  # presets whose checkpoint weights are written down, not drawn
 
 
 def preset_dict(name: str) -> dict:

@@ -17,7 +17,7 @@ import torch
 
 from helix.checkpoint import Checkpoint, SyntheticCheckpoint
 from helix.config import ConfigError, ModelConfig
-from helix.presets import get_preset
+from helix.presets import CONSTRUCTED, get_preset
 from helix.tokenizer import load_tokenizer, with_byte_specials, write_byte_tokenizer
 
 SYNTHETIC = "synthetic:"
@@ -30,6 +30,9 @@ def is_synthetic(source: str | os.PathLike) -> bool:
 def synthetic_config(source: str) -> ModelConfig:
     """The preset named after ``synthetic:``, with the byte tokenizer's bos/eos ids."""
     name = source[len(SYNTHETIC):]
+    if name in CONSTRUCTED:
+        raise ConfigError(f"model={source!r}: {name!r} has constructed weights, not random ones; write them with "
+                          f"`helix make-checkpoint --preset {name} --out DIR` and pass DIR")
     try:
         cfg = get_preset(name)
     except ConfigError as e:

@@ -25,7 +25,8 @@ def checkpoint_factory(tmp_path_factory):
         key = json.dumps([preset, seed, dtype, overrides], sort_keys=True)
         if key not in written:
             out = tmp_path_factory.mktemp("ckpt") / preset
-            make_checkpoint(get_preset(preset, **overrides), out, seed=seed, dtype=dtype)
+            # By name when unchanged, so a constructed preset (deepseek-v3-needle) gets its constructed weights.
+            make_checkpoint(get_preset(preset, **overrides) if overrides else preset, out, seed=seed, dtype=dtype)
             written[key] = out
         return written[key]
 
@@ -36,6 +37,12 @@ def checkpoint_factory(tmp_path_factory):
 def tiny_checkpoint(checkpoint_factory) -> Path:
     """The deepseek-v3-lite-tiny synthetic checkpoint: float32 weights, seed 0, tokenizer files included."""
     return checkpoint_factory()
+
+
+@pytest.fixture(scope="session")
+def needle_checkpoint(checkpoint_factory) -> Path:
+    """The deepseek-v3-needle checkpoint (constructed weights, helix/needle.py) in float32."""
+    return checkpoint_factory("deepseek-v3-needle")
 
 
 @pytest.fixture(scope="session")
