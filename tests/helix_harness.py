@@ -12,13 +12,14 @@ of helix/reference.py.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
 import helix.attention
 from helix.attention import HelixMLA, StepMeta
 from helix.checkpoint import DTYPES, Checkpoint
-from helix.kv_cache import PagedKVCache
+from helix.kv_cache import SCRATCH_BLOCK, PagedKVCache
 from helix.mapping import HelixMapping
 from helix.model import HelixModel
 from helix.reference import mla_reference
@@ -39,9 +40,17 @@ def _drop_last_shard(o_parts, lse_parts):
     return _ORIGINAL["combine"](o_parts[:-1], lse_parts[:-1])
 
 
-def _shifted_owner(self, pos):
-    """Wrong owner rank: the new KV goes to the next rank over, while readers still expect round-robin."""
-    return ((pos // self.tokens_per_block) + 1) % self.world_size
+def _shifted_owner_slots(self, seq_id, positions):
+    """Off-by-one block owner for writes: rank (b + 1) mod N writes a position of block b, into the slot its
+    local index names in that rank's cache (lost where that rank holds no such block), while readers still
+    expect round-robin: the owner reads whatever its slot held before."""
+    m, blocks = self.mapping, self.seqs[seq_id].blocks
+    out = []
+    for p in positions.tolist():
+        local = m.local_index(p)
+        mine = (p // self.tpb + 1) % m.world_size == m.rank and local // self.tpb < len(blocks)
+        out.append(blocks[local // self.tpb] * self.tpb + local % self.tpb if mine else SCRATCH_BLOCK * self.tpb)
+    return torch.tensor(out, dtype=torch.long)
 
 
 def _local_rope_positions(n: int, tpb: int):
@@ -51,7 +60,14 @@ def _local_rope_positions(n: int, tpb: int):
     return cos_sin
 
 
-_ORIGINAL = {"combine": helix.attention.helix_combine, "cos_sin": Rope.cos_sin}
+def _base2_lse(*args, **kwargs):
+    """A base-2 log-sum-exp (log2 sum 2^(s log2 e) = lse / ln 2, what an exp2-based kernel keeps) fed to the
+    natural-log combine: each rank's weight becomes exp(lse_r / ln 2), too sharp across ranks."""
+    o, lse = _ORIGINAL["decode"](*args, **kwargs)
+    return o, lse / math.log(2)
+
+
+_ORIGINAL = {"combine": helix.attention.helix_combine, "cos_sin": Rope.cos_sin, "decode": helix.attention.mla_decode}
 
 
 @contextlib.contextmanager
@@ -59,24 +75,26 @@ def planted(fault: str | None, n: int, tpb: int):
     if fault is None:
         yield
         return
-    saved = (helix.attention.helix_combine, HelixMapping.owner_of_position, Rope.cos_sin)
+    saved = (helix.attention.helix_combine, PagedKVCache.slots, Rope.cos_sin, helix.attention.mla_decode)
     try:
         if fault == "uniform_combine":
             helix.attention.helix_combine = _uniform_combine
         elif fault == "drop_shard":
             helix.attention.helix_combine = _drop_last_shard
         elif fault == "wrong_owner":
-            HelixMapping.owner_of_position = _shifted_owner
+            PagedKVCache.slots = _shifted_owner_slots
         elif fault == "local_rope":
             Rope.cos_sin = _local_rope_positions(n, tpb)
+        elif fault == "base2_lse":
+            helix.attention.mla_decode = _base2_lse
         else:
             raise ValueError(fault)
         yield
     finally:
-        helix.attention.helix_combine, HelixMapping.owner_of_position, Rope.cos_sin = saved
+        helix.attention.helix_combine, PagedKVCache.slots, Rope.cos_sin, helix.attention.mla_decode = saved
 
 
-FAULTS = ["uniform_combine", "drop_shard", "wrong_owner", "local_rope"]
+FAULTS = ["uniform_combine", "drop_shard", "wrong_owner", "local_rope", "base2_lse"]
 
 
 def rank_generate_with_fault(ctx, fault, spec, requests):
