@@ -16,8 +16,11 @@ import torch.distributed as dist
 DEFAULT_TIMEOUT_S = float(os.environ.get("HELIX_COLLECTIVE_TIMEOUT_S", "60"))
 
 
-def backend_for(device: torch.device | str) -> str:
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+def backend_for(devices: list[torch.device | str]) -> str:
+    """nccl when every member has a GPU of its own; gloo otherwise (CPU ranks, or ranks that share a GPU:
+    NCCL refuses to connect two ranks on one device)."""
+    devs = [torch.device(d) for d in devices]
+    return "nccl" if all(d.type == "cuda" for d in devs) and len(set(devs)) == len(devs) else "gloo"
 
 
 @dataclass
@@ -55,10 +58,12 @@ class Comm:
 
 
 def init_process_group(rank: int, world_size: int, device: torch.device | str, init_method: str | None = None,
-                       store: dist.Store | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Comm:
-    """Join the world group through ``init_method`` (env:// under torchrun) or an already connected ``store``."""
+                       store: dist.Store | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                       backend: str | None = None) -> Comm:
+    """Join the world group through ``init_method`` (env:// under torchrun) or an already connected ``store``;
+    ``backend`` defaults to this rank's device's (see ``backend_for``)."""
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    backend = backend_for(device)
+    backend = backend or backend_for([device])
     kwargs = {}
     if backend == "nccl":
         kwargs["device_id"] = torch.device(device)

@@ -1,7 +1,7 @@
 """Local rank processes: spawned once, they run many commands, and any failure surfaces in the driver.
 
 ``RankPool(world_size)`` starts one process per rank (torch.multiprocessing, spawn), joins them in a
-torch.distributed world (gloo on CPU, nccl on CUDA) and creates the prefix groups {0..n-1} for every n, so
+torch.distributed world (gloo on CPU, nccl on CUDA; gloo for any group whose ranks share a GPU) and creates the prefix groups {0..n-1} for every n, so
 one spawn serves Helix runs with N = 1..world_size. ``pool.run(fn, *args, n=N)`` calls
 ``fn(ctx, *args)`` on ranks 0..N-1 (``fn`` must be a module-level function) and returns their results.
 
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helix.comm import DEFAULT_TIMEOUT_S, Comm, destroy, init_process_group
+from helix.comm import DEFAULT_TIMEOUT_S, Comm, backend_for, destroy, init_process_group
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,11 @@ def _worker(rank: int, world: int, devices: list[str], store_port: int, extra_gr
     try:
         store = dist.TCPStore(STORE_HOST, store_port, world, is_master=False,
                               timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
-        init_process_group(rank, world, device, store=store)
+        init_process_group(rank, world, device, store=store, backend=backend_for(devices))
         ctx = RankContext(rank, world, device, store)
         for key in [tuple(range(n)) for n in range(1, world + 1)] + list(extra_groups):
-            group = dist.new_group(list(key)) if len(key) < world else dist.group.WORLD
+            backend = backend_for([devices[r] for r in key])
+            group = dist.new_group(list(key), backend=backend) if len(key) < world else dist.group.WORLD
             if rank in key:
                 ctx.groups[key] = group
     except BaseException:

@@ -59,7 +59,7 @@ def _start_rank(ctx: RankContext, dep: Deployment) -> None:
         ctx.state["server"] = ContextServer(dep, ctx.device)
     else:
         ctx.state["server"] = GenerationServer(dep, ctx.rank, ctx.comm(ranks=dep.generation_ranks), ctx.device)
-    connect(ctx.rank, dep.context_ranks[0], dep.generation_ranks, ctx.device)
+    connect(ctx.rank, dep.context_ranks[0], dep.generation_ranks, dep.handoff_device)
 
 
 def _serve_rank(ctx: RankContext, batch: int, requests: list[Request]) -> BatchReport | None:
@@ -78,10 +78,12 @@ class Cluster:
     def __init__(self, dep: Deployment):
         self.dep = dep
         self.pool: RankPool | None = None
-        if dep.device == "cuda" and torch.cuda.device_count() < dep.world_size:
-            raise ConfigError(f"model.device='cuda': the deployment needs {dep.world_size} GPUs (context server "
-                              f"{len(dep.context_ranks)} + generation_servers.context_parallel_size "
-                              f"{len(dep.generation_ranks)}), {torch.cuda.device_count()} visible")
+        gpus = len(set(dep.devices()))
+        if dep.device == "cuda" and torch.cuda.device_count() < gpus:
+            raise ConfigError(f"model.device='cuda': the deployment needs {gpus} GPUs (context server "
+                              f"{len(dep.context_ranks)}{' on GPU 0' if dep.context.colocate else ''} + "
+                              f"generation_servers.context_parallel_size {len(dep.generation_ranks)}), "
+                              f"{torch.cuda.device_count()} visible")
         self.tokenizer = load_source_tokenizer(dep.model_path)
         self._batches = 0
         log.info("launching %s: context server on %s, Helix generation server N=%d on %s", dep.source or "deployment",

@@ -50,7 +50,8 @@ class ContextServer:
         for req in handed_over(requests, self.dep):
             n = self.prefill(req)
             handoff.mark_ready(req.req_id)
-            pending.append((req.req_id, send_prompt_kv(self.cache, req.req_id, n, self.dep.generation_ranks)))
+            pending.append((req.req_id, send_prompt_kv(self.cache, req.req_id, n, self.dep.generation_ranks,
+                                                           self.dep.handoff_device)))
             self.cache.release(req.req_id)
             log.debug("context server: request %d prefilled (%d tokens), KV sent", req.req_id, n)
             while len(pending) > lookahead:

@@ -10,13 +10,15 @@ YAML or JSON, three sections (DESIGN §4)::
     context_servers:
       tensor_parallel_size: 1
       kv_cache_config: {tokens_per_block: 32, max_tokens: 65536}
+      colocate: false                         # true: share generation rank 0's GPU (KV hand-over via host)
     generation_servers:                       # the keys of TensorRT-LLM's Helix documentation
       context_parallel_size: 2
       cp_config: {cp_type: HELIX, tokens_per_block: 32}
       kv_cache_config: {tokens_per_block: 32, max_tokens: 65536}
       max_batch_size: 8
 
-Rank layout: the context server's rank(s) come first, then the N generation ranks; on CUDA rank r uses GPU r.
+Rank layout: the context server's rank(s) come first, then the N generation ranks; on CUDA rank r uses GPU r,
+or, with ``colocate``, the context server uses GPU 0 beside generation rank 0 (N GPUs in all).
 Every error is a ``ConfigError`` naming the key, the value and the rule (and the file, when there is one).
 """
 
@@ -31,7 +33,7 @@ from helix.sources import is_synthetic, synthetic_config
 
 SECTIONS = ("model", "context_servers", "generation_servers")
 MODEL_KEYS = ("path", "dtype", "device")
-CONTEXT_KEYS = ("tensor_parallel_size", "kv_cache_config")
+CONTEXT_KEYS = ("tensor_parallel_size", "kv_cache_config", "colocate")
 RUNTIME_DTYPES = ("float32", "bfloat16")
 
 
@@ -44,6 +46,7 @@ class ContextServerConfig:
     tensor_parallel_size: int = 1
     tokens_per_block: int = 32
     max_tokens: int = 8192  # longest prompt it prefills (its KV capacity for one sequence)
+    colocate: bool = False  # on CUDA: run on generation rank 0's GPU (N GPUs in all instead of N + 1)
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,19 @@ class Deployment:
         return self.context.tensor_parallel_size + self.generation.context_parallel_size
 
     def devices(self) -> list[str]:
-        """Context server rank(s) first, then generation ranks: one GPU each on CUDA."""
-        return ["cpu"] * self.world_size if self.device == "cpu" else [f"cuda:{r}" for r in range(self.world_size)]
+        """Context server rank(s) first, then generation ranks: one GPU each on CUDA, except that a colocated
+        context server shares GPU 0 with generation rank 0."""
+        if self.device == "cpu":
+            return ["cpu"] * self.world_size
+        if self.context.colocate:
+            return ["cuda:0"] + [f"cuda:{g}" for g in range(self.generation.context_parallel_size)]
+        return [f"cuda:{r}" for r in range(self.world_size)]
+
+    @property
+    def handoff_device(self) -> str:
+        """Where the KV hand-over's tensors travel: host memory when the context server shares a GPU (its
+        group with the generation ranks is then gloo: NCCL does not connect two ranks on one GPU)."""
+        return "cpu" if self.context.colocate else self.device
 
     def role_of(self, rank: int) -> str:
         if rank in self.context_ranks:
@@ -199,4 +213,7 @@ def _context_config(raw: dict, generation: HelixConfig) -> ContextServerConfig:
               f"must equal generation_servers.cp_config.tokens_per_block={want}: KV is handed over block by block "
               "to the generation rank that owns it")
     max_tokens = _int("context_servers.kv_cache_config.max_tokens", kv.get("max_tokens", generation.max_tokens), tpb)
-    return ContextServerConfig(tp, tpb, max_tokens)
+    colocate = raw.get("colocate", False)
+    if not isinstance(colocate, bool):
+        _fail("context_servers.colocate", colocate, "must be true or false")
+    return ContextServerConfig(tp, tpb, max_tokens, colocate)

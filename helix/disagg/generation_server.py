@@ -99,6 +99,7 @@ class GenerationServer:
         self.engine.reserve_prompt(req)  # allocates this rank's blocks for prompt[:-1]
         if self.g == 0:
             handoff.mark_admitted(req.req_id)
-        recv_prompt_kv(self.engine.cache, req.req_id, len(req.prompt) - 1, self.context_rank, self.g, self.n)
+        recv_prompt_kv(self.engine.cache, req.req_id, len(req.prompt) - 1, self.context_rank, self.g, self.n,
+                       self.dep.handoff_device)
         self.engine.start(req)
         log.debug("generation rank %d: request %d joined at step %d", self.g, req.req_id, self.engine.steps)

@@ -25,9 +25,10 @@ def owned_blocks(num_tokens: int, tokens_per_block: int, n: int, g: int) -> rang
     return range(g, -(-num_tokens // tokens_per_block), n)
 
 
-def send_prompt_kv(cache: PagedKVCache, seq_id: int, num_tokens: int, gen_ranks: list[int]) -> list:
+def send_prompt_kv(cache: PagedKVCache, seq_id: int, num_tokens: int, gen_ranks: list[int], wire: str) -> list:
     """Post the sends of a prefilled sequence's blocks (the context server's cache holds every block: its
-    local order is the global order). Returns (work, staged tensor) pairs; keep them until the works are done."""
+    local order is the global order), staged on ``wire`` (the cache's device, or "cpu" when the hand-over goes
+    through host memory). Returns (work, staged tensor) pairs; keep them until the works are done."""
     seq, n = cache.seqs[seq_id], len(gen_ranks)
     pending = []
     for layer in cache.layers:  # [num_blocks, tpb, E]
@@ -36,13 +37,14 @@ def send_prompt_kv(cache: PagedKVCache, seq_id: int, num_tokens: int, gen_ranks:
             if not blocks:
                 continue
             phys = torch.tensor([seq.blocks[b] for b in blocks], device=layer.device)
-            staged = layer.index_select(0, phys)  # [n_g, tpb, E], contiguous
+            staged = layer.index_select(0, phys).to(wire)  # [n_g, tpb, E], contiguous
             pending.append((dist.isend(staged, dst), staged))
     return pending
 
 
-def recv_prompt_kv(cache: PagedKVCache, seq_id: int, num_tokens: int, src: int, g: int, n: int) -> None:
-    """Receive this rank's blocks of a request's prefilled tokens into its reserved blocks (engine.reserve_prompt)."""
+def recv_prompt_kv(cache: PagedKVCache, seq_id: int, num_tokens: int, src: int, g: int, n: int, wire: str) -> None:
+    """Receive this rank's blocks of a request's prefilled tokens, sent on ``wire``, into its reserved blocks
+    (engine.reserve_prompt)."""
     blocks = owned_blocks(num_tokens, cache.tpb, n, g)
     if not blocks:
         return
@@ -50,22 +52,21 @@ def recv_prompt_kv(cache: PagedKVCache, seq_id: int, num_tokens: int, src: int, 
     if len(local) != len(blocks):
         raise RuntimeError(f"sequence {seq_id}: {len(local)} reserved local blocks for {len(blocks)} owned blocks")
     phys = torch.tensor(local, device=cache.layers[0].device)
-    bufs = [torch.empty((len(blocks), *layer.shape[1:]), dtype=layer.dtype, device=layer.device)
-            for layer in cache.layers]
+    bufs = [torch.empty((len(blocks), *layer.shape[1:]), dtype=layer.dtype, device=wire) for layer in cache.layers]
     works = [dist.irecv(buf, src) for buf in bufs]
     for layer, buf, work in zip(cache.layers, bufs, works):
         work.wait()
-        layer.index_copy_(0, phys, buf)
+        layer.index_copy_(0, phys, buf.to(layer.device))
 
 
-def connect(rank: int, context_rank: int, gen_ranks: list[int], device: torch.device) -> None:
-    """One small message per (context, generation) pair at start-up: proves the path and, on NCCL, creates
-    the pair's communicator before the first request (its creation blocks until both sides join)."""
+def connect(rank: int, context_rank: int, gen_ranks: list[int], wire: str) -> None:
+    """One small message per (context, generation) pair at start-up, on ``wire``: proves the path and, on NCCL,
+    creates the pair's communicator before the first request (its creation blocks until both sides join)."""
     if rank == context_rank:
         for dst in gen_ranks:
-            dist.send(torch.tensor([dst], device=device), dst)
+            dist.send(torch.tensor([dst], device=wire), dst)
     else:
-        buf = torch.zeros(1, dtype=torch.long, device=device)
+        buf = torch.zeros(1, dtype=torch.long, device=wire)
         dist.recv(buf, context_rank)
         if int(buf) != rank:
             raise RuntimeError(f"KV path check: rank {rank} received {int(buf)} from the context server")

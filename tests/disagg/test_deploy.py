@@ -52,6 +52,7 @@ RULES = [
     ("model.revision", "main", ["model.revision='main'", "unknown key; model takes"]),
     ("generation_servers.cp_config.block_size", 4, ["generation_servers.cp_config.block_size=4", "unknown key"]),
     ("context_servers.batch", 4, ["context_servers.batch=4", "unknown key; context_servers takes"]),
+    ("context_servers.colocate", "yes", ["context_servers.colocate='yes'", "must be true or false"]),
     ("generation_servers", ..., ["generation_servers=None", "required section"]),
     ("servers", {}, ["servers={}", "unknown section"]),
 ]
@@ -98,3 +99,16 @@ def test_yaml_and_json_files_load_alike_and_errors_name_the_file(good, tmp_path)
         load_deployment(tmp_path / "broken.yaml")
     with pytest.raises(ConfigError, match="no such deployment file"):
         load_deployment(tmp_path / "missing.yaml")
+
+
+def test_rank_layout_on_gpus_and_the_colocated_context_server(good):
+    """Context 1 + Helix CP 2: 3 GPUs, NCCL everywhere; colocated, the context server shares GPU 0 with generation
+    rank 0 (2 GPUs), its group with the generation ranks is gloo and the KV hand-over travels via host memory."""
+    from helix.comm import backend_for
+
+    cuda = _with(good, "model.device", "cuda")
+    apart, together = load_deployment(cuda), load_deployment(_with(cuda, "context_servers.colocate", True))
+    assert apart.devices() == ["cuda:0", "cuda:1", "cuda:2"] and apart.handoff_device == "cuda"
+    assert together.devices() == ["cuda:0", "cuda:0", "cuda:1"] and together.handoff_device == "cpu"
+    assert backend_for(apart.devices()) == "nccl" and backend_for(together.devices()) == "gloo"
+    assert backend_for([together.devices()[r] for r in together.generation_ranks]) == "nccl"

@@ -1,5 +1,5 @@
 """Disaggregated serving on 4 GPUs: the context server on GPU 0, Helix generation ranks on GPUs 1-3 (NCCL
-point-to-point KV hand-over, CUDA-graph decode). float32: greedy tokens exact and logits inside the float32
+point-to-point KV hand-over, CUDA-graph decode); on 2 GPUs with the context server colocated on GPU 0. float32: greedy tokens exact and logits inside the float32
 policy against the float64 reference; bf16: the reference's continuation teacher-forced, mean logit error
 within 2x the bf16 reference's and the TensorRT-LLM criterion on >= 98% of elements (as tests/gpu), or on as
 many as the bf16 reference itself meets (a routed expert flipping on a near-tie moves whole rows by O(1))."""
@@ -55,3 +55,21 @@ def test_bf16_teacher_forced_on_gpus(checkpoint_factory):
         results = cluster.run([Request(i, p, forced=c, keep_logits=True)
                                for i, (p, c) in enumerate(zip(prompts, conts))])
     check_bf16_teacher_forced(ref64, ref16, prompts, conts, results, "disagg GPU bf16")
+
+
+@pytest.mark.multi_gpu(2)
+def test_colocated_context_server_on_two_gpus_equals_reference(checkpoint_factory):
+    """The context server on GPU 0 beside generation rank 0 (KV hand-over through host memory): float32 greedy
+    tokens exact, logits inside the float32 policy."""
+    ckpt = checkpoint_factory()
+    ref = ReferenceModel.from_checkpoint(ckpt, dtype=torch.float64)
+    raw = _cuda(deployment(ckpt, n=2, max_tokens=256), "float32")
+    raw["context_servers"]["colocate"] = True
+    with launch(raw) as cluster:
+        report = cluster.serve([Request(i, p, SamplingParams(max_new_tokens=n), keep_logits=True)
+                                for i, (p, n) in enumerate(zip(PROMPTS, NEW_TOKENS))])
+    for res, prompt, n in zip(report.results, PROMPTS, NEW_TOKENS):
+        tokens, logits = ref.generate(prompt, n, return_logits=True)
+        assert_exact(torch.tensor(res.token_ids), torch.tensor(tokens), f"request {res.req_id}: greedy tokens")
+        for step, (a, b) in enumerate(zip(res.logits, logits)):
+            assert_f32_parity(a, b, f"request {res.req_id} step {step}")
