@@ -1,12 +1,15 @@
-"""The standard lm-eval ``mmlu`` and ``gsm8k`` tasks, with only their data source swapped when asked.
+"""The tasks ``helix eval`` runs, exposed to lm-eval through one-line ``include:`` files, offline.
 
-Prompts, few-shot selection, filters and metrics come from lm-eval's own built-in YAMLs: every task and group
-file is re-exposed through a one-line ``include:`` of the built-in file. With a local data directory (the
-layout of ``../shared/data``: ``mmlu/{dev,test}/SUBJECT_{dev,test}.csv`` and ``gsm8k/{train,test}.jsonl``)
-the include file also overrides the data source: gsm8k reads the JSON lines through ``datasets``' json
-loader (same fields as ``openai/gsm8k``); each MMLU subject gets a ``custom_dataset`` that builds the fields
-of ``cais/mmlu`` that the templates use (``choices`` a list, ``answer`` an int) from its CSVs. Without a
-local directory the hub datasets are used unchanged.
+* lm-eval's built-in ``mmlu`` and ``gsm8k`` YAMLs, with only their data source swapped when asked: every task
+  and group file is re-exposed through an include of the built-in file. With a local data directory (the layout
+  of ``../shared/data``: ``mmlu/{dev,test}/SUBJECT_{dev,test}.csv`` and ``gsm8k/{train,test}.jsonl``) the include
+  file also overrides the data source: gsm8k reads the JSON lines through ``datasets``' json loader (same fields
+  as ``openai/gsm8k``); each MMLU subject gets a ``custom_dataset`` that builds the fields of ``cais/mmlu`` that
+  the templates use (``choices`` a list, ``answer`` an int) from its CSVs. Without a local directory the hub
+  datasets are used unchanged.
+* lm-eval's RULER needle tasks ``niah_single_1``, ``niah_multikey_2``, ``niah_multikey_3`` unchanged: they build
+  their haystacks offline (lm_eval/tasks/ruler/prepare_niah.py), sized by the task metadata.
+* the project's own tasks, ``evals/tasks/*.yaml`` (``niah_restated``, see evals/niah_restated.py).
 
 Only these generated files are indexed (``TaskManager(include_defaults=False)``), which skips the ~15 s
 scan of every built-in task.
@@ -22,16 +25,38 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-TASKS = ("mmlu", "gsm8k")
+DATA_TASKS = ("mmlu", "gsm8k")  # read data files (local or hub)
+RULER_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3")  # lm-eval's, build their samples
+NEEDLE_TASKS = RULER_TASKS + ("niah_restated",)
+TASKS = DATA_TASKS + NEEDLE_TASKS
 DATA_ENV = "HELIX_EVAL_DATA"
+PROJECT_TASKS = Path(__file__).parent / "tasks"
+# A directory where nltk finds an (empty) punkt_tab; see ruler_offline.
+NLTK_STUB = Path(__file__).parent / "nltk_data"
 
 
-def builtin_task_files() -> list[Path]:
-    """lm-eval's own YAMLs for the two tasks: the 57 MMLU subjects with their groups, and gsm8k."""
+def data_task_files() -> list[Path]:
+    """lm-eval's own YAMLs of the data tasks: the 57 MMLU subjects with their groups, and gsm8k."""
     import lm_eval.tasks
 
     root = Path(lm_eval.tasks.__file__).parent
     return sorted((root / "mmlu" / "default").glob("*.yaml")) + [root / "gsm8k" / "gsm8k.yaml"]
+
+
+def needle_task_files() -> list[Path]:
+    """lm-eval's own RULER YAMLs, then the project's tasks (evals/tasks)."""
+    import lm_eval.tasks
+
+    root = Path(lm_eval.tasks.__file__).parent
+    return [root / "ruler" / f"{t}.yaml" for t in RULER_TASKS] + sorted(PROJECT_TASKS.glob("*.yaml"))
+
+
+def generation_cap(task: str) -> int:
+    """A needle task's ``max_gen_toks``, read from its YAML (includes followed, no function resolved)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    path = {f.stem: f for f in needle_task_files()}[task]
+    return int(load_yaml(path, resolve_func=False)["generation_kwargs"]["max_gen_toks"])
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
@@ -53,6 +78,22 @@ def go_offline() -> None:
     Must run before ``datasets`` is first imported (it reads these variables once)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def ruler_offline() -> None:
+    """Let lm-eval's RULER generator import without reaching for the network (before nltk is first imported).
+
+    lm_eval/tasks/ruler/prepare_niah.py calls ``nltk.download("punkt_tab")`` at import unless
+    ``nltk.data.find("tokenizers/punkt_tab")`` succeeds. Tried here with no network: nltk prints a download
+    error, returns, and the import goes on (the RULER tasks then work); where connecting hangs instead of
+    failing, nltk's downloader waits for its 120 s timeout. The haystacks of these tasks ("repeat", "needle")
+    are never split into sentences (only RULER's "essay" haystack calls ``sent_tokenize``), so an empty
+    punkt_tab directory (NLTK_STUB, shipped) is all they need: nltk finds it and downloads nothing. It does not
+    hide a real punkt_tab: a tokenizer loads ``tokenizers/punkt_tab/<language>/``, which the stub lacks, so nltk
+    keeps looking along its path. Spawned processes (the reference beside the deployment) inherit it."""
+    paths = [p for p in os.environ.get("NLTK_DATA", "").split(os.pathsep) if p]
+    if str(NLTK_STUB) not in paths:
+        os.environ["NLTK_DATA"] = os.pathsep.join(paths + [str(NLTK_STUB)])
 
 
 def mmlu_csv(data_dir: str, subject: str, **_task_metadata):
@@ -93,13 +134,14 @@ def _local_override(builtin: Path, data_dir: str) -> list[str]:
 
 
 def write_task_dir(out: str | os.PathLike, data_dir: str | None) -> str:
-    """One include file per built-in task/group YAML in ``out``; returns ``out``."""
+    """One include file per task/group YAML in ``out`` (local data only for the data tasks); returns ``out``."""
     out = os.fspath(out)
-    for builtin in builtin_task_files():
-        lines = [f"include: {json.dumps(str(builtin))}"]
-        if data_dir is not None:
-            lines += _local_override(builtin, data_dir)
-        with open(os.path.join(out, builtin.name), "w") as f:
+    files = [(f, data_dir is not None) for f in data_task_files()] + [(f, False) for f in needle_task_files()]
+    for task_file, local in files:
+        lines = [f"include: {json.dumps(str(task_file))}"]
+        if local:
+            lines += _local_override(task_file, data_dir)
+        with open(os.path.join(out, task_file.name), "w") as f:
             f.write("\n".join(lines) + "\n")
     return out
 
@@ -123,8 +165,9 @@ def task_dir(data_dir: str | None) -> Iterator[str]:
         logging.getLogger("lm_eval.api.task").removeFilter(notice)
 
 
-def task_manager(path: str):
-    """A TaskManager that knows only the generated mmlu/gsm8k files."""
+def task_manager(path: str, metadata: dict | None = None):
+    """A TaskManager that knows only the generated files; ``metadata`` reaches every task (the needle tasks'
+    generators read their lengths, depths and tokenizer from it)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_defaults=False, include_path=path)
+    return TaskManager(include_defaults=False, include_path=path, metadata=metadata)

@@ -20,6 +20,17 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def byte_tokenizer_dir(tmp_path_factory) -> str:
+    """The synthetic checkpoints' byte tokenizer alone (1 token per byte after BOS): what the needle generators
+    count with, without writing weights."""
+    from helix.tokenizer import write_byte_tokenizer
+
+    path = str(tmp_path_factory.mktemp("byte-tokenizer"))
+    write_byte_tokenizer(path, 1 << 20)
+    return path
+
+
+@pytest.fixture(scope="session")
 def reference_backend(tiny_checkpoint):
     from evals.backends import ReferenceBackend
 

@@ -8,15 +8,23 @@ import os
 
 import pytest
 
-from evals.task_data import builtin_task_files, go_offline, task_dir, task_manager, write_task_dir
+from evals.task_data import (data_task_files, go_offline, needle_task_files, task_dir, task_manager,
+                             write_task_dir)
 
 
-def test_hub_mode_only_includes_the_builtin_files(tmp_path):
+def test_hub_mode_only_includes_the_task_files(tmp_path):
     write_task_dir(tmp_path, None)
     files = sorted(os.listdir(tmp_path))
-    assert len(files) == 57 + 6 and "gsm8k.yaml" in files and "_mmlu.yaml" in files  # 57 subjects, 5 groups, gsm8k
-    for builtin in builtin_task_files():
-        assert (tmp_path / builtin.name).read_text() == f"include: {json.dumps(str(builtin))}\n"
+    # 57 subjects, 5 groups, gsm8k; RULER's three needle tasks and niah_restated
+    assert len(files) == 57 + 6 + 3 + 1 and {"gsm8k.yaml", "_mmlu.yaml", "niah_single_1.yaml", "niah_restated.yaml"} <= set(files)
+    for task_file in data_task_files() + needle_task_files():
+        assert (tmp_path / task_file.name).read_text() == f"include: {json.dumps(str(task_file))}\n"
+
+
+def test_local_data_leaves_the_needle_tasks_as_they_are(tmp_path, data_dir):
+    write_task_dir(tmp_path, data_dir)
+    for task_file in needle_task_files():
+        assert (tmp_path / task_file.name).read_text() == f"include: {json.dumps(str(task_file))}\n"
 
 
 @pytest.fixture(scope="module")
