@@ -1,7 +1,8 @@
 """Per-sample predictions out of lm-eval results, and the comparison of two runs on the same samples.
 
-A sample's key is ``SUBTASK/doc_id``. MMLU keeps the chosen letter (argmax of the four log-likelihoods) and
-those log-likelihoods; GSM8K keeps the generated text and the answer each filter extracted. Scores are
+A sample's key is ``SUBTASK/doc_id`` (``TASK/LENGTH/doc_id`` for a needle task). MMLU keeps the chosen letter
+(argmax of the four log-likelihoods) and those log-likelihoods; GSM8K and the needle tasks keep the generated text
+and the answer each filter extracted; a needle sample also keeps its context length and needle depth. Scores are
 percentages.
 """
 
@@ -11,9 +12,28 @@ import json
 import os
 
 from evals.stats import ThresholdTest, paired_difference
+from evals.task_data import NEEDLE_TASKS
 
-# The metrics reported per task, as lm-eval names them (metric,filter).
-TASK_METRICS = {"mmlu": ("acc,none",), "gsm8k": ("exact_match,strict-match", "exact_match,flexible-extract")}
+# The metrics reported per task, as lm-eval names them (metric,filter). The needle tasks' is RULER's
+# string_match_all (lm-eval's RULER tasks name it after the sample's length, see needle_score).
+NEEDLE_METRIC = "string_match_all,none"
+TASK_METRICS = {"mmlu": ("acc,none",), "gsm8k": ("exact_match,strict-match", "exact_match,flexible-extract"),
+                **{t: (NEEDLE_METRIC,) for t in NEEDLE_TASKS}}
+
+
+def needle_score(entry: dict) -> float:
+    """A needle sample's string_match_all: lm-eval's RULER tasks report it under the sample's max_length (and -1
+    under RULER's default lengths), niah_restated under its name."""
+    doc = entry["doc"]
+    return float(entry["string_match_all"] if "string_match_all" in entry else entry[str(doc["max_length"])])
+
+
+def needle_depth(doc: dict) -> float:
+    """Where the needle sits, in percent of the input: the requested depth where the sample records it
+    (niah_restated), else the character offset of the (first) expected value over the input's length."""
+    if "depth" in doc:
+        return doc["depth"]
+    return 100 * doc["input"].index(doc["outputs"][0]) / len(doc["input"])
 
 
 def samples_of(task: str, results: dict) -> dict[str, dict]:
@@ -21,9 +41,14 @@ def samples_of(task: str, results: dict) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for subtask, entries in results["samples"].items():
         for e in entries:
-            rec = out.setdefault(f"{subtask}/{e['doc_id']}", {"scores": {}})
-            for metric in e["metrics"]:
-                rec["scores"][f"{metric},{e['filter']}"] = float(e[metric])
+            if task in NEEDLE_TASKS:
+                rec = out.setdefault(f"{subtask}/{e['doc']['max_length']}/{e['doc_id']}", {"scores": {}})
+                rec.update(length=e["doc"]["max_length"], depth=needle_depth(e["doc"]))
+                rec["scores"][NEEDLE_METRIC] = needle_score(e)
+            else:
+                rec = out.setdefault(f"{subtask}/{e['doc_id']}", {"scores": {}})
+                for metric in e["metrics"]:
+                    rec["scores"][f"{metric},{e['filter']}"] = float(e[metric])
             if task == "mmlu":
                 logprobs = [float(lp) for lp, _ in e["filtered_resps"]]
                 rec.update(choice=max(range(len(logprobs)), key=logprobs.__getitem__), logprobs=logprobs)
@@ -34,7 +59,7 @@ def samples_of(task: str, results: dict) -> dict[str, dict]:
 
 
 def same_prediction(task: str, a: dict, b: dict) -> bool:
-    """MMLU: the same argmax choice. GSM8K: the same generated text and the same extracted answers."""
+    """MMLU: the same argmax choice. GSM8K, needles: the same generated text and the same extracted answers."""
     if task == "mmlu":
         return a["choice"] == b["choice"]
     return a["text"] == b["text"] and a["answers"] == b["answers"]
