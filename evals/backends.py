@@ -35,7 +35,11 @@ BACKENDS = ("helix", "reference")
 
 @dataclass
 class BackendSpec:
-    """Which backend, on which weights. ``config`` (a deployment file) or ``model`` (a checkpoint dir) is set."""
+    """Which backend, on which weights. ``config`` (a deployment file) or ``model`` (a checkpoint dir) is set.
+
+    ``max_tokens``: the KV capacity per sequence of the deployment built from ``model`` (context and generation
+    servers), so that every prompt the adapter lets in (its ``max_length``) is served; None keeps the
+    deployment's default. A deployment file states its own capacity."""
 
     backend: str = "helix"
     model: str | None = None
@@ -44,6 +48,7 @@ class BackendSpec:
     tokens_per_block: int = 32
     dtype: str = "float32"
     device: str = "cpu"
+    max_tokens: int | None = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -59,11 +64,12 @@ class BackendSpec:
         """The deployment (DESIGN §4): the given file, or context 1 + Helix generation CP ``cp`` on ``model``."""
         if self.config is not None:
             return read_file(self.config)
-        kv = {"tokens_per_block": self.tokens_per_block}
+        tpb = {"tokens_per_block": self.tokens_per_block}
+        kv = tpb if self.max_tokens is None else {**tpb, "max_tokens": max(int(self.max_tokens), self.tokens_per_block)}
         return {"model": {"path": self.model, "dtype": self.dtype, "device": self.device},
                 "context_servers": {"tensor_parallel_size": 1, "kv_cache_config": dict(kv)},
                 "generation_servers": {"context_parallel_size": self.cp,
-                                       "cp_config": {"cp_type": "HELIX", **kv}, "kv_cache_config": dict(kv)}}
+                                       "cp_config": {"cp_type": "HELIX", **tpb}, "kv_cache_config": dict(kv)}}
 
     def model_dir(self) -> str:
         if self.model is not None:

@@ -6,7 +6,8 @@ model_args, either form::
     pretrained=DIR,cp=2,tokens_per_block=32,backend=helix|reference,dtype=float32,device=cpu
 
 plus, in both: ``batch_size`` (requests per backend call, default 64), ``max_length`` (tokens the model
-sees; default the checkpoint's ``max_position_embeddings``), ``max_gen_toks`` (default 256), ``seed`` (for
+sees; default the checkpoint's ``max_position_embeddings``; a deployment built from ``pretrained`` gets that
+KV capacity), ``max_gen_toks`` (default 256), ``seed`` (for
 sampled generation). ``backend=helix`` (the default) launches the disaggregated deployment through
 ``helix.disagg.launch``; ``backend=reference`` runs the same weights on the single-device oracle.
 
@@ -17,6 +18,7 @@ line goes through ``python -m evals.lm_eval_cli`` (see there).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 import zlib
@@ -53,19 +55,25 @@ class HelixLM(TemplateLM):
 
     # ------------------------------------------------------------------ construction from model_args
 
-    @classmethod
-    def from_model_args(cls, args: dict) -> "HelixLM":
-        """Build the backend from model_args (see the module docstring); the adapter then owns and shuts it down."""
-        args = dict(args)
+    @staticmethod
+    def backend_spec(args: dict) -> tuple[BackendSpec, int]:
+        """The backend model_args ask for, and max_length; a deployment built from ``pretrained`` gets the KV
+        capacity of max_length, so it serves every prompt the adapter lets in."""
         known = {"pretrained", "config", "backend", "cp", "tokens_per_block", "dtype", "device",
                  "batch_size", "max_length", "max_gen_toks", "seed"}
         if unknown := sorted(set(args) - known):
             raise ConfigError(f"model_args {unknown}: unknown; helix takes {sorted(known)}")
         spec = BackendSpec(**{k: args[k] for k in ("backend", "config", "cp", "tokens_per_block", "dtype", "device")
                               if k in args}, model=args.get("pretrained"))
-        max_length = args.get("max_length") or source_config(spec.model_dir()).max_position_embeddings
+        max_length = int(args.get("max_length") or source_config(spec.model_dir()).max_position_embeddings)
+        return dataclasses.replace(spec, max_tokens=max_length), max_length
+
+    @classmethod
+    def from_model_args(cls, args: dict) -> "HelixLM":
+        """Build the backend from model_args (see the module docstring); the adapter then owns and shuts it down."""
+        spec, max_length = cls.backend_spec(args)
         batch = args.get("batch_size", 64)
-        lm = cls(make_backend(spec), max_length=int(max_length), max_gen_toks=int(args.get("max_gen_toks", 256)),
+        lm = cls(make_backend(spec), max_length=max_length, max_gen_toks=int(args.get("max_gen_toks", 256)),
                  batch_size=64 if str(batch).startswith("auto") else int(batch), seed=int(args.get("seed", 0)))
         weakref.finalize(lm, lm.engine.shutdown)  # also runs at interpreter exit: no cluster process outlives us
         return lm
