@@ -3,12 +3,16 @@
 Both runs use the same weights, the same lm-eval task definitions, few-shot examples, truncation and
 generation settings; only the backend behind the ``helix`` lm-eval model differs. Per task the report holds
 both scores, per-sample agreement, the paired score difference with its 95% interval and pass/fail, plus, for
-a checkpoint with published figures in golden/accuracy/, the one-sided threshold test of DESIGN §7.
+a checkpoint with published figures in golden/accuracy/, the one-sided threshold test of DESIGN §7. Needle
+tasks (RULER's niah_*, the project's niah_restated) also get a table and a heatmap per side by context length
+and needle depth.
 
-With no --model / --config it runs the embedded default: the tiny synthetic checkpoint (written on first
-use), context 1 + Helix generation CP 2, 2 questions per MMLU subject and 20 GSM8K questions, 5-shot,
-prompts cut to 1024 tokens and at most 32 generated tokens, and also checks the reference's predictions
-against golden/accuracy/tiny-synthetic-reference.json.
+With no --model / --config it runs the embedded default, two runs of the same machinery: the tiny synthetic
+checkpoint (written on first use) with 2 questions per MMLU subject and 20 GSM8K questions, 5-shot, prompts cut
+to 1024 tokens and at most 32 generated tokens, its reference also checked against
+golden/accuracy/tiny-synthetic-reference.json; then niah_restated on the deepseek-v3-needle checkpoint (an
+induction circuit that solves it: 100% at every length and depth) at 2048 and 8192 tokens, depths
+0,25,50,75,100. Both through context 1 + Helix generation CP 2, in one report.
 """
 
 from __future__ import annotations
@@ -22,82 +26,227 @@ import os
 import pickle
 import tempfile
 import time
+from dataclasses import dataclass
 
 from evals.backends import BACKENDS, BackendSpec
-from evals.compare import (GOLDEN_DIR, TASK_METRICS, check_public_reference, compare_task, golden_mismatches,
-                           public_references, samples_of)
-from evals.task_data import TASKS, go_offline, resolve_data_dir, task_dir, task_manager
+from evals.compare import (GOLDEN_DIR, check_public_reference, compare_task, golden_mismatches, public_references,
+                           samples_of)
+from evals.needle_report import SIDES, cells_markdown, needle_cells, write_heatmap
+from evals.niah_restated import DEFAULT_DEPTHS
+from evals.task_data import (DATA_TASKS, NEEDLE_TASKS, TASKS, generation_cap, go_offline, resolve_data_dir,
+                             ruler_offline, task_dir, task_manager)
+from helix.config import ConfigError
 
 log = logging.getLogger("helix.eval")
 
-EMBEDDED = {"limit": "mmlu=2,gsm8k=20", "max_length": 1024, "max_gen_toks": 32}
 TINY_GOLDEN = os.path.join(GOLDEN_DIR, "tiny-synthetic-reference.json")
+NEEDLE_PRESET = "deepseek-v3-needle"
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """One run of the embedded default: a synthetic checkpoint, the task family it runs (``--tasks`` picks among
+    them; ``tasks`` by default) and the values of the flags the command line leaves unset."""
+
+    preset: str
+    family: tuple[str, ...]
+    tasks: tuple[str, ...]
+    settings: dict
+    golden: str | None = None  # golden outputs its reference must reproduce
+
+
+EMBEDDED = (Embedded("deepseek-v3-lite-tiny", DATA_TASKS, DATA_TASKS,
+                     {"limit": "mmlu=2,gsm8k=20", "max_length": 1024, "max_gen_toks": 32}, TINY_GOLDEN),
+            Embedded(NEEDLE_PRESET, NEEDLE_TASKS, ("niah_restated",), {"context_lengths": "2048,8192"}))
+
+
+@dataclass(frozen=True)
+class Needles:
+    """The needle tasks' settings; their generators read them as lm-eval task metadata, one length at a time."""
+
+    context_lengths: tuple[int, ...]
+    depths: tuple[int, ...]
+    samples_per_depth: int
+    tokenizer: str  # what the generators count tokens with (AutoTokenizer.from_pretrained)
+
+    def metadata(self, length: int) -> dict:
+        return {"max_seq_lengths": [length], "depths": list(self.depths), "samples_per_depth": self.samples_per_depth,
+                "tokenizer": self.tokenizer}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One model and the tasks run on it: deployed and reference evaluated, then compared."""
+
+    deployed: BackendSpec
+    tasks: tuple[str, ...]
+    limits: dict
+    num_fewshot: int
+    max_length: int  # tokens the adapter lets in; also the deployment's KV capacity
+    max_gen_toks: int | None  # None: each task's own
+    needles: Needles | None = None
+    golden: str | None = None
+
+    def settings(self) -> dict:
+        return {"model": self.deployed.model_dir(), "tasks": list(self.tasks), "limits": self.limits,
+                "num_fewshot": self.num_fewshot, "max_length": self.max_length, "max_gen_toks": self.max_gen_toks,
+                **(dataclasses.asdict(self.needles) if self.needles else {})}
+
+
+# --------------------------------------------------------------------------------------------- planning
 
 
 def parse_limit(text: str | None, tasks: list[str]) -> dict[str, int | None]:
-    """``N`` (every task) or ``task=N,task=N``."""
+    """``N`` (every task; per context length for a needle task) or ``task=N,task=N``."""
     if not text:
         return {t: None for t in tasks}
     if "=" not in text:
         return {t: int(text) for t in tasks}
     pairs = dict(item.split("=", 1) for item in text.split(","))
     if unknown := sorted(set(pairs) - set(TASKS)):
-        raise ValueError(f"--limit: unknown task(s) {unknown}; tasks are {list(TASKS)}")
+        raise ConfigError(f"--limit={text!r}: unknown task(s) {unknown}; tasks are {list(TASKS)}")
     return {t: int(pairs[t]) if t in pairs else None for t in tasks}
 
 
-def evaluate(spec: BackendSpec, tasks: list[str], limits: dict, args: argparse.Namespace, tm) -> dict:
-    """lm-eval on one backend: ``{task: {"results": ..., "samples": {key: record}}}``."""
+def parse_ints(flag: str, text: str, low: int, high: int | None = None) -> tuple[int, ...]:
+    """A comma-separated list of integers in [low, high]."""
+    try:
+        values = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        raise ConfigError(f"{flag}={text!r}: must be comma-separated integers") from None
+    for v in values:
+        if v < low or (high is not None and v > high):
+            raise ConfigError(f"{flag}={v}: must be " + (f">= {low}" if high is None else f"in [{low}, {high}]"))
+    return values
+
+
+def tokenizer_source(model: str, scratch: str) -> str:
+    """What RULER's generators load with AutoTokenizer: the checkpoint directory; for synthetic weights (no
+    directory) their byte tokenizer, written into ``scratch``."""
+    from helix.sources import is_synthetic, synthetic_config
+    from helix.tokenizer import write_byte_tokenizer
+
+    if not is_synthetic(model):
+        return model
+    out = tempfile.mkdtemp(prefix="tokenizer-", dir=scratch)
+    write_byte_tokenizer(out, synthetic_config(model).max_position_embeddings)
+    return out
+
+
+def plan_run(args: argparse.Namespace, deployed: BackendSpec, tasks: tuple[str, ...], settings: dict,
+             scratch: str, golden: str | None = None) -> Run:
+    """The run of ``tasks`` on ``deployed``: a flag given on the command line wins, else ``settings``. Needle
+    lengths are checked against the checkpoint; the adapter's max_length (and so the KV capacity) is
+    --max-length, else the largest length plus the generation cap, else the checkpoint's limit."""
+    from lm_eval.tasks.ruler.common_utils import DEFAULT_SEQ_LENGTHS
+
+    from helix.sources import source_config
+
+    def value(key: str):
+        return getattr(args, key) if getattr(args, key) is not None else settings.get(key)
+
+    if args.samples_per_depth < 1:
+        raise ConfigError(f"--samples-per-depth={args.samples_per_depth}: must be >= 1")
+    max_position = source_config(deployed.model_dir()).max_position_embeddings
+    needles, longest = None, max_position
+    if needle_tasks := [t for t in tasks if t in NEEDLE_TASKS]:
+        lengths = parse_ints("--context-lengths", value("context_lengths") or ",".join(map(str, DEFAULT_SEQ_LENGTHS)), 1)
+        for length in lengths:
+            if length > max_position:
+                raise ConfigError(f"--context-lengths={length}: must be <= max_position_embeddings={max_position} of "
+                                  f"{deployed.model_dir()} (a needle prompt and its generated tokens fit in each length)")
+        needles = Needles(lengths, parse_ints("--depths", args.depths, 0, 100), args.samples_per_depth,
+                          tokenizer_source(deployed.model_dir(), scratch))
+        generated = value("max_gen_toks") or max(generation_cap(t) for t in needle_tasks)
+        longest = min(max(lengths) + generated, max_position)
+    return Run(deployed, tasks, parse_limit(value("limit"), list(tasks)), args.num_fewshot,
+               value("max_length") or longest, value("max_gen_toks"), needles, golden)
+
+
+def plan(args: argparse.Namespace, scratch: str) -> list[Run]:
+    """One run on --model / --config, or the embedded default's runs (those with a task asked)."""
+    from helix.checkpoint import ensure_checkpoint
+
+    asked = None if args.tasks is None else tuple(dict.fromkeys(t.strip() for t in args.tasks.split(",")))
+    if asked is not None and (unknown := sorted(set(asked) - set(TASKS))):
+        raise ConfigError(f"--tasks={args.tasks!r}: unknown {unknown}; choose from {list(TASKS)}")
+    common = dict(backend=args.backend, cp=args.cp, tokens_per_block=args.tokens_per_block, dtype=args.dtype,
+                  device=args.device)
+    if args.model is not None or args.config is not None:
+        spec = BackendSpec(model=args.model, config=args.config, **common)
+        return [plan_run(args, spec, asked or DATA_TASKS, {}, scratch)]
+    runs = []
+    for e in EMBEDDED:
+        tasks = e.tasks if asked is None else tuple(t for t in asked if t in e.family)
+        if tasks:
+            spec = BackendSpec(model=ensure_checkpoint(e.preset), **common)
+            runs.append(plan_run(args, spec, tasks, e.settings, scratch, e.golden))
+    return runs
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+def model_args(spec: BackendSpec, run: Run, batch_size: int) -> dict:
+    """The ``helix`` lm-eval model_args of ``spec`` in ``run``; the adapter sizes the deployment's KV capacity to
+    the run's max_length."""
+    args = {"pretrained" if k == "model" else k: v for k, v in dataclasses.asdict(spec).items() if v is not None}
+    return {**args, "batch_size": batch_size, "max_length": run.max_length, "max_gen_toks": run.max_gen_toks or 256}
+
+
+def evaluate(spec: BackendSpec, run: Run, batch_size: int, task_path: str) -> dict[str, dict]:
+    """lm-eval on one backend: ``{task: {sample key: record}}``. A needle task is evaluated once per context
+    length, so that ``--limit`` counts per length and only one length's haystacks are held at a time."""
     import lm_eval
 
     from evals.lm_eval_adapter import HelixLM
 
-    model_args = {k: v for k, v in dataclasses.asdict(spec).items() if v is not None}
-    model_args["pretrained"] = model_args.pop("model", None)
-    model_args.update(batch_size=args.batch_size, max_length=args.max_length, max_gen_toks=args.max_gen_toks or 256)
-    lm = HelixLM.from_model_args({k: v for k, v in model_args.items() if v is not None})
-    out = {}
+    lm = HelixLM.from_model_args(model_args(spec, run, batch_size))
+    out: dict[str, dict] = {}
     try:
-        for task in tasks:
-            log.info("%s backend: %s (limit %s)", spec.backend, task, limits[task])
-            res = lm_eval.simple_evaluate(
-                model=lm, tasks=[task], task_manager=tm, num_fewshot=args.num_fewshot, limit=limits[task],
-                gen_kwargs={"max_gen_toks": args.max_gen_toks} if args.max_gen_toks else None,
-                log_samples=True, bootstrap_iters=0)
-            out[task] = {"results": {m: res["results"][task][m] for m in TASK_METRICS[task]},
-                         "samples": samples_of(task, res)}
+        for task in run.tasks:
+            needle = task in NEEDLE_TASKS
+            out[task] = {}
+            for metadata in [run.needles.metadata(n) for n in run.needles.context_lengths] if needle else [None]:
+                log.info("%s backend: %s (limit %s%s)", spec.backend, task, run.limits[task],
+                         f", {metadata['max_seq_lengths'][0]} tokens" if needle else "")
+                res = lm_eval.simple_evaluate(
+                    model=lm, tasks=[task], task_manager=task_manager(task_path, metadata),
+                    num_fewshot=None if needle else run.num_fewshot,  # needle tasks are zero-shot (no few-shot split)
+                    limit=run.limits[task], log_samples=True, bootstrap_iters=0,
+                    gen_kwargs={"max_gen_toks": run.max_gen_toks} if run.max_gen_toks else None)
+                out[task].update(samples_of(task, res))
     finally:
         lm.engine.shutdown()
     return out
 
 
-def _evaluate_to_file(spec: BackendSpec, tasks: list[str], limits: dict, args: argparse.Namespace, task_path: str,
-                      out_file: str, log_level: int) -> None:
+def _evaluate_to_file(spec: BackendSpec, run: Run, batch_size: int, task_path: str, out_file: str,
+                      log_level: int) -> None:
     """Entry point of the process that runs one backend beside the other (see ``evaluate_both``)."""
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
-    run = evaluate(spec, tasks, limits, args, task_manager(task_path))
+    samples = evaluate(spec, run, batch_size, task_path)
     with open(out_file, "wb") as f:
-        pickle.dump(run, f)
+        pickle.dump(samples, f)
 
 
-def evaluate_both(deployed: BackendSpec, reference: BackendSpec, tasks: list[str], limits: dict,
-                  args: argparse.Namespace, task_path: str) -> dict:
-    """``{"deployed": run, "reference": run}``. By default one after the other, so the reference can use the
-    deployment's first device once the deployment has exited; with ``--reference-device`` the reference runs
-    there, in its own process, at the same time as the deployment (on a GPU the deployment does not use)."""
+def evaluate_both(run: Run, args: argparse.Namespace, task_path: str) -> dict:
+    """``{"deployed": samples, "reference": samples}``. By default one after the other, so the reference can use
+    the deployment's first device once the deployment has exited; with ``--reference-device`` the reference
+    runs there, in its own process, at the same time as the deployment (on a GPU the deployment does not use)."""
+    reference = dataclasses.replace(run.deployed, backend="reference")
     if not args.reference_device:
-        tm = task_manager(task_path)
-        return {"deployed": evaluate(deployed, tasks, limits, args, tm),
-                "reference": evaluate(reference, tasks, limits, args, tm)}
+        return {"deployed": evaluate(run.deployed, run, args.batch_size, task_path),
+                "reference": evaluate(reference, run, args.batch_size, task_path)}
     with tempfile.TemporaryDirectory(prefix="helix-eval-reference-") as tmp:
         out_file = os.path.join(tmp, "run.pkl")
         child = multiprocessing.get_context("spawn").Process(
             target=_evaluate_to_file, name="helix-eval-reference",
-            args=(dataclasses.replace(reference, device=args.reference_device), tasks, limits, args, task_path,
+            args=(dataclasses.replace(reference, device=args.reference_device), run, args.batch_size, task_path,
                   out_file, logging.getLogger().getEffectiveLevel()))
         child.start()
         try:
-            deployed_run = evaluate(deployed, tasks, limits, args, task_manager(task_path))
+            deployed = evaluate(run.deployed, run, args.batch_size, task_path)
             child.join()
         finally:
             if child.is_alive():  # the deployment failed (or was interrupted): do not leave the reference running
@@ -107,105 +256,131 @@ def evaluate_both(deployed: BackendSpec, reference: BackendSpec, tasks: list[str
             raise RuntimeError(f"the reference run on {args.reference_device} failed (exit code {child.exitcode}); "
                                "its traceback is printed above")
         with open(out_file, "rb") as f:
-            return {"deployed": deployed_run, "reference": pickle.load(f)}
+            return {"deployed": deployed, "reference": pickle.load(f)}
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def compare_run(run: Run, samples: dict, min_agreement: float | None, args: argparse.Namespace, out: str) -> dict:
+    """The run's part of the report: its settings, per-task comparisons (with cells and heatmaps for needle
+    tasks), published-figure checks and the golden-output check."""
+    comparison = {t: compare_task(t, samples["deployed"][t], samples["reference"][t], min_agreement)
+                  for t in run.tasks}
+    model = os.path.basename(os.path.normpath(run.deployed.model_dir()))
+    for task, c in comparison.items():
+        if task in NEEDLE_TASKS:
+            c["cells"] = needle_cells(task, samples["deployed"][task], samples["reference"][task],
+                                      list(run.needles.depths))
+            c["heatmaps"] = {side: f"{task}-{side}.png" for side in SIDES}
+            for side, name in c["heatmaps"].items():
+                label = run.deployed.backend if side == "deployed" else "reference"
+                write_heatmap(c["cells"], side, os.path.join(out, name),
+                              f"{task}: {side} ({label}), {model}, {args.dtype}")
+    checks = {}
+    for side in SIDES:
+        found = [check_public_reference(e, {m: v[side] for m, v in comparison[e["task"]]["metrics"].items()},
+                                        comparison[e["task"]]["n"])
+                 for e in public_references(args.golden or model) if e["task"] in run.tasks]
+        if found:
+            checks[side] = found
+    result = {**run.settings(), "comparison": comparison, "public_references": checks}
+    if run.golden and os.path.exists(run.golden) and not args.write_golden:
+        with open(run.golden) as f:
+            golden = json.load(f)["samples"]
+        bad = [k for t in run.tasks for k in golden_mismatches(t, samples["reference"][t], golden[t])]
+        result["golden_outputs"] = {"file": run.golden, "checked": sum(len(samples["reference"][t]) for t in run.tasks),
+                                    "mismatches": len(bad), "first": bad[:20]}
+    result["passed"] = (all(c["passed"] for c in comparison.values())
+                        and all(c["passed"] for cs in checks.values() for c in cs)
+                        and not result.get("golden_outputs", {}).get("mismatches"))
+    return result
 
 
 def report_markdown(report: dict) -> str:
     lines = [f"# helix eval: {report['deployed_backend']} vs reference", "",
-             f"model `{report['model']}`, dtype {report['dtype']}, cp {report['cp']}, "
-             f"tokens_per_block {report['tokens_per_block']}, {report['seconds']:.0f} s", "",
-             "| task | metric | n | deployed | reference | diff [95% CI] | agreement | threshold | pass |",
-             "|---|---|---:|---:|---:|---|---:|---:|---|"]
-    for task, c in report["comparison"].items():
-        for m, v in c["metrics"].items():
-            lines.append(f"| {task} | {m} | {c['n']} | {v['deployed']:.2f} | {v['reference']:.2f} | "
-                         f"{v['diff']:+.2f} [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}] | {100 * c['agreement']:.1f}% | "
-                         f"{v['threshold_test']['threshold']:.2f} | {'PASS' if c['passed'] else 'FAIL'} |")
-    for side, checks in report["public_references"].items():
-        for c in checks:
-            lines.append(f"\n{side} vs {c['model']} {c['metrics']} ({c['source'].split(' ')[0]}): score "
-                         f"{c['score']:.2f}, {'threshold %.2f' % c['threshold'] if 'threshold' in c else 'floor %.2f' % c['floor']}"
-                         f" -> {'PASS' if c['passed'] else 'FAIL'}{'; ' + c['note'] if 'note' in c else ''}")
-    if "golden_outputs" in report:
-        g = report["golden_outputs"]
-        lines.append(f"\nreference vs golden outputs: {g['mismatches']} mismatches of {g['checked']} samples")
+             f"dtype {report['dtype']}, cp {report['cp']}, tokens_per_block {report['tokens_per_block']}, "
+             f"{report['seconds']:.0f} s"]
+    for r in report["runs"]:
+        shots = f", {r['num_fewshot']}-shot" if set(r["tasks"]) & set(DATA_TASKS) else ""
+        needles = (f", context lengths {list(r['context_lengths'])}, depths {list(r['depths'])}, "
+                   f"{r['samples_per_depth']} per depth" if "context_lengths" in r else "")
+        lines += ["", f"## model `{r['model']}`", "",
+                  f"max_length {r['max_length']}, max_gen_toks {r['max_gen_toks'] or 'per task'}{shots}{needles}", "",
+                  "| task | metric | n | deployed | reference | diff [95% CI] | agreement | threshold | pass |",
+                  "|---|---|---:|---:|---:|---|---:|---:|---|"]
+        for task, c in r["comparison"].items():
+            for m, v in c["metrics"].items():
+                lines.append(f"| {task} | {m} | {c['n']} | {v['deployed']:.2f} | {v['reference']:.2f} | "
+                             f"{v['diff']:+.2f} [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}] | "
+                             f"{100 * c['agreement']:.1f}% | {v['threshold_test']['threshold']:.2f} | "
+                             f"{'PASS' if c['passed'] else 'FAIL'} |")
+        for task, c in r["comparison"].items():
+            if "cells" in c:
+                lines += ["", *cells_markdown(task, c["cells"]), "",
+                          " ".join(f"![{task} {side}]({name})" for side, name in c["heatmaps"].items())]
+        for side, checks in r["public_references"].items():
+            for c in checks:
+                lines.append(f"\n{side} vs {c['model']} {c['metrics']} ({c['source'].split(' ')[0]}): score "
+                             f"{c['score']:.2f}, {'threshold %.2f' % c['threshold'] if 'threshold' in c else 'floor %.2f' % c['floor']}"
+                             f" -> {'PASS' if c['passed'] else 'FAIL'}{'; ' + c['note'] if 'note' in c else ''}")
+        if "golden_outputs" in r:
+            g = r["golden_outputs"]
+            lines.append(f"\nreference vs golden outputs: {g['mismatches']} mismatches of {g['checked']} samples")
     lines.append(f"\n**overall: {'PASS' if report['passed'] else 'FAIL'}**")
     return "\n".join(lines) + "\n"
 
 
-def run(args: argparse.Namespace) -> dict:
-    from helix.checkpoint import DEFAULT_PRESET, ensure_checkpoint
+def write_golden(path: str, run: Run, samples: dict, dtype: str) -> None:
+    """Regenerates golden/accuracy/tiny-synthetic-reference.json from the reference's predictions of ``run``."""
+    settings = {k: v for k, v in run.settings().items() if k in ("tasks", "limits", "num_fewshot", "max_length",
+                                                                   "max_gen_toks")}
+    with open(path, "w") as f:
+        json.dump({"kind": "outputs", "checkpoint": "helix make-checkpoint --preset deepseek-v3-lite-tiny "
+                   "(seed 0, bfloat16 weights), reference backend in " + dtype,
+                   "settings": settings, "samples": {t: samples["reference"][t] for t in run.tasks}}, f, indent=1)
 
-    embedded = args.model is None and args.config is None
-    for key, value in EMBEDDED.items():
-        if getattr(args, key) is None and embedded:
-            setattr(args, key, value)
-    tasks = [t.strip() for t in args.tasks.split(",")]
-    if unknown := sorted(set(tasks) - set(TASKS)):
-        raise ValueError(f"--tasks: unknown {unknown}; choose from {list(TASKS)}")
-    limits = parse_limit(args.limit, tasks)
+
+def run(args: argparse.Namespace) -> dict:
     data_dir = resolve_data_dir(args.data_dir)
     if data_dir is not None:
         go_offline()
-    model = args.model or (None if args.config else ensure_checkpoint(DEFAULT_PRESET))
-    deployed = BackendSpec(backend=args.backend, model=model, config=args.config, cp=args.cp,
-                           tokens_per_block=args.tokens_per_block, dtype=args.dtype, device=args.device)
-    reference = dataclasses.replace(deployed, backend="reference")
+    ruler_offline()
     min_agreement = args.min_agreement
     if min_agreement is None and args.dtype in ("float32", "float64"):
         min_agreement = 1.0  # DESIGN §6: in float32 the deployment must reproduce the oracle's predictions
 
     start = time.time()
     with task_dir(data_dir) as path:
-        runs = evaluate_both(deployed, reference, tasks, limits, args, path)
-    report = {"deployed_backend": deployed.backend, "model": deployed.model_dir(), "dtype": args.dtype,
-              "cp": args.cp, "tokens_per_block": args.tokens_per_block, "tasks": tasks, "limits": limits,
-              "num_fewshot": args.num_fewshot, "max_length": args.max_length, "max_gen_toks": args.max_gen_toks,
-              "data": data_dir or "huggingface hub",
-              "reference_device": args.reference_device or deployed.device, "seconds": time.time() - start,
-              "comparison": {t: compare_task(t, runs["deployed"][t]["samples"], runs["reference"][t]["samples"],
-                                             min_agreement) for t in tasks},
-              "public_references": {}}
-    name = args.golden or os.path.basename(os.path.normpath(deployed.model_dir()))
-    for side, result in runs.items():
-        checks = [check_public_reference(e, {m: 100 * v for m, v in result[e["task"]]["results"].items()},
-                                         report["comparison"][e["task"]]["n"])
-                  for e in public_references(name) if e["task"] in tasks]
-        if checks:
-            report["public_references"][side] = checks
-    passed = all(c["passed"] for c in report["comparison"].values())
-    passed = passed and all(c["passed"] for cs in report["public_references"].values() for c in cs)
-    if embedded and os.path.exists(TINY_GOLDEN) and not args.write_golden:
-        with open(TINY_GOLDEN) as f:
-            golden = json.load(f)["samples"]
-        bad = [k for t in tasks for k in golden_mismatches(t, runs["reference"][t]["samples"], golden[t])]
-        report["golden_outputs"] = {"file": TINY_GOLDEN, "checked": sum(len(runs["reference"][t]["samples"]) for t in tasks),
-                                    "mismatches": len(bad), "first": bad[:20]}
-        passed = passed and not bad
-    report["passed"] = passed
+        runs = plan(args, path)
+        samples = [evaluate_both(r, args, path) for r in runs]
     os.makedirs(args.out, exist_ok=True)
+    results = [compare_run(r, s, min_agreement, args, args.out) for r, s in zip(runs, samples)]
+    first = runs[0].deployed
+    report = {"deployed_backend": first.backend, "dtype": args.dtype, "cp": args.cp,
+              "tokens_per_block": args.tokens_per_block, "data": data_dir or "huggingface hub",
+              "reference_device": args.reference_device or first.device, "seconds": time.time() - start,
+              "runs": results, "passed": all(r["passed"] for r in results)}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(args.out, "samples.json"), "w") as f:
-        json.dump({side: {t: r["samples"] for t, r in result.items()} for side, result in runs.items()}, f)
+        json.dump({side: {t: s[side][t] for s in samples for t in s[side]} for side in SIDES}, f)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(report_markdown(report))
     if args.write_golden:
-        with open(args.write_golden, "w") as f:
-            json.dump({"kind": "outputs", "checkpoint": "helix make-checkpoint --preset deepseek-v3-lite-tiny "
-                       "(seed 0, bfloat16 weights), reference backend in " + args.dtype,
-                       "settings": {k: report[k] for k in ("tasks", "limits", "num_fewshot", "max_length", "max_gen_toks")},
-                       "samples": {t: runs["reference"][t]["samples"] for t in tasks}}, f, indent=1)
+        golden_run, golden_samples = next((r, s) for r, s in zip(runs, samples) if r.golden)
+        write_golden(args.write_golden, golden_run, golden_samples, args.dtype)
     return report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", default="mmlu,gsm8k", help="comma-separated, from: " + ", ".join(TASKS))
-    p.add_argument("--limit", help="questions per task (per MMLU subject): N, or task=N,task=N "
-                                   f"(embedded default {EMBEDDED['limit']}; otherwise all)")
-    p.add_argument("--num-fewshot", type=int, default=5)
+    p.add_argument("--tasks", help="comma-separated, from: " + ", ".join(TASKS) + " (default mmlu,gsm8k; embedded "
+                                   "default: mmlu,gsm8k on the tiny checkpoint, niah_restated on the needle one)")
+    p.add_argument("--limit", help="questions per task (per MMLU subject, per context length of a needle task): N, "
+                                   "or task=N,task=N (embedded default mmlu=2,gsm8k=20; otherwise all)")
+    p.add_argument("--num-fewshot", type=int, default=5, help="few-shot examples of mmlu/gsm8k (needle tasks: none)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="HF checkpoint directory (default: the embedded tiny synthetic checkpoint)")
+    src.add_argument("--model", help="HF checkpoint directory (default: the embedded synthetic checkpoints)")
     src.add_argument("--config", help="deployment file (YAML or JSON) with model / context_servers / generation_servers")
     p.add_argument("--cp", type=int, default=2, help="Helix generation context_parallel_size (with --model)")
     p.add_argument("--tokens-per-block", type=int, default=32)
@@ -217,11 +392,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the reference on this device (e.g. cuda:3, a GPU the deployment leaves free) at the same "
                         "time as the deployment, in its own process (default: on --device, after the deployment)")
     p.add_argument("--data-dir", help="local mmlu/ and gsm8k/ data (default $HELIX_EVAL_DATA, else the HF hub)")
-    p.add_argument("--out", default=os.path.join("runs", "eval"), help="output directory (results.json, report.md, samples.json)")
-    p.add_argument("--max-length", type=int, help="tokens the model sees; longer prompts are cut from the left "
-                                                  f"(embedded default {EMBEDDED['max_length']}; otherwise the checkpoint's)")
-    p.add_argument("--max-gen-toks", type=int, help=f"generation cap (embedded default {EMBEDDED['max_gen_toks']}; "
+    p.add_argument("--out", default=os.path.join("runs", "eval"),
+                   help="output directory (results.json, report.md, samples.json, needle heatmaps)")
+    p.add_argument("--max-length", type=int, help="tokens the model sees; longer prompts are cut from the left; also "
+                                                  "the deployment's KV capacity (embedded default 1024 for mmlu/gsm8k; "
+                                                  "with needle tasks the largest context length plus the generation "
+                                                  "cap; otherwise the checkpoint's max_position_embeddings)")
+    p.add_argument("--max-gen-toks", type=int, help="generation cap (embedded default 32 for mmlu/gsm8k; "
                                                     "otherwise the task's)")
+    p.add_argument("--context-lengths", help="needle tasks: comma-separated context lengths in tokens, each at most "
+                                             "the checkpoint's max_position_embeddings (embedded default 2048,8192; "
+                                             "otherwise RULER's 4096)")
+    p.add_argument("--depths", default=",".join(map(str, DEFAULT_DEPTHS)),
+                   help="niah_restated: needle depths in percent of the haystack (default %(default)s); the report "
+                        "bins every needle task's samples to the nearest of them")
+    p.add_argument("--samples-per-depth", type=int, default=1,
+                   help="niah_restated: samples per (context length, depth), each with its own seeded key and value")
     p.add_argument("--batch-size", type=int, default=64, help="requests per backend call")
     p.add_argument("--min-agreement", type=float,
                    help="fail a task below this per-sample agreement (default 1.0 in float32/float64, none in bf16)")

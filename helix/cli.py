@@ -195,7 +195,7 @@ def add_make_checkpoint(sub) -> None:
 def add_eval(sub) -> None:
     from evals import run as eval_run  # the accuracy suite (evals/run.py) owns its flags
 
-    p = sub.add_parser("eval", help="MMLU / GSM8K on the Helix deployment vs the single-device reference",
+    p = sub.add_parser("eval", help="MMLU / GSM8K / needle tasks on the Helix deployment vs the single-device reference",
                        description=eval_run.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     eval_run.add_arguments(p)
     p.set_defaults(func=eval_run.main)

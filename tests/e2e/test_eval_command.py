@@ -21,7 +21,7 @@ def eval_args(tiny_checkpoint: str, data_dir: str, out: str, *extra: str) -> arg
 def test_reference_beside_the_deployment_agrees_on_every_sample(tiny_checkpoint, data_dir, tmp_path):
     report = eval_run.run(eval_args(tiny_checkpoint, data_dir, str(tmp_path), "--reference-device", "cpu"))
     assert report["passed"] and report["reference_device"] == "cpu"
-    gsm8k = report["comparison"]["gsm8k"]
+    gsm8k = report["runs"][0]["comparison"]["gsm8k"]
     assert gsm8k["n"] == 2 and gsm8k["agreement"] == 1.0
     with open(tmp_path / "samples.json") as f:
         samples = json.load(f)
