@@ -1,6 +1,7 @@
 """Needle tasks in ``helix eval``: the runs it plans (embedded default and CI slice included), KV capacity that
-follows the context lengths, the refusal of a length past the checkpoint, lm-eval's RULER tasks through the
-lm-eval CLI wrapper on a machine without network, and a short needle run through Helix vs the reference."""
+follows the context lengths (up to the needle checkpoint's 2^20), the refusal of a length past the checkpoint,
+lm-eval's RULER tasks through the lm-eval CLI wrapper on a machine without network, and a short needle run on the
+needle checkpoint through Helix vs the reference (100% on both sides)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,19 @@ def test_capacity_follows_the_largest_length(tiny_checkpoint, tmp_path, flags, m
     assert dep.context.max_tokens == dep.generation.max_tokens == max_length
 
 
+def test_a_million_tokens_fit_the_needle_checkpoint_and_one_more_is_refused(needle_checkpoint, tmp_path):
+    from helix.config import ConfigError
+
+    run, = eval_run.plan(parse("--model", str(needle_checkpoint), "--tasks", "niah_restated", "--context-lengths",
+                               "65536,1048576"), str(tmp_path))
+    spec, max_length = HelixLM.backend_spec(eval_run.model_args(run.deployed, run, 64))
+    dep = load_deployment(spec.deployment())
+    assert max_length == dep.context.max_tokens == dep.generation.max_tokens == 1 << 20
+    with pytest.raises(ConfigError, match="--context-lengths=1048577: must be <= max_position_embeddings=1048576"):
+        eval_run.plan(parse("--model", str(needle_checkpoint), "--tasks", "niah_restated", "--context-lengths",
+                            "1048577"), str(tmp_path))
+
+
 def test_length_past_the_checkpoint_is_refused_in_one_line(tiny_checkpoint, tmp_path, capsys):
     from helix.cli import main
 
@@ -62,10 +76,10 @@ def test_bad_needle_flags_are_refused(tiny_checkpoint, tmp_path, flag, value, ru
 
 
 @pytest.fixture
-def embedded(tiny_checkpoint, monkeypatch):
-    """The embedded default's checkpoints, all stood in for by the tiny one (planning reads only its config)."""
-    presets = []
-    monkeypatch.setattr("helix.checkpoint.ensure_checkpoint", lambda preset: presets.append(preset) or tiny_checkpoint)
+def embedded(tiny_checkpoint, needle_checkpoint, monkeypatch):
+    """The embedded default's checkpoints from the test session's copies; the presets asked for, in order."""
+    presets, paths = [], {"deepseek-v3-lite-tiny": tiny_checkpoint, "deepseek-v3-needle": str(needle_checkpoint)}
+    monkeypatch.setattr("helix.checkpoint.ensure_checkpoint", lambda preset: presets.append(preset) or paths[preset])
     return presets
 
 
@@ -114,14 +128,14 @@ def test_ruler_tasks_through_the_lm_eval_cli_with_no_network(tiny_checkpoint, tm
         assert f"|{task}" in out.stdout.replace(" ", ""), out.stdout[-3000:]
 
 
-def test_needle_run_through_helix_agrees_with_the_reference(tiny_checkpoint, tmp_path):
-    report = eval_run.run(parse("--model", tiny_checkpoint, "--tasks", "niah_restated", "--context-lengths", "1024",
-                                "--depths", "0,100", "--out", str(tmp_path)))
+def test_needle_run_through_helix_finds_every_needle_like_the_reference(needle_checkpoint, tmp_path):
+    report = eval_run.run(parse("--model", str(needle_checkpoint), "--tasks", "niah_restated", "--context-lengths",
+                                "1024", "--depths", "0,100", "--out", str(tmp_path)))
     run, = report["runs"]
     c = run["comparison"]["niah_restated"]
     assert report["passed"] and c["agreement"] == 1.0 and c["n"] == 2
-    assert [(x["length"], x["depth"], x["n"], x["agreement"]) for x in c["cells"]] == [(1024, 0, 1, 100.0),
-                                                                                       (1024, 100, 1, 100.0)]
+    assert c["cells"] == [{"length": 1024, "depth": d, "n": 1, "deployed": 100.0, "reference": 100.0,
+                           "agreement": 100.0} for d in (0, 100)]
     for side in ("deployed", "reference"):
         assert (tmp_path / f"niah_restated-{side}.png").read_bytes()[:4] == b"\x89PNG"
     with open(tmp_path / "results.json") as f:
