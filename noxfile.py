@@ -1,5 +1,5 @@
-"""Sessions: demo (the quick start's `helix generate`), unit (CPU suite), e2e_accuracy (MMLU/GSM8K through
-disaggregated Helix), gpu, bench.
+"""Sessions: demo (the quick start's `helix generate`), unit (CPU suite), e2e_accuracy (MMLU/GSM8K and the
+needle task through disaggregated Helix), gpu, bench.
 
 CPU sessions pin torch 2.13.0 (the CPU build); an unpinned torch would pull a multi-GB CUDA build.
 GPU sessions reuse the machine's own torch (``venv_params=["--system-site-packages"]``).
@@ -41,7 +41,8 @@ def demo(session):
 
 @nox.session(python="3.11")
 def e2e_accuracy(session):
-    """MMLU + GSM8K through context server + Helix generation server vs the reference (`helix eval`)."""
+    """MMLU + GSM8K, then niah_restated on the needle checkpoint, through context server + Helix generation server
+    vs the reference (`helix eval`)."""
     _install_cpu(session, "eval")
     env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"} if os.environ.get("HELIX_EVAL_DATA") else {}
     session.run("helix", "eval", *session.posargs, env=env)
