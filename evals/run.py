@@ -35,12 +35,15 @@ from evals.needle_report import SIDES, cells_markdown, needle_cells, write_heatm
 from evals.niah_restated import DEFAULT_DEPTHS
 from evals.task_data import (DATA_TASKS, NEEDLE_TASKS, TASKS, generation_cap, go_offline, resolve_data_dir,
                              ruler_offline, task_dir, task_manager)
+from helix.checkpoint import DEFAULT_PRESET, ensure_checkpoint
 from helix.config import ConfigError
+from helix.needle import PRESET as NEEDLE_PRESET
+from helix.sources import is_synthetic, source_config, synthetic_config
+from helix.tokenizer import write_byte_tokenizer
 
 log = logging.getLogger("helix.eval")
 
 TINY_GOLDEN = os.path.join(GOLDEN_DIR, "tiny-synthetic-reference.json")
-NEEDLE_PRESET = "deepseek-v3-needle"
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class Embedded:
     golden: str | None = None  # golden outputs its reference must reproduce
 
 
-EMBEDDED = (Embedded("deepseek-v3-lite-tiny", DATA_TASKS, DATA_TASKS,
+EMBEDDED = (Embedded(DEFAULT_PRESET, DATA_TASKS, DATA_TASKS,
                      {"limit": "mmlu=2,gsm8k=20", "max_length": 1024, "max_gen_toks": 32}, TINY_GOLDEN),
             Embedded(NEEDLE_PRESET, NEEDLE_TASKS, ("niah_restated",), {"context_lengths": "2048,8192"}))
 
@@ -90,7 +93,8 @@ class Run:
     def settings(self) -> dict:
         return {"model": self.deployed.model_dir(), "tasks": list(self.tasks), "limits": self.limits,
                 "num_fewshot": self.num_fewshot, "max_length": self.max_length, "max_gen_toks": self.max_gen_toks,
-                **(dataclasses.asdict(self.needles) if self.needles else {})}
+                **({k: v for k, v in dataclasses.asdict(self.needles).items() if k != "tokenizer"}
+                   if self.needles else {})}
 
 
 # --------------------------------------------------------------------------------------------- planning
@@ -123,9 +127,6 @@ def parse_ints(flag: str, text: str, low: int, high: int | None = None) -> tuple
 def tokenizer_source(model: str, scratch: str) -> str:
     """What RULER's generators load with AutoTokenizer: the checkpoint directory; for synthetic weights (no
     directory) their byte tokenizer, written into ``scratch``."""
-    from helix.sources import is_synthetic, synthetic_config
-    from helix.tokenizer import write_byte_tokenizer
-
     if not is_synthetic(model):
         return model
     out = tempfile.mkdtemp(prefix="tokenizer-", dir=scratch)
@@ -139,8 +140,6 @@ def plan_run(args: argparse.Namespace, deployed: BackendSpec, tasks: tuple[str, 
     lengths are checked against the checkpoint; the adapter's max_length (and so the KV capacity) is
     --max-length, else the largest length plus the generation cap, else the checkpoint's limit."""
     from lm_eval.tasks.ruler.common_utils import DEFAULT_SEQ_LENGTHS
-
-    from helix.sources import source_config
 
     def value(key: str):
         return getattr(args, key) if getattr(args, key) is not None else settings.get(key)
@@ -165,8 +164,6 @@ def plan_run(args: argparse.Namespace, deployed: BackendSpec, tasks: tuple[str, 
 
 def plan(args: argparse.Namespace, scratch: str) -> list[Run]:
     """One run on --model / --config, or the embedded default's runs (those with a task asked)."""
-    from helix.checkpoint import ensure_checkpoint
-
     asked = None if args.tasks is None else tuple(dict.fromkeys(t.strip() for t in args.tasks.split(",")))
     if asked is not None and (unknown := sorted(set(asked) - set(TASKS))):
         raise ConfigError(f"--tasks={args.tasks!r}: unknown {unknown}; choose from {list(TASKS)}")
@@ -353,6 +350,8 @@ def run(args: argparse.Namespace) -> dict:
     start = time.time()
     with task_dir(data_dir) as path:
         runs = plan(args, path)
+        if args.write_golden and not any(r.golden for r in runs):
+            raise ConfigError(f"--write-golden={args.write_golden!r}: only with the embedded default's mmlu/gsm8k run")
         samples = [evaluate_both(r, args, path) for r in runs]
     os.makedirs(args.out, exist_ok=True)
     results = [compare_run(r, s, min_agreement, args, args.out) for r, s in zip(runs, samples)]

@@ -79,7 +79,7 @@ def test_bad_needle_flags_are_refused(tiny_checkpoint, tmp_path, flag, value, ru
 def embedded(tiny_checkpoint, needle_checkpoint, monkeypatch):
     """The embedded default's checkpoints from the test session's copies; the presets asked for, in order."""
     presets, paths = [], {"deepseek-v3-lite-tiny": tiny_checkpoint, "deepseek-v3-needle": str(needle_checkpoint)}
-    monkeypatch.setattr("helix.checkpoint.ensure_checkpoint", lambda preset: presets.append(preset) or paths[preset])
+    monkeypatch.setattr(eval_run, "ensure_checkpoint", lambda preset: presets.append(preset) or paths[preset])
     return presets
 
 

@@ -42,7 +42,7 @@ def test_needle_sits_at_the_requested_sentence_index(docs):
         assert context[needle[0]].endswith(f" is: {doc['outputs'][0]}.") and len(doc["outputs"][0]) == 7
 
 
-def test_prompt_and_generation_fill_the_length_as_ruler_sizes_it(docs, niah, byte_tokenizer_dir):
+def test_prompt_and_generation_fill_the_length_as_ruler_sizes_it(docs, byte_tokenizer_dir):
     from lm_eval.tasks.ruler.common_utils import get_tokenizer
 
     tok = get_tokenizer(byte_tokenizer_dir)
@@ -53,7 +53,7 @@ def test_prompt_and_generation_fill_the_length_as_ruler_sizes_it(docs, niah, byt
         assert doc["max_length"] - doc["length"] < sentence  # one more sentence would not fit
 
 
-def test_answer_prefix_restates_the_needle_and_the_template_is_rulers(docs, niah):
+def test_answer_prefix_restates_the_needle_and_the_template_is_rulers(docs):
     from lm_eval.tasks.ruler import niah_utils, prepare_niah
 
     doc = docs[0]
