@@ -259,9 +259,9 @@ def evaluate_both(run: Run, args: argparse.Namespace, task_path: str) -> dict:
 # --------------------------------------------------------------------------------------------- report
 
 
-def compare_run(run: Run, samples: dict, min_agreement: float | None, args: argparse.Namespace, out: str) -> dict:
-    """The run's part of the report: its settings, per-task comparisons (with cells and heatmaps for needle
-    tasks), published-figure checks and the golden-output check."""
+def compare_run(run: Run, samples: dict, min_agreement: float | None, args: argparse.Namespace) -> dict:
+    """The run's part of the report: its settings, per-task comparisons (with cells and the names of the heatmaps
+    for needle tasks), published-figure checks and the golden-output check."""
     comparison = {t: compare_task(t, samples["deployed"][t], samples["reference"][t], min_agreement)
                   for t in run.tasks}
     model = os.path.basename(os.path.normpath(run.deployed.model_dir()))
@@ -270,10 +270,6 @@ def compare_run(run: Run, samples: dict, min_agreement: float | None, args: argp
             c["cells"] = needle_cells(task, samples["deployed"][task], samples["reference"][task],
                                       list(run.needles.depths))
             c["heatmaps"] = {side: f"{task}-{side}.png" for side in SIDES}
-            for side, name in c["heatmaps"].items():
-                label = run.deployed.backend if side == "deployed" else "reference"
-                write_heatmap(c["cells"], side, os.path.join(out, name),
-                              f"{task}: {side} ({label}), {model}, {args.dtype}")
     checks = {}
     for side in SIDES:
         found = [check_public_reference(e, {m: v[side] for m, v in comparison[e["task"]]["metrics"].items()},
@@ -328,6 +324,17 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_heatmaps(report: dict, out: str) -> None:
+    """Each needle task's heatmap per side, under the names its comparison gives."""
+    for r in report["runs"]:
+        model = os.path.basename(os.path.normpath(r["model"]))
+        for task, c in r["comparison"].items():
+            for side, name in c.get("heatmaps", {}).items():
+                label = report["deployed_backend"] if side == "deployed" else "reference"
+                write_heatmap(c["cells"], side, os.path.join(out, name),
+                              f"{task}: {side} ({label}), {model}, {report['dtype']}")
+
+
 def write_golden(path: str, run: Run, samples: dict, dtype: str) -> None:
     """Regenerates golden/accuracy/tiny-synthetic-reference.json from the reference's predictions of ``run``."""
     settings = {k: v for k, v in run.settings().items() if k in ("tasks", "limits", "num_fewshot", "max_length",
@@ -354,7 +361,7 @@ def run(args: argparse.Namespace) -> dict:
             raise ConfigError(f"--write-golden={args.write_golden!r}: only with the embedded default's mmlu/gsm8k run")
         samples = [evaluate_both(r, args, path) for r in runs]
     os.makedirs(args.out, exist_ok=True)
-    results = [compare_run(r, s, min_agreement, args, args.out) for r, s in zip(runs, samples)]
+    results = [compare_run(r, s, min_agreement, args) for r, s in zip(runs, samples)]
     first = runs[0].deployed
     report = {"deployed_backend": first.backend, "dtype": args.dtype, "cp": args.cp,
               "tokens_per_block": args.tokens_per_block, "data": data_dir or "huggingface hub",
@@ -366,6 +373,7 @@ def run(args: argparse.Namespace) -> dict:
         json.dump({side: {t: s[side][t] for s in samples for t in s[side]} for side in SIDES}, f)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(report_markdown(report))
+    write_heatmaps(report, args.out)  # after the numbers: a plotting failure loses no result
     if args.write_golden:
         golden_run, golden_samples = next((r, s) for r, s in zip(runs, samples) if r.golden)
         write_golden(args.write_golden, golden_run, golden_samples, args.dtype)
