@@ -84,9 +84,10 @@ def ruler_offline() -> None:
     """Let lm-eval's RULER generator import without reaching for the network (before nltk is first imported).
 
     lm_eval/tasks/ruler/prepare_niah.py calls ``nltk.download("punkt_tab")`` at import unless
-    ``nltk.data.find("tokenizers/punkt_tab")`` succeeds. Tried here with no network: nltk prints a download
-    error, returns, and the import goes on (the RULER tasks then work); where connecting hangs instead of
-    failing, nltk's downloader waits for its 120 s timeout. The haystacks of these tasks ("repeat", "needle")
+    ``nltk.data.find("tokenizers/punkt_tab")`` succeeds. Tried without it on the development machine and on an
+    H200 host, neither with network: the host name does not resolve, nltk prints a download error and returns,
+    and the import goes on (the RULER tasks then work); where connecting hangs instead of failing, nltk's
+    downloader would wait for its 120 s timeout. The haystacks of these tasks ("repeat", "needle")
     are never split into sentences (only RULER's "essay" haystack calls ``sent_tokenize``), so an empty
     punkt_tab directory (NLTK_STUB, shipped) is all they need: nltk finds it and downloads nothing. It does not
     hide a real punkt_tab: a tokenizer loads ``tokenizers/punkt_tab/<language>/``, which the stub lacks, so nltk
