@@ -65,6 +65,7 @@ class BackendSpec:
         if self.config is not None:
             return read_file(self.config)
         tpb = {"tokens_per_block": self.tokens_per_block}
+        # At least one block: the servers' rule (a max_length shorter than a block still gets its whole block).
         kv = tpb if self.max_tokens is None else {**tpb, "max_tokens": max(int(self.max_tokens), self.tokens_per_block)}
         return {"model": {"path": self.model, "dtype": self.dtype, "device": self.device},
                 "context_servers": {"tensor_parallel_size": 1, "kv_cache_config": dict(kv)},

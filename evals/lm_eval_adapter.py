@@ -7,9 +7,9 @@ model_args, either form::
 
 plus, in both: ``batch_size`` (requests per backend call, default 64), ``max_length`` (tokens the model
 sees; default the checkpoint's ``max_position_embeddings``; a deployment built from ``pretrained`` gets that
-KV capacity), ``max_gen_toks`` (default 256), ``seed`` (for
-sampled generation). ``backend=helix`` (the default) launches the disaggregated deployment through
-``helix.disagg.launch``; ``backend=reference`` runs the same weights on the single-device oracle.
+KV capacity), ``max_gen_toks`` (default 256), ``seed`` (for sampled generation). ``backend=helix`` (the
+default) launches the disaggregated deployment through ``helix.disagg.launch``; ``backend=reference`` runs the
+same weights on the single-device oracle.
 
 Importing this module registers the model, so ``lm_eval.simple_evaluate(model="helix", model_args=...)``
 works after ``import evals.lm_eval_adapter``; lm-eval 0.4.13 has no plugin entry-point group, so the command
