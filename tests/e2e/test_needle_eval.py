@@ -54,6 +54,15 @@ def test_a_million_tokens_fit_the_needle_checkpoint_and_one_more_is_refused(need
                             "1048577"), str(tmp_path))
 
 
+def test_synthetic_weights_size_needles_with_their_byte_tokenizer(tmp_path):
+    from lm_eval.tasks.ruler.common_utils import get_tokenizer
+
+    run, = eval_run.plan(parse("--model", "synthetic:deepseek-v3-lite-tiny", "--tasks", "niah_single_1",
+                               "--context-lengths", "1024"), str(tmp_path))
+    assert os.path.dirname(run.needles.tokenizer) == str(tmp_path)  # written into the run's scratch directory
+    assert get_tokenizer(run.needles.tokenizer)("ab").input_ids == [256, 97, 98]  # BOS, then one id per byte
+
+
 def test_length_past_the_checkpoint_is_refused_in_one_line(tiny_checkpoint, tmp_path, capsys):
     from helix.cli import main
 
