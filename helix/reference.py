@@ -16,7 +16,7 @@ MLA, naive (no weight absorption), per token x [D]:
 The cache keeps K and V per head. Memory stays linear in T: attention takes queries in chunks whose
 [H, chunk, S] scores fit SCORE_BYTES (exact: each query row sees all its keys), or, with attention="sdpa",
 runs torch's fused scaled_dot_product_attention; the FFNs take FFN_CHUNK tokens at a time; prefill forms
-logits only for the rows its caller reads.
+logits only for the rows its caller asks for (generate: the last).
 RoPE rotates (x[2i], x[2i+1]) pairs when interleaved (DeepSeek's layout; always for V2) and writes them out
 as [rotated evens | rotated odds], as transformers does; q and k share the layout, so scores are unchanged.
 YaRN (DeepSeek's): inv_freq blends interpolated (/factor) and original frequencies with a linear ramp
@@ -380,8 +380,10 @@ class ReferenceModel:
         """Log-prob of each continuation token given everything before it, and whether greedy picks it."""
         if not context_ids:
             raise ValueError("score needs at least one context token (the first token has no prediction)")
-        # [len(continuation), V]: row j predicts continuation_ids[j]
-        logits, _ = self.prefill(list(context_ids) + list(continuation_ids)[:-1], logits_from=len(context_ids) - 1)
+        # Every row, then the continuation's, as evals' ReferenceBackend.score reads them from one prefill: the
+        # same numbers bit for bit (a matmul's rounding depends on how many rows it has).
+        logits, _ = self.prefill(list(context_ids) + list(continuation_ids)[:-1])
+        logits = logits[len(context_ids) - 1:]  # [len(continuation), V]: row j predicts continuation_ids[j]
         target = torch.tensor(continuation_ids, dtype=torch.long, device=logits.device)
         logp = logits.double().log_softmax(-1).gather(1, target[:, None])[:, 0]
         return logp.tolist(), (logits.argmax(-1) == target).tolist()
