@@ -159,11 +159,12 @@ class HelixBackend:
 class ReferenceBackend:
     """The driver interface on the single-device oracle (``helix.reference.ReferenceModel``), one request at a time."""
 
-    def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu"):
+    def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu", attention: str = "plain"):
+        """``attention``: the reference's "plain" or "sdpa" attention (``ReferenceModel``)."""
         from helix.reference import ReferenceModel
         from helix.sources import load_source_tokenizer
 
-        self.model = ReferenceModel.from_checkpoint(model_dir, dtype=DTYPES[dtype], device=device)
+        self.model = ReferenceModel.from_checkpoint(model_dir, dtype=DTYPES[dtype], device=device, attention=attention)
         self.tokenizer = load_source_tokenizer(model_dir)
 
     def __enter__(self) -> "ReferenceBackend":

@@ -26,7 +26,8 @@ Helix decode step of one layer, on every rank r (DESIGN §3)::
 
 The all-to-all moves B H (Lkv + 1) values per rank, independent of S. Prefill (local prefill on the Helix
 ranks, or the context server with N = 1) splits heads instead: each rank attends causally over the whole
-prompt for its h heads, writes only the KV blocks it owns, and shares the W_UV / o_proj tail.
+prompt for its h heads (torch's fused scaled_dot_product_attention over the absorbed form: q = [q_abs | q_pe],
+k = v = the cache rows), writes only the KV blocks it owns, and shares the W_UV / o_proj tail.
 """
 
 from __future__ import annotations
@@ -158,21 +159,18 @@ class HelixMLA:
 
     # ------------------------------------------------------------------ prefill (heads split, whole prompt)
     def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                cache: PagedKVCache, chunk: int = 256) -> torch.Tensor:
+                cache: PagedKVCache) -> torch.Tensor:
         """x [T, D] of one sequence starting at position 0 -> [T, D]; writes the owned KV rows."""
+        cfg = self.cfg
         entries = self.kv_entries(x, cos, sin)  # [T, Lkv + R], every rank computes all tokens
         cache.write(self.layer, slots, entries)
         q_abs, q_pe = self.queries(x, cos, sin)
-        local = slice(self.h0, self.h1) if self.w_uk.shape[0] == self.cfg.num_attention_heads else slice(None)
-        q_abs, q_pe = q_abs[:, local].float(), q_pe[:, local].float()  # this rank's heads
-        c_kv, k_pe = entries.float().split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
-        T = x.shape[0]
-        out = []
-        for s in range(0, T, chunk):  # query chunks bound the [h, chunk, T] score matrix
-            e = min(s + chunk, T)
-            scores = (torch.einsum("thl,sl->hts", q_abs[s:e], c_kv[:e])
-                      + torch.einsum("thr,sr->hts", q_pe[s:e], k_pe[:e])) * self.cfg.softmax_scale
-            causal = torch.arange(s, e, device=x.device)[:, None] >= torch.arange(e, device=x.device)[None, :]
-            probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-            out.append(torch.einsum("hts,sl->thl", probs, c_kv[:e]))
-        return self.output(torch.cat(out).to(x.dtype))
+        local = slice(self.h0, self.h1) if self.w_uk.shape[0] == cfg.num_attention_heads else slice(None)
+        q = torch.cat([q_abs[:, local], q_pe[:, local]], dim=-1).transpose(0, 1)  # [h, T, Lkv + R] this rank's heads
+        # Absorbed MQA: every local head attends to the one latent head, k = v = the cache rows [c_kv | k_pe]
+        # expanded over the heads without a copy (with enable_gqa instead, float32 on CUDA falls back to the
+        # math kernel); the first Lkv output dims are sum_s p_s c_kv(s). Fused and causal: flash on CPU,
+        # memory-efficient on CUDA, no [h, T, T] scores held. In float32 whatever the model's dtype.
+        kv = entries.float()[None, None].expand(1, q.shape[0], -1, -1)  # [1, h, T, Lkv + R]
+        o = F.scaled_dot_product_attention(q.float()[None], kv, kv, is_causal=True, scale=cfg.softmax_scale)
+        return self.output(o[0, :, :, :cfg.kv_lora_rank].transpose(0, 1).to(x.dtype))  # [T, h, Lkv]

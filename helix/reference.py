@@ -13,6 +13,10 @@ MLA, naive (no weight absorption), per token x [D]:
     [c_kv (Lkv) | k_pe_raw (R)] = W_DKV x;  c_kv = RMSNorm(c_kv);  k_pe = RoPE(k_pe_raw, global position)
     k_h = [W_UK_h c_kv | k_pe]  (P+R),   v_h = W_UV_h c_kv  (V)     with [W_UK; W_UV] = kv_b_proj per head
     o_h = softmax_t(q_h . k_h(t) * softmax_scale) v_h;   out = W_O concat_h o_h
+The cache keeps K and V per head. Memory stays linear in T: attention takes queries in chunks whose
+[H, chunk, S] scores fit SCORE_BYTES (exact: each query row sees all its keys), or, with attention="sdpa",
+runs torch's fused scaled_dot_product_attention; the FFNs take FFN_CHUNK tokens at a time; prefill forms
+logits only for the rows its caller asks for (generate: the last).
 RoPE rotates (x[2i], x[2i+1]) pairs when interleaved (DeepSeek's layout; always for V2) and writes them out
 as [rotated evens | rotated odds], as transformers does; q and k share the layout, so scores are unchanged.
 YaRN (DeepSeek's): inv_freq blends interpolated (/factor) and original frequencies with a linear ramp
@@ -32,12 +36,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from helix.checkpoint import CheckpointError, tensor_shapes
-from helix.config import ModelConfig, yarn_mscale
+from helix.config import ConfigError, ModelConfig, yarn_mscale
 from helix.sources import open_source
 
 
@@ -95,15 +100,66 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 # --------------------------------------------------------------------------------------------- MLA
 
 
+# Bound on one query chunk's [H, chunk, S] scores in attend_plain (a few such tensors are alive at once).
+# Larger chunks are no faster: an 8K-token tiny prefill on 2 CPU cores takes 4.6 s at 16 MiB, 12.6 s at 256.
+SCORE_BYTES = 16 << 20
+
+
+def attend_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, causal) v per head: q [H, T, E], k [H, S, E], v [H, S, V] -> [H, T, V].
+
+    The T queries are the last T of the S positions: query i (position S - T + i) sees keys j <= S - T + i.
+    Queries go in chunks whose scores [H, chunk, keys] fit SCORE_BYTES; a chunk against every key it may see
+    is the whole softmax of its rows, so chunking changes nothing (keys past the chunk's last row are all
+    masked and left out). Scores and softmax in float32 or better, probabilities cast back for the product.
+    """
+    H, T, S = q.shape[0], q.shape[1], k.shape[1]
+    acc = _acc_dtype(q.dtype)
+    rows = max(1, SCORE_BYTES // (H * S * acc.itemsize))
+    o = q.new_empty(H, T, v.shape[-1])
+    for s in range(0, T, rows):
+        e = min(s + rows, T)
+        keys = S - T + e  # the chunk's last query sees keys 0 .. S - T + e - 1
+        scores = (q[:, s:e] @ k[:, :keys].transpose(1, 2)).to(acc) * scale  # [H, e - s, keys]
+        future = (torch.arange(keys, device=q.device)[None, :]
+                  > torch.arange(S - T + s, S - T + e, device=q.device)[:, None])  # key j after query i
+        probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1).to(q.dtype)
+        o[:, s:e] = probs @ v[:, :keys]
+    return o
+
+
+def attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """attend_plain's contract through torch's fused ``scaled_dot_product_attention``, which never holds the
+    scores (flash on CPU; cuDNN or memory-efficient kernels on CUDA, where float64 has only the math fallback,
+    which does hold them). Its softmax runs in float32 or better whatever the inputs' dtype."""
+    T, S, qk, Vd = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
+    # One head dim for q, k and v, or torch's CPU flash kernel gives way to the math one: the narrower side gets
+    # zero columns, which change neither q.k nor the first V output dims.
+    if Vd < qk:  # DeepSeek: V 128 < P+R 192
+        v = F.pad(v, (0, qk - Vd))
+    elif qk < Vd:
+        q, k = F.pad(q, (0, Vd - qk)), F.pad(k, (0, Vd - qk))
+    # Query i sees keys j <= S - T + i: plain causal without a past (T == S), every key for one new token; only
+    # new tokens after a past (T > 1, never in prefill or decode) need the explicit [T, S] mask.
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T) if 1 < T < S else None
+    o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=T == S, scale=scale)
+    return o[0, ..., :Vd]
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+ATTENTION: dict[str, Attend] = {"plain": attend_plain, "sdpa": attend_sdpa}
+
+
 def mla_reference(cfg: ModelConfig, w: dict[str, torch.Tensor], x: torch.Tensor, positions: torch.Tensor,
-                  past: tuple[torch.Tensor, torch.Tensor] | None = None
+                  past: tuple[torch.Tensor, torch.Tensor] | None = None, attend: Attend = attend_plain
                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """One naive MLA layer for one sequence.
 
     w: this layer's ``self_attn.*`` tensors keyed by the name after ``self_attn.`` (e.g. "kv_b_proj.weight").
     x [T, D] (already input-layernormed); positions [T] global, following the S cached tokens of ``past``
-    = (K [H, S, P+R], V [H, S, V]). New token i attends to every cached token and to new tokens j <= i.
-    Returns out [T, D] and the cache extended to S + T tokens.
+    = (K [H, S, P+R], V [H, S, V]). New token i attends to every cached token and to new tokens j <= i;
+    ``attend`` (attend_plain or attend_sdpa) computes that. Returns out [T, D] and the cache extended to S + T
+    tokens.
     """
     H, P, R, Vd, Lkv = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
                         cfg.kv_lora_rank)
@@ -131,21 +187,27 @@ def mla_reference(cfg: ModelConfig, w: dict[str, torch.Tensor], x: torch.Tensor,
         k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
     S = k.shape[1]
 
-    q = torch.cat([q_nope, q_pe], dim=-1)
-    scores = (q @ k.transpose(1, 2)).to(_acc_dtype(x.dtype)) * cfg.softmax_scale  # [H, T, S]
-    causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-    probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1).to(x.dtype)
-    o = (probs @ v).transpose(0, 1).reshape(T, H * Vd)  # [T, H*V], heads concatenated
+    o = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, cfg.softmax_scale)  # [H, T, V]
+    o = o.transpose(0, 1).reshape(T, H * Vd)  # [T, H*V], heads concatenated
     return o @ w["o_proj.weight"].T, (k, v)
 
 
 # --------------------------------------------------------------------------------------------- FFN
 
 
+# Tokens per FFN chunk: bounds the [chunk, I] (dense, shared) and [E, chunk, I] (routed) intermediates.
+FFN_CHUNK = 1024
+
+
 def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
-    """SiLU-gated MLP with weights ``{prefix}gate_proj.weight`` etc."""
+    """SiLU-gated MLP with weights ``{prefix}gate_proj.weight`` etc.; tokens FFN_CHUNK at a time (each token
+    on its own, so chunks are exact)."""
     gate, up, down = (w[prefix + n + ".weight"] for n in ("gate_proj", "up_proj", "down_proj"))
-    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+    out = torch.empty_like(x)
+    for s in range(0, x.shape[0], FFN_CHUNK):
+        xs = x[s:s + FFN_CHUNK]
+        out[s:s + FFN_CHUNK] = (F.silu(xs @ gate.T) * (xs @ up.T)) @ down.T
+    return out
 
 
 def route(cfg: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,23 +236,23 @@ def route(cfg: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None) -> 
     return ids, weights * cfg.routed_scaling_factor
 
 
-def moe(cfg: ModelConfig, x: torch.Tensor, w: dict[str, torch.Tensor], chunk: int = 1024) -> torch.Tensor:
+def moe(cfg: ModelConfig, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
     """x [T, D] -> routed + shared experts. Dense, i.e. the definition: every routed expert runs on every
     token and is weighted by the router, with weight 0 where the token did not choose it (nothing to dispatch,
     so nothing to get wrong, and a fixed number of matmuls). ``w`` keys after ``mlp.``; the routed experts
     stacked as ``experts.gate_proj`` / ``experts.up_proj`` [E, I, D] and ``experts.down_proj`` [E, D, I].
-    Tokens go ``chunk`` at a time to bound the [E, chunk, I] intermediates."""
+    Tokens go FFN_CHUNK at a time."""
     acc = _acc_dtype(x.dtype)
     logits = x.to(w["gate.weight"].dtype) @ w["gate.weight"].T  # [T, E] in float32 or better
     ids, weights = route(cfg, logits, w.get("gate.e_score_correction_bias"))
     mix = torch.zeros_like(logits, dtype=acc).scatter_(1, ids, weights.to(acc))  # [T, E]
     gate, up, down = (w["experts." + n] for n in ("gate_proj", "up_proj", "down_proj"))
     out = torch.empty_like(x)
-    for s in range(0, x.shape[0], chunk):
-        xs = x[s:s + chunk]
+    for s in range(0, x.shape[0], FFN_CHUNK):
+        xs = x[s:s + FFN_CHUNK]
         h = F.silu(torch.einsum("td,eid->eti", xs, gate)) * torch.einsum("td,eid->eti", xs, up)  # [E, t, I]
         y = torch.einsum("eti,edi->etd", h, down)  # [E, t, D]
-        out[s:s + chunk] = torch.einsum("te,etd->td", mix[s:s + chunk], y.to(acc)).to(x.dtype)  # summed in acc
+        out[s:s + FFN_CHUNK] = torch.einsum("te,etd->td", mix[s:s + FFN_CHUNK], y.to(acc)).to(x.dtype)  # summed in acc
     if cfg.n_shared_experts:
         out = out + mlp(x, w, "shared_experts.")
     return out
@@ -213,10 +275,14 @@ class ReferenceCache:
 class ReferenceModel:
     """A whole DeepSeek-V2/V3 decoder built from HF on-disk tensors (per-expert names)."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], attention: str = "plain"):
         """``weights`` by HF name; the routed experts' tensors are moved out of it into stacked ones (so a
-        full-size model never holds them twice)."""
+        full-size model never holds them twice). ``attention``: "plain" (attend_plain, the definition) or
+        "sdpa" (attend_sdpa: torch's fused kernel, for long prompts on GPU)."""
+        if attention not in ATTENTION:
+            raise ConfigError(f"attention={attention!r}: choose one of {list(ATTENTION)}")
         self.cfg = cfg
+        self.attend = ATTENTION[attention]
         expected = tensor_shapes(cfg)
         for name, shape in expected.items():
             if name not in weights:
@@ -253,29 +319,31 @@ class ReferenceModel:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "ReferenceModel":
+                        device: str | torch.device = "cpu", attention: str = "plain") -> "ReferenceModel":
         ckpt = open_source(path, device)
         weights = {name: ckpt.get(name, dtype=dtype, device=device) for name in ckpt.expected}
         ckpt.close()
-        return cls(ckpt.config, weights)
+        return cls(ckpt.config, weights, attention)
 
     # ---------------------------------------------------------------- one sequence
-    def _run(self, ids: torch.Tensor, cache: ReferenceCache) -> torch.Tensor:
-        """Token ids [T] following cache.length cached tokens -> float32 logits [T, V]; extends the cache."""
+    def _run(self, ids: torch.Tensor, cache: ReferenceCache, logits_from: int = 0) -> torch.Tensor:
+        """Token ids [T] following cache.length cached tokens -> float32 logits [T - logits_from, V] of the
+        positions logits_from .. T-1 (the others are never formed: [T, V] is large for long prompts and real
+        vocabularies); extends the cache."""
         cfg = self.cfg
         start = cache.length
         positions = torch.arange(start, start + ids.shape[0], device=self.device)
         h = self.embed[ids.to(self.device)]  # [T, D]
-        kv = []
+        # Layer i's cache is replaced as soon as it is extended: the old and the new cache never coexist whole.
+        kv = cache.layers or [None] * len(self.layers)
         for i, layer in enumerate(self.layers):
-            a, kv_i = mla_reference(cfg, layer["attn"], rms_norm(h, layer["attn_norm"], cfg.rms_norm_eps), positions,
-                                    cache.layers[i] if cache.layers else None)
-            kv.append(kv_i)
+            a, kv[i] = mla_reference(cfg, layer["attn"], rms_norm(h, layer["attn_norm"], cfg.rms_norm_eps), positions,
+                                     kv[i], self.attend)
             h = h + a
             x = rms_norm(h, layer["ffn_norm"], cfg.rms_norm_eps)
             h = h + (moe(cfg, x, layer["mlp"]) if cfg.is_moe_layer(i) else mlp(x, layer["mlp"], ""))
         cache.layers = kv
-        return (rms_norm(h, self.norm, cfg.rms_norm_eps) @ self.lm_head.T).float()
+        return (rms_norm(h[logits_from:], self.norm, cfg.rms_norm_eps) @ self.lm_head.T).float()
 
     @torch.no_grad()
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
@@ -283,9 +351,10 @@ class ReferenceModel:
         return torch.stack([self._run(row, ReferenceCache()) for row in input_ids])
 
     @torch.no_grad()
-    def prefill(self, input_ids: list[int]) -> tuple[torch.Tensor, ReferenceCache]:
+    def prefill(self, input_ids: list[int], logits_from: int = 0) -> tuple[torch.Tensor, ReferenceCache]:
+        """Logits [T - logits_from, V] (row j predicts the token after position logits_from + j) and the cache."""
         cache = ReferenceCache()
-        return self._run(torch.tensor(input_ids, dtype=torch.long), cache), cache
+        return self._run(torch.tensor(input_ids, dtype=torch.long), cache, logits_from), cache
 
     @torch.no_grad()
     def decode(self, token_id: int, cache: ReferenceCache) -> torch.Tensor:
@@ -297,8 +366,8 @@ class ReferenceModel:
         out: list[int] = []
         all_logits: list[torch.Tensor] = []
         if max_new_tokens > 0:
-            logits, cache = self.prefill(prompt_ids)
-            logits = logits[-1]
+            logits, cache = self.prefill(prompt_ids, logits_from=len(prompt_ids) - 1)
+            logits = logits[0]
             while True:
                 all_logits.append(logits)
                 out.append(int(logits.argmax()))
@@ -311,6 +380,8 @@ class ReferenceModel:
         """Log-prob of each continuation token given everything before it, and whether greedy picks it."""
         if not context_ids:
             raise ValueError("score needs at least one context token (the first token has no prediction)")
+        # Every row, then the continuation's, as evals' ReferenceBackend.score reads them from one prefill: the
+        # same numbers bit for bit (a matmul's rounding depends on how many rows it has).
         logits, _ = self.prefill(list(context_ids) + list(continuation_ids)[:-1])
         logits = logits[len(context_ids) - 1:]  # [len(continuation), V]: row j predicts continuation_ids[j]
         target = torch.tensor(continuation_ids, dtype=torch.long, device=logits.device)

@@ -5,7 +5,8 @@ Each model shape is a synthetic checkpoint of the tiny preset with overrides, wr
 files through their own loading code. Shapes cover:
 V3 without q_lora (group-limited sigmoid routing, YaRN x32, interleaved RoPE); V3 with q_lora, YaRN x4 over
 an original context of 32 (positions well beyond it), mscale != mscale_all_dim and non-interleaved RoPE;
-V2 with softmax greedy routing; V2 with group_limited_greedy and q_lora.
+V2 with softmax greedy routing; V2 with group_limited_greedy and q_lora. Logits and the MLA layer are checked
+with both of the reference's attentions ("plain", "sdpa").
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import transformers
 
 from helix.config import ModelConfig
 from helix.presets import get_preset
-from helix.reference import ReferenceModel, mla_reference, route
+from helix.reference import ATTENTION, ReferenceModel, mla_reference, route
 from tests.tolerance import assert_bf16_policy, assert_exact, assert_f32_parity
 
 SMALL_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32.0,
@@ -64,8 +65,10 @@ def test_logits_match_hf(shape, checkpoint_dir):
     with torch.no_grad():
         want = hf(ids).logits.float()
     for dtype in (torch.float32, torch.float64):
-        got = ReferenceModel.from_checkpoint(path, dtype=dtype).forward(ids)
-        assert_f32_parity(got, want, f"{shape} {dtype} reference vs transformers logits over {FORWARD_LEN} positions")
+        for attention in ATTENTION:
+            got = ReferenceModel.from_checkpoint(path, dtype=dtype, attention=attention).forward(ids)
+            assert_f32_parity(got, want, f"{shape} {dtype} {attention} reference vs transformers logits over "
+                                         f"{FORWARD_LEN} positions")
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -120,7 +123,8 @@ def _hf_attention(path: str, dtype: torch.dtype, layer: int = 1):
     return attn, {name: t.detach() for name, t in attn.state_dict().items()}
 
 
-def test_mla_layer_matches_hf_attention(checkpoint_dir):
+@pytest.mark.parametrize("attention", list(ATTENTION))
+def test_mla_layer_matches_hf_attention(checkpoint_dir, attention):
     """The module-level entry point the runtime's parity tests call, against transformers' attention module."""
     path = checkpoint_dir("v3-qlora-yarn32")
     cfg = ModelConfig.from_json(path)
@@ -131,15 +135,17 @@ def test_mla_layer_matches_hf_attention(checkpoint_dir):
     with torch.no_grad():
         want, _ = attn(hidden_states=x, position_embeddings=hf_model(path).model.rotary_emb(x, positions),
                        attention_mask=mask)
-    head, head_kv = mla_reference(cfg, w, x[0, :30], positions[0, :30], None)
-    tail, (k, v) = mla_reference(cfg, w, x[0, 30:], positions[0, 30:], head_kv)
+    head, head_kv = mla_reference(cfg, w, x[0, :30], positions[0, :30], None, ATTENTION[attention])
+    tail, (k, v) = mla_reference(cfg, w, x[0, 30:], positions[0, 30:], head_kv, ATTENTION[attention])
     H = cfg.num_attention_heads
     assert k.shape == (H, 50, cfg.qk_head_dim) and v.shape == (H, 50, cfg.v_head_dim)
-    assert_f32_parity(torch.cat([head, tail]), want[0], "mla_reference (30 tokens, then 20 more) vs transformers")
+    assert_f32_parity(torch.cat([head, tail]), want[0], f"{attention} mla_reference (30 tokens, then 20 more) vs "
+                                                        "transformers")
 
 
+@pytest.mark.parametrize("attention", list(ATTENTION))
 @pytest.mark.parametrize("shape", ["v3", "v2-greedy"])
-def test_mla_layer_bf16_within_policy(shape, checkpoint_dir):
+def test_mla_layer_bf16_within_policy(shape, checkpoint_dir, attention):
     """bf16 mla_reference vs the float64 one: no worse than transformers' own bf16 attention (DESIGN §6).
 
     Checked per layer: whole-model bf16 logits are dominated by MoE top-k flips on near-tied router scores,
@@ -151,13 +157,13 @@ def test_mla_layer_bf16_within_policy(shape, checkpoint_dir):
     positions = torch.arange(64)
     w64 = {n: t.double() for n, t in w.items()}
     ref64, _ = mla_reference(cfg, w64, x.double(), positions)
-    ours, _ = mla_reference(cfg, w, x.bfloat16(), positions)
+    ours, _ = mla_reference(cfg, w, x.bfloat16(), positions, None, ATTENTION[attention])
     xb = x.bfloat16()[None]
     mask = torch.full((64, 64), float("-inf")).triu(1)[None, None].bfloat16()
     with torch.no_grad():
         rotary = hf_model(path, torch.bfloat16).model.rotary_emb(xb, positions[None])
         baseline, _ = attn(hidden_states=xb, position_embeddings=rotary, attention_mask=mask)
-    assert_bf16_policy(ours.float(), ref64, baseline[0].float(), f"{shape} bf16 mla_reference")
+    assert_bf16_policy(ours.float(), ref64, baseline[0].float(), f"{shape} bf16 {attention} mla_reference")
 
 
 def test_v2_norm_topk_prob_normalises_instead_of_scaling():

@@ -3,7 +3,8 @@ naive single-device MLA (float64 oracle), through a head-split prefill and batch
 
 Cases: batch 1 and batch 3 with different lengths; contexts that are not a multiple of the block size; a
 sequence shorter than N blocks (ranks with empty shards, and a 1-token context); enough decode steps to
-cross block boundaries so the owner rank rotates. Every cache block starts NaN-poisoned.
+cross block boundaries so the owner rank rotates; a 613-token prompt, a multiple of neither the blocks nor the
+query / key tiles of torch's fused attention that the prefill runs. Every cache block starts NaN-poisoned.
 """
 
 import pytest
@@ -23,7 +24,7 @@ def _inputs(cfg_hidden: int, lengths: list[int], seed: int):
     return contexts, decode_x
 
 
-CASES = {"batch1": [45], "batch3_ragged": [37, 5, 1]}
+CASES = {"batch1": [45], "batch3_ragged": [37, 5, 1], "long_prompt": [613]}
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
