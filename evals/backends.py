@@ -49,6 +49,8 @@ class BackendSpec:
     dtype: str = "float32"
     device: str = "cpu"
     max_tokens: int | None = None
+    colocate: bool = False  # the deployment built from ``model``: context server on generation rank 0's GPU
+    attention: str = "plain"  # the reference's attention: "plain" (chunked, the definition) or "sdpa" (fused)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -59,6 +61,10 @@ class BackendSpec:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}: choose one of {sorted(DTYPES)}")
         self.cp, self.tokens_per_block = int(self.cp), int(self.tokens_per_block)
+        if isinstance(self.colocate, str):  # from an lm-eval model_args string
+            if self.colocate.lower() not in ("true", "false"):
+                raise ConfigError(f"colocate={self.colocate!r}: must be true or false")
+            self.colocate = self.colocate.lower() == "true"
 
     def deployment(self) -> dict:
         """The deployment (DESIGN §4): the given file, or context 1 + Helix generation CP ``cp`` on ``model``."""
@@ -68,7 +74,7 @@ class BackendSpec:
         # At least one block: the servers' rule (a max_length shorter than a block still gets its whole block).
         kv = tpb if self.max_tokens is None else {**tpb, "max_tokens": max(int(self.max_tokens), self.tokens_per_block)}
         return {"model": {"path": self.model, "dtype": self.dtype, "device": self.device},
-                "context_servers": {"tensor_parallel_size": 1, "kv_cache_config": dict(kv)},
+                "context_servers": {"tensor_parallel_size": 1, "kv_cache_config": dict(kv), "colocate": self.colocate},
                 "generation_servers": {"context_parallel_size": self.cp,
                                        "cp_config": {"cp_type": "HELIX", **tpb}, "kv_cache_config": dict(kv)}}
 
@@ -88,7 +94,7 @@ def make_backend(spec: BackendSpec):
         from helix.disagg import launch  # the driver API of the disaggregated deployment
 
         return HelixBackend(launch(spec.deployment()))
-    return ReferenceBackend(spec.model_dir(), dtype=spec.dtype, device=spec.device)
+    return ReferenceBackend(spec.model_dir(), dtype=spec.dtype, device=spec.device, attention=spec.attention)
 
 
 def group_by_input(requests: list[tuple[list[int], list[int]]]) -> dict[tuple[int, ...], list[int]]:

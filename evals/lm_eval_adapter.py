@@ -3,11 +3,12 @@
 model_args, either form::
 
     config=DEPLOY.yaml[,backend=helix|reference]
-    pretrained=DIR,cp=2,tokens_per_block=32,backend=helix|reference,dtype=float32,device=cpu
+    pretrained=DIR,cp=2,tokens_per_block=32,backend=helix|reference,dtype=float32,device=cpu[,colocate=true]
 
 plus, in both: ``batch_size`` (requests per backend call, default 64), ``max_length`` (tokens the model
 sees; default the checkpoint's ``max_position_embeddings``; a deployment built from ``pretrained`` gets that
-KV capacity), ``max_gen_toks`` (default 256), ``seed`` (for sampled generation). ``backend=helix`` (the
+KV capacity), ``max_gen_toks`` (default 256), ``seed`` (for sampled generation), ``attention`` (the
+reference's prefill attention, plain or sdpa). ``backend=helix`` (the
 default) launches the disaggregated deployment through ``helix.disagg.launch``; ``backend=reference`` runs the
 same weights on the single-device oracle.
 
@@ -59,12 +60,12 @@ class HelixLM(TemplateLM):
     def backend_spec(args: dict) -> tuple[BackendSpec, int]:
         """The backend model_args ask for, and max_length; a deployment built from ``pretrained`` gets the KV
         capacity of max_length, so it serves every prompt the adapter lets in."""
-        known = {"pretrained", "config", "backend", "cp", "tokens_per_block", "dtype", "device",
-                 "batch_size", "max_length", "max_gen_toks", "seed"}
+        known = {"pretrained", "config", "backend", "cp", "tokens_per_block", "dtype", "device", "colocate",
+                 "attention", "batch_size", "max_length", "max_gen_toks", "seed"}
         if unknown := sorted(set(args) - known):
             raise ConfigError(f"model_args {unknown}: unknown; helix takes {sorted(known)}")
-        spec = BackendSpec(**{k: args[k] for k in ("backend", "config", "cp", "tokens_per_block", "dtype", "device")
-                              if k in args}, model=args.get("pretrained"))
+        spec = BackendSpec(**{k: args[k] for k in ("backend", "config", "cp", "tokens_per_block", "dtype", "device",
+                                                   "colocate", "attention") if k in args}, model=args.get("pretrained"))
         max_length = int(args.get("max_length") or source_config(spec.model_dir()).max_position_embeddings)
         return dataclasses.replace(spec, max_tokens=max_length), max_length
 

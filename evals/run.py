@@ -168,7 +168,7 @@ def plan(args: argparse.Namespace, scratch: str) -> list[Run]:
     if asked is not None and (unknown := sorted(set(asked) - set(TASKS))):
         raise ConfigError(f"--tasks={args.tasks!r}: unknown {unknown}; choose from {list(TASKS)}")
     common = dict(backend=args.backend, cp=args.cp, tokens_per_block=args.tokens_per_block, dtype=args.dtype,
-                  device=args.device)
+                  device=args.device, colocate=args.colocate, attention=args.reference_attention)
     if args.model is not None or args.config is not None:
         spec = BackendSpec(model=args.model, config=args.config, **common)
         return [plan_run(args, spec, asked or DATA_TASKS, {}, scratch)]
@@ -395,6 +395,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what is compared against the reference (reference: the pipeline checking itself)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--colocate", action="store_true",
+                   help="with --model on CUDA: the context server shares generation rank 0's GPU (N GPUs, not N + 1)")
+    p.add_argument("--reference-attention", choices=["plain", "sdpa"], default="plain",
+                   help="the reference's prefill attention: plain (chunked, the definition) or sdpa (torch's fused "
+                        "kernel, checked against plain in the tests; what makes 1M-token prompts take seconds on a GPU)")
     p.add_argument("--reference-device",
                    help="run the reference on this device (e.g. cuda:3, a GPU the deployment leaves free) at the same "
                         "time as the deployment, in its own process (default: on --device, after the deployment)")
