@@ -67,7 +67,8 @@ class BackendSpec:
             self.colocate = self.colocate.lower() == "true"
 
     def deployment(self) -> dict:
-        """The deployment (DESIGN §4): the given file, or context 1 + Helix generation CP ``cp`` on ``model``."""
+        """The deployment (docs/design.md §4.3): the given file, or context 1 + Helix generation CP ``cp`` on
+        ``model``."""
         if self.config is not None:
             return read_file(self.config)
         tpb = {"tokens_per_block": self.tokens_per_block}

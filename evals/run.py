@@ -3,7 +3,7 @@
 Both runs use the same weights, the same lm-eval task definitions, few-shot examples, truncation and
 generation settings; only the backend behind the ``helix`` lm-eval model differs. Per task the report holds
 both scores, per-sample agreement, the paired score difference with its 95% interval and pass/fail, plus, for
-a checkpoint with published figures in golden/accuracy/, the one-sided threshold test of DESIGN §7. Needle
+a checkpoint with published figures in golden/accuracy/, the one-sided threshold test of docs/design.md §7.3. Needle
 tasks (RULER's niah_*, the project's niah_restated) also get a table and a heatmap per side by context length
 and needle depth.
 
@@ -352,7 +352,7 @@ def run(args: argparse.Namespace) -> dict:
     ruler_offline()
     min_agreement = args.min_agreement
     if min_agreement is None and args.dtype in ("float32", "float64"):
-        min_agreement = 1.0  # DESIGN §6: in float32 the deployment must reproduce the oracle's predictions
+        min_agreement = 1.0  # docs/design.md §7.3: in float32 the deployment must reproduce the oracle's predictions
 
     start = time.time()
     with task_dir(data_dir) as path:

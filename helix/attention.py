@@ -11,7 +11,7 @@ Weights: W_DKV = kv_a_proj_with_mqa [Lkv + R, D]; kv_b_proj [H (P + V), Lkv] spl
 W_UK [H, P, Lkv] and W_UV [H, V, Lkv]; o_proj = W_O [D, H V]. The cache row of a token is
 [c_kv (Lkv) | k_pe (R)] (576 values for V3), absorbed once at load time, never per step.
 
-Helix decode step of one layer, on every rank r (DESIGN §3)::
+Helix decode step of one layer, on every rank r (docs/design.md §3.3)::
 
     q_nope, q_pe  = W_Q x                          [B, H, P], [B, H, R]   all H heads, weights replicated
     q_pe          = RoPE(q_pe, global position)

@@ -1,4 +1,4 @@
-"""`helix bench`: token-to-token decode latency against context length (DESIGN §8).
+"""`helix bench`: token-to-token decode latency against context length (docs/design.md §8).
 
 One run on one machine measures, on the same synthetic DeepSeek-V3-Lite-shaped weights:
 

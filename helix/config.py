@@ -2,7 +2,7 @@
 
 ``ModelConfig`` fields are the keys of a Hugging Face ``config.json`` (model_type ``deepseek_v3`` or
 ``deepseek_v2``); only keys that change the math are kept, everything the project cannot honour fails
-loudly. ``HelixConfig`` holds the generation-server keys of DESIGN §4, spelled as in TensorRT-LLM's Helix
+loudly. ``HelixConfig`` holds the generation-server keys of docs/design.md §4.2, spelled as in TensorRT-LLM's Helix
 feature documentation so a user can copy theirs.
 
 Every validation error is a ``ConfigError`` whose message names the key, the value and the rule.
@@ -300,7 +300,7 @@ _MODEL_TYPE_DEFAULTS = {
 
 @dataclass
 class HelixConfig:
-    """Generation-server keys (DESIGN §4), as in TensorRT-LLM's Helix documentation::
+    """Generation-server keys (docs/design.md §4.2), as in TensorRT-LLM's Helix documentation::
 
         {"context_parallel_size": 2,
          "cp_config": {"cp_type": "HELIX", "tokens_per_block": 32},

@@ -4,8 +4,8 @@ Every rank runs the same engine on the same requests in the same order; host-sid
 tables, lengths, sampling) is therefore identical everywhere, and each step ends with the same logits on
 every rank, so every rank picks the same token without a broadcast.
 
-A request's prompt is split as DESIGN §7 asks: all tokens but the last are prefilled (locally here, or by a
-context server in disaggregated serving); the last prompt token is the input of the first decode step, so
+A request's prompt is split as docs/design.md §1.3 describes: all tokens but the last are prefilled (locally
+here, or by a context server in disaggregated serving); the last prompt token is the input of the first decode step, so
 every generated or scored token comes out of a Helix decode step. Requests join between steps (continuous
 batching) and leave when done, freeing their blocks.
 """

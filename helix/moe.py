@@ -1,4 +1,5 @@
-"""FFN of the Helix runtime: the N attention ranks re-used as tensor / expert parallel ranks (DESIGN §3 step 6).
+"""FFN of the Helix runtime: the N attention ranks re-used as tensor / expert parallel ranks
+(docs/design.md §3.3 step 6).
 
 Every module here returns this rank's **partial** output; the decoder layer sums the partials with one
 all-reduce. Shapes: x [T, D] (T tokens: the decode batch or a prefill chunk), I_r = this rank's slice of an

@@ -5,7 +5,7 @@ transformers' ``DeepseekV3ForCausalLM`` / ``DeepseekV2ForCausalLM`` (tests/model
 Everything is computed in the weights' dtype (float64 for the oracle in tests, float32, bf16) on any device;
 norms, RoPE angles, router scores and softmax run in float32 or better.
 
-Symbols (DESIGN §3, DeepSeek-V3 values): H query heads (128), D hidden (7168), Lkv = kv_lora_rank (512),
+Symbols (docs/design.md §3.1, DeepSeek-V3 values): H query heads (128), D hidden (7168), Lkv = kv_lora_rank (512),
 P = qk_nope_head_dim (128), R = qk_rope_head_dim (64), V = v_head_dim (128), S context length, T new tokens.
 
 MLA, naive (no weight absorption), per token x [D]:

@@ -18,7 +18,7 @@ from helix.workers import RankContext, RankPool
 
 @dataclass(frozen=True)
 class HelixSpec:
-    """What a generation server runs: the checkpoint and the Helix keys of DESIGN §4."""
+    """What a generation server runs: the checkpoint and the Helix keys of docs/design.md §4.2."""
 
     model: str
     cp: int

@@ -1,4 +1,4 @@
-"""Triton kernels, each beside its torch reference (DESIGN §9).
+"""Triton kernels, each beside its torch reference (docs/design.md §9.1).
 
 * :func:`mla_decode` - absorbed-MLA decode attention over a paged latent cache, with its natural-log LSE;
 * :func:`helix_combine` - the exact log-sum-exp merge of per-rank partials (Helix step 4);

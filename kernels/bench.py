@@ -1,4 +1,4 @@
-"""Roofline benchmark of the kernels (DESIGN §8): ``python -m kernels.bench [--out DIR]``.
+"""Roofline benchmark of the kernels (docs/design.md §8): ``python -m kernels.bench [--out DIR]``.
 
 For H in {16, 32, 128}, B in {1, 8}, S in {64K, 256K, 1M} (bf16, Lkv 512, R 64, 64 tokens per block,
 shuffled block table) it times

@@ -1,4 +1,4 @@
-"""Micro-benchmark of the routed-expert decode FFN (DESIGN §8): ``python -m kernels.bench_moe [--out DIR]``.
+"""Micro-benchmark of the routed-expert decode FFN (docs/design.md §8.3): ``python -m kernels.bench_moe [--out DIR]``.
 
 Shape of deepseek-v3-lite: I 1536, D 2560, k 6 of 72 experts, bf16. Two placements:
 

@@ -1,4 +1,4 @@
-"""Helix combine: merge locally normalised attention partials by their log-sum-exp (DESIGN §3 step 4).
+"""Helix combine: merge locally normalised attention partials by their log-sum-exp (docs/design.md §3.3 step 4).
 
 After the all-to-all each rank holds, for its slice of h heads, N partial outputs o^(r) (each normalised
 over rank r's own tokens) and their log-sum-exps lse^(r). The exact attention over the union of tokens is

@@ -1,4 +1,4 @@
-"""Absorbed-MLA decode attention over a paged latent KV cache, with its log-sum-exp (DESIGN §3 step 2).
+"""Absorbed-MLA decode attention over a paged latent KV cache, with its log-sum-exp (docs/design.md §3.3 step 2).
 
 Symbols: B batch, H query heads, Lkv = kv_lora_rank (512 in DeepSeek-V3), R = qk_rope_head_dim (64),
 T = tokens_per_block. The cache row of a token is [c_kv (Lkv) | k_pe (R)]; with W_UK absorbed into the

@@ -1,4 +1,4 @@
-"""Routed-expert FFN for decode batches: only the experts a token chose are read (DESIGN §3 step 6).
+"""Routed-expert FFN for decode batches: only the experts a token chose are read (docs/design.md §3.3 step 6).
 
 Symbols: T tokens (the decode batch), k choices per token, E_r local experts, I = moe_intermediate_size
 (or this rank's TP slice of it), D = hidden size. For token t and choice s with local expert e = ids[t, s]

@@ -1,4 +1,4 @@
-"""Block ownership and the paged cache: exact bookkeeping (DESIGN §3 KV ownership)."""
+"""Block ownership and the paged cache: exact bookkeeping (docs/design.md §3.4)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The tolerance policy of DESIGN §6, written once.
+"""The tolerance policy of docs/design.md §6.2, written once.
 
 * exact: token ids, cache writes, block ownership (``assert_exact``);
 * float32 parity: max |out - ref| <= 1e-4 * max |ref| (``assert_f32_parity``);

@@ -1,4 +1,5 @@
-"""Disaggregated serving: a context server prefills, a Helix generation server decodes (DESIGN §1, §5, §7).
+"""Disaggregated serving: a context server prefills, a Helix generation server decodes (docs/design.md §1.3,
+§1.4, §5).
 
 ``launch(config) -> Cluster`` is the driver API (cluster.py); the deployment file is parsed and validated
 in deploy.py; the KV hand-over by block ownership is kv_transfer.py, the admission signals handoff.py.

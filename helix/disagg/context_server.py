@@ -1,4 +1,4 @@
-"""The context server: prefills each request's prompt but its last token (DESIGN §7) and hands the KV over.
+"""The context server: prefills each request's prompt but its last token (docs/design.md §1.3) and hands the KV over.
 
 It is a HelixModel over a world of one (its own group: mapping HelixMapping(0, 1, T), so every block is
 local), with a cache for one sequence at a time. Per request: prefill, signal ``ready``, post one send per

@@ -1,6 +1,6 @@
 """The deployment file of disaggregated serving, parsed and validated before any process starts.
 
-YAML or JSON, three sections (DESIGN §4)::
+YAML or JSON, three sections (docs/design.md §4.3)::
 
     model:
       path: /checkpoints/deepseek-v3-lite     # an HF checkpoint directory (config.json + safetensors),

@@ -2,7 +2,7 @@
 
 A prompt's prefilled tokens [0, T) form global blocks b = 0 .. ceil(T / tokens_per_block) - 1; the last
 may be partial (its tail rows are never read: decode overwrites them before local_lens reaches them).
-Block b belongs to generation rank b mod N (DESIGN §3), where it is local block b // N. So generation rank g
+Block b belongs to generation rank b mod N (docs/design.md §3.4), where it is local block b // N. So generation rank g
 receives exactly the blocks g, g + N, g + 2N, ..., in that order, which is its local block order: one
 message per layer, [n_g, tokens_per_block, Lkv + R], straight from the context server to the owner. No
 generation rank ever holds another's blocks, and ranks with no block for a short prompt get no message.

@@ -82,7 +82,7 @@ def test_combine_validation_and_path(monkeypatch):
 ])
 @pytest.mark.parametrize("n_ranks", [2, 3])
 def test_helix_identity(decode, combine, n_ranks):
-    """Shard each sequence's blocks round-robin over N ranks (block b on rank b mod N, DESIGN §3),
+    """Shard each sequence's blocks round-robin over N ranks (block b on rank b mod N, docs/design.md §3.4),
     decode each shard, combine: equals decoding the whole sequence. N=3 leaves ranks with 0 tokens."""
     case = make_mla_case([0, 3, 29, 40], 5, tpb=8, seed=31 + n_ranks)
     tpb = case.kv_cache.shape[1]

@@ -1,6 +1,6 @@
 """mla_decode on CPU: the torch reference always, the Triton kernel under Triton's interpreter.
 
-Float32: parity with a float64 token-by-token oracle (DESIGN §6). bf16: error <= 2x that of plain bf16
+Float32: parity with a float64 token-by-token oracle (docs/design.md §6.2). bf16: error <= 2x that of plain bf16
 torch + floor. Every case carries NaN in each cache slot no sequence uses and garbage block ids past each
 sequence's last block.
 """

@@ -146,7 +146,7 @@ def test_mla_layer_matches_hf_attention(checkpoint_dir, attention):
 @pytest.mark.parametrize("attention", list(ATTENTION))
 @pytest.mark.parametrize("shape", ["v3", "v2-greedy"])
 def test_mla_layer_bf16_within_policy(shape, checkpoint_dir, attention):
-    """bf16 mla_reference vs the float64 one: no worse than transformers' own bf16 attention (DESIGN §6).
+    """bf16 mla_reference vs the float64 one: no worse than transformers' own bf16 attention (docs/design.md §6.2).
 
     Checked per layer: whole-model bf16 logits are dominated by MoE top-k flips on near-tied router scores,
     which both implementations suffer at different tokens."""
