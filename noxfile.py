@@ -6,8 +6,12 @@ GPU sessions reuse the machine's own torch (``venv_params=["--system-site-packag
 """
 
 import os
+import sys
 
 import nox
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helix.gpu_env import GPU_SAFE_ENV  # noqa: E402  (torch-free: nox's own interpreter has no torch)
 
 nox.options.sessions = ["unit"]
 nox.options.reuse_existing_virtualenvs = True
@@ -23,11 +27,12 @@ def _install_cpu(session, *extras):
 
 @nox.session(python="3.11")
 def unit(session):
-    """Everything CPU-runnable (Triton kernels under TRITON_INTERPRET=1), `pytest -n 2`."""
+    """Everything CPU-runnable (Triton kernels through the interpreter, on CPU tensors), `pytest -n 2`; the 15
+    slowest tests are listed at the end."""
     _install_cpu(session, "test", "eval")
     session.run(
-        "pytest", "-n", "2", "-m", "not gpu and not multi_gpu and not slow", *session.posargs,
-        env={"HELIX_TEST_DEVICE": "cpu", "OMP_NUM_THREADS": "1"},
+        "pytest", "-n", "2", "-m", "not gpu and not multi_gpu and not slow", "--durations", "15", *session.posargs,
+        env={"OMP_NUM_THREADS": "1"},
     )
 
 
@@ -48,14 +53,13 @@ def e2e_accuracy(session):
     session.run("helix", "eval", *session.posargs, env=env)
 
 
-GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 @nox.session(venv_params=["--system-site-packages"])
 def gpu(session):
     """GPU and multi-GPU tests on the machine's own CUDA torch."""
     session.install("--no-deps", "--no-build-isolation", "-e", ".")  # GPU hosts may be offline
-    session.run("pytest", "-m", "gpu or multi_gpu", *session.posargs, env=GPU_ENV)
+    session.run("pytest", "-m", "gpu or multi_gpu", *session.posargs, env=GPU_SAFE_ENV)
 
 
 @nox.session(venv_params=["--system-site-packages"])
@@ -63,6 +67,6 @@ def bench(session):
     """`nox -s bench -- kernels` runs the kernel roofline benchmark; otherwise the decode benchmark."""
     session.install("--no-deps", "--no-build-isolation", "-e", ".")  # GPU hosts may be offline
     if session.posargs[:1] == ["kernels"]:
-        session.run("python", "-m", "kernels.bench", *session.posargs[1:], env=GPU_ENV)
+        session.run("python", "-m", "kernels.bench", *session.posargs[1:], env=GPU_SAFE_ENV)
     else:
-        session.run("helix", "bench", *session.posargs, env=GPU_ENV)
+        session.run("helix", "bench", *session.posargs, env=GPU_SAFE_ENV)

@@ -34,6 +34,7 @@ from helix.model import HelixModel
 from helix.presets import get_preset
 from helix.workers import RankContext, RankPool
 from kernels import bench as kernel_bench
+from kernels.mla_decode import flops as mla_flops
 
 log = logging.getLogger(__name__)
 BF16 = 2  # bytes
@@ -106,7 +107,7 @@ def step_bytes_and_flops(model: HelixModel, batch: int, context: int) -> tuple[i
     local = cache_map.local_length(context + 1)
     kv = batch * local * cfg.kv_cache_dim * BF16 * L
     heads = model.layers[0].attn.w_uk.shape[0]  # H for Helix, H / N for TP attention
-    flops = 2.0 * batch * heads * local * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) * L
+    flops = float(mla_flops(batch, heads, local, cfg.kv_lora_rank, cfg.qk_rope_head_dim) * L)
     w = 0
     for layer in model.layers:
         a = layer.attn
@@ -258,7 +259,8 @@ def run_bench(out_dir: str, preset: str = "deepseek-v3-lite", layers: int = 4, g
                 for m, n in configs}
     card = ceilings["device"]
     result = {"card": card, "gpus": gpus, "preset": preset, "layers": layers, "tokens_per_block": tpb, "moe": moe_mode,
-              "ceilings": ceilings, "kv_capacity_tokens_30_layers": capacity, "rows": rows}
+              "ceilings": ceilings, "kv_capacity_tokens": capacity,
+              "kv_capacity_layers": full_cfg.num_hidden_layers, "rows": rows}
     base = os.path.join(out_dir, f"{kernel_bench.card_tag(card)}-x{gpus}")
     with open(base + ".json", "w") as f:
         json.dump(result, f, indent=1)
@@ -298,8 +300,8 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {label(r)} | {r['batch']} | {r['context'] // 1024}K | {r['ms']:.3f} | {r['tokens_per_s_per_user']:.0f} | "
                      f"{r['kv_bytes'] / 1e9:.2f} | {r['weight_bytes'] / 1e9:.2f} | {r['floor_ms']:.3f} | "
                      f"{r['vs_floor']:.2f} | {r['floor_parts']['collectives_ms']:.3f} |")
-    lines += ["", "KV capacity per deployment (B = 1, all 30 layers, 90% of GPU memory): " +
-              ", ".join(f"{k}: {v / 1e6:.2f}M tokens" for k, v in result["kv_capacity_tokens_30_layers"].items()), ""]
+    lines += ["", f"KV capacity per deployment (B = 1, all {result['kv_capacity_layers']} layers, 90% of GPU memory): " +
+              ", ".join(f"{k}: {v / 1e6:.2f}M tokens" for k, v in result["kv_capacity_tokens"].items()), ""]
     return "\n".join(lines)
 
 

@@ -198,8 +198,8 @@ def synthetic_tensor(name: str, shape: tuple[int, ...], cfg: ModelConfig, gen: t
     return std * randn()
 
 
-def synthetic_tensors(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
-                      layers: range | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def synthetic_tensors(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) in schema order; one generator per tensor so any subset is reproducible alone."""
     for idx, (name, shape) in enumerate(tensor_shapes(cfg).items()):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + idx)

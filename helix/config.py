@@ -24,7 +24,7 @@ class ConfigError(ValueError):
     """An invalid or unsupported setting, named by key, value and rule."""
 
 
-def _fail(key: str, value: Any, rule: str) -> None:
+def fail(key: str, value: Any, rule: str) -> None:
     raise ConfigError(f"{key}={value!r}: {rule}")
 
 
@@ -54,17 +54,17 @@ class RopeScaling:
         kind = raw.pop("rope_type", None) or raw.pop("type", None) or "default"
         raw.pop("type", None)
         if kind not in ("default", "yarn"):
-            _fail(f"{key}.rope_type", kind, "only 'yarn' (DeepSeek's YaRN) and 'default' RoPE are supported")
+            fail(f"{key}.rope_type", kind, "only 'yarn' (DeepSeek's YaRN) and 'default' RoPE are supported")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            _fail(f"{key}.{unknown[0]}", raw[unknown[0]], f"unknown RoPE parameter; known: {sorted(known - {'rope_type'})}")
+            fail(f"{key}.{unknown[0]}", raw[unknown[0]], f"unknown RoPE parameter; known: {sorted(known - {'rope_type'})}")
         out = cls(rope_type=kind, **raw)
         if kind == "yarn":
             if out.factor is None or out.factor < 1:
-                _fail(f"{key}.factor", out.factor, "YaRN factor must be >= 1")
+                fail(f"{key}.factor", out.factor, "YaRN factor must be >= 1")
             if not out.original_max_position_embeddings:
-                _fail(f"{key}.original_max_position_embeddings", out.original_max_position_embeddings,
+                fail(f"{key}.original_max_position_embeddings", out.original_max_position_embeddings,
                       "YaRN needs the original context length")
         return out
 
@@ -151,15 +151,15 @@ class ModelConfig:
         raw = dict(raw)
         mt = raw.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
-            _fail("model_type", mt, f"supported model types are {list(SUPPORTED_MODEL_TYPES)}")
+            fail("model_type", mt, f"supported model types are {list(SUPPORTED_MODEL_TYPES)}")
         if raw.get("quantization_config"):
             q = raw["quantization_config"]
             method = q.get("quant_method", q) if isinstance(q, dict) else q
-            _fail("quantization_config", method, "quantized checkpoints (e.g. FP8 block-scaled) are not supported; "
+            fail("quantization_config", method, "quantized checkpoints (e.g. FP8 block-scaled) are not supported; "
                   "use a bf16/fp16/fp32 checkpoint")
         for key, want in cls._FIXED.items():
             if key in raw and raw[key] != want:
-                _fail(key, raw[key], f"only {want!r} is supported")
+                fail(key, raw[key], f"only {want!r} is supported")
         # RoPE: newer `rope_parameters` (holds rope_theta) or older `rope_theta` + `rope_scaling`.
         if raw.get("rope_parameters"):
             params = raw.pop("rope_parameters")
@@ -179,7 +179,7 @@ class ModelConfig:
             if key in names:
                 kwargs[key] = value
             elif key not in cls._IGNORED and key not in cls._FIXED and key not in ("rope_scaling", "rope_parameters"):
-                _fail(key, value, "unknown config key; it may change the model's math, so it is refused rather than "
+                fail(key, value, "unknown config key; it may change the model's math, so it is refused rather than "
                       "ignored")
         return cls(**kwargs)
 
@@ -253,38 +253,40 @@ class ModelConfig:
         for key in positive:
             v = getattr(self, key)
             if not isinstance(v, int) or v <= 0:
-                _fail(key, v, "must be a positive integer")
+                fail(key, v, "must be a positive integer")
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
-            _fail("q_lora_rank", self.q_lora_rank, "must be null (no query compression) or a positive integer")
+            fail("q_lora_rank", self.q_lora_rank, "must be null (no query compression) or a positive integer")
         if self.qk_rope_head_dim % 2:
-            _fail("qk_rope_head_dim", self.qk_rope_head_dim, "RoPE rotates pairs: must be even")
+            fail("qk_rope_head_dim", self.qk_rope_head_dim, "RoPE rotates pairs: must be even")
         if self.moe_layer_freq < 1:
-            _fail("moe_layer_freq", self.moe_layer_freq, "must be >= 1")
+            fail("moe_layer_freq", self.moe_layer_freq, "must be >= 1")
         has_moe = any(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
         if has_moe:
-            if self.n_routed_experts <= 0 or self.moe_intermediate_size <= 0:
-                _fail("n_routed_experts", self.n_routed_experts, "MoE layers need n_routed_experts and moe_intermediate_size > 0")
+            if self.n_routed_experts <= 0:
+                fail("n_routed_experts", self.n_routed_experts, "MoE layers need n_routed_experts > 0")
+            if self.moe_intermediate_size <= 0:
+                fail("moe_intermediate_size", self.moe_intermediate_size, "MoE layers need moe_intermediate_size > 0")
             if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
-                _fail("num_experts_per_tok", self.num_experts_per_tok, f"must be in [1, n_routed_experts={self.n_routed_experts}]")
+                fail("num_experts_per_tok", self.num_experts_per_tok, f"must be in [1, n_routed_experts={self.n_routed_experts}]")
             if self.n_group < 1 or self.n_routed_experts % self.n_group:
-                _fail("n_group", self.n_group, f"must divide n_routed_experts={self.n_routed_experts}")
+                fail("n_group", self.n_group, f"must divide n_routed_experts={self.n_routed_experts}")
             if not 1 <= self.topk_group <= self.n_group:
-                _fail("topk_group", self.topk_group, f"must be in [1, n_group={self.n_group}]")
+                fail("topk_group", self.topk_group, f"must be in [1, n_group={self.n_group}]")
             if self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
-                _fail("num_experts_per_tok", self.num_experts_per_tok,
+                fail("num_experts_per_tok", self.num_experts_per_tok,
                       "must not exceed the experts in the topk_group selected groups")
         if self.model_type == "deepseek_v3":
             if self.scoring_func != "sigmoid":
-                _fail("scoring_func", self.scoring_func, "deepseek_v3 routing is 'sigmoid' (with e_score_correction_bias)")
+                fail("scoring_func", self.scoring_func, "deepseek_v3 routing is 'sigmoid' (with e_score_correction_bias)")
             if self.topk_method != "noaux_tc":
-                _fail("topk_method", self.topk_method, "deepseek_v3 routing is 'noaux_tc'")
+                fail("topk_method", self.topk_method, "deepseek_v3 routing is 'noaux_tc'")
             if has_moe and self.n_group > 1 and (self.n_routed_experts // self.n_group) < 2:
-                _fail("n_group", self.n_group, "V3 group scores sum the top-2 experts of a group: groups need >= 2 experts")
+                fail("n_group", self.n_group, "V3 group scores sum the top-2 experts of a group: groups need >= 2 experts")
         else:
             if self.scoring_func != "softmax":
-                _fail("scoring_func", self.scoring_func, "deepseek_v2 routing is 'softmax'")
+                fail("scoring_func", self.scoring_func, "deepseek_v2 routing is 'softmax'")
             if self.topk_method not in ("greedy", "group_limited_greedy"):
-                _fail("topk_method", self.topk_method, "deepseek_v2 routing is 'greedy' or 'group_limited_greedy'")
+                fail("topk_method", self.topk_method, "deepseek_v2 routing is 'greedy' or 'group_limited_greedy'")
 
 
 _MODEL_TYPE_DEFAULTS = {
@@ -326,22 +328,22 @@ class HelixConfig:
         allowed_top = {"context_parallel_size", "max_batch_size", "moe_parallel", "tensor_parallel_size"}
         for key in raw:
             if key not in allowed_top:
-                _fail(prefix + key, raw[key], f"unknown generation-server key; known: {sorted(allowed_top | {'cp_config', 'kv_cache_config'})}")
+                fail(prefix + key, raw[key], f"unknown generation-server key; known: {sorted(allowed_top | {'cp_config', 'kv_cache_config'})}")
         for key in cp:
             if key not in ("cp_type", "tokens_per_block"):
-                _fail(prefix + "cp_config." + key, cp[key], "unknown key; cp_config takes cp_type and tokens_per_block")
+                fail(prefix + "cp_config." + key, cp[key], "unknown key; cp_config takes cp_type and tokens_per_block")
         for key in kv:
             if key not in ("tokens_per_block", "max_tokens"):
-                _fail(prefix + "kv_cache_config." + key, kv[key], "unknown key; kv_cache_config takes tokens_per_block and max_tokens")
+                fail(prefix + "kv_cache_config." + key, kv[key], "unknown key; kv_cache_config takes tokens_per_block and max_tokens")
         tp = raw.get("tensor_parallel_size", 1)
         if tp != 1:
-            _fail(prefix + "tensor_parallel_size", tp, "Helix MLA uses TPA = 1; the N context-parallel ranks are re-used as "
+            fail(prefix + "tensor_parallel_size", tp, "Helix MLA uses TPA = 1; the N context-parallel ranks are re-used as "
                   "TP ranks for the FFN automatically, so leave tensor_parallel_size at 1")
         if "tokens_per_block" not in cp and "tokens_per_block" not in kv:
-            _fail(prefix + "cp_config.tokens_per_block", None, "required (and must equal kv_cache_config.tokens_per_block)")
+            fail(prefix + "cp_config.tokens_per_block", None, "required (and must equal kv_cache_config.tokens_per_block)")
         tpb = cp.get("tokens_per_block", kv.get("tokens_per_block"))
         out = cls(
-            context_parallel_size=raw.get("context_parallel_size", 1),
+            context_parallel_size=raw.get("context_parallel_size", cls.context_parallel_size),
             cp_type=cp.get("cp_type", "HELIX"),
             tokens_per_block=tpb,
             kv_tokens_per_block=kv.get("tokens_per_block", tpb),
@@ -354,40 +356,40 @@ class HelixConfig:
 
     def validate(self, prefix: str = "") -> None:
         if self.cp_type != "HELIX":
-            _fail(prefix + "cp_config.cp_type", self.cp_type, "must be 'HELIX' (the only context-parallel decode mode here)")
+            fail(prefix + "cp_config.cp_type", self.cp_type, "must be 'HELIX' (the only context-parallel decode mode here)")
         n = self.context_parallel_size
         if not isinstance(n, int) or n < 2:
-            _fail(prefix + "context_parallel_size", n, "must be an integer >= 2 with cp_type HELIX "
+            fail(prefix + "context_parallel_size", n, "must be an integer >= 2 with cp_type HELIX "
                   "(use the reference backend for one device)")
         t = self.tokens_per_block
         if not isinstance(t, int) or t < 1:
-            _fail(prefix + "cp_config.tokens_per_block", t, "must be a positive integer")
+            fail(prefix + "cp_config.tokens_per_block", t, "must be a positive integer")
         if self.kv_tokens_per_block != t:
-            _fail(prefix + "kv_cache_config.tokens_per_block", self.kv_tokens_per_block,
+            fail(prefix + "kv_cache_config.tokens_per_block", self.kv_tokens_per_block,
                   f"must equal cp_config.tokens_per_block={t}: Helix ownership is decided per KV-cache block")
         if not isinstance(self.max_tokens, int) or self.max_tokens < t:
-            _fail(prefix + "kv_cache_config.max_tokens", self.max_tokens, f"must be an integer >= tokens_per_block={t}")
+            fail(prefix + "kv_cache_config.max_tokens", self.max_tokens, f"must be an integer >= tokens_per_block={t}")
         if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
-            _fail(prefix + "max_batch_size", self.max_batch_size, "must be a positive integer")
+            fail(prefix + "max_batch_size", self.max_batch_size, "must be a positive integer")
         if self.moe_parallel not in ("ep", "tp"):
-            _fail(prefix + "moe_parallel", self.moe_parallel, "must be 'ep' (expert parallel) or 'tp' (tensor parallel)")
+            fail(prefix + "moe_parallel", self.moe_parallel, "must be 'ep' (expert parallel) or 'tp' (tensor parallel)")
 
     def validate_for_model(self, model: ModelConfig, prefix: str = "") -> None:
         """Divisibility rules between the model and N (heads for the all-to-all, experts for EP, FFN widths for TP)."""
         n = self.context_parallel_size
         key = prefix + "context_parallel_size"
         if model.num_attention_heads % n:
-            _fail(key, n, f"must divide num_attention_heads={model.num_attention_heads} (the all-to-all splits heads)")
+            fail(key, n, f"must divide num_attention_heads={model.num_attention_heads} (the all-to-all splits heads)")
         has_moe = any(model.is_moe_layer(i) for i in range(model.num_hidden_layers))
         if has_moe and self.moe_parallel == "ep" and model.n_routed_experts % n:
-            _fail(key, n, f"must divide n_routed_experts={model.n_routed_experts} for expert parallelism "
+            fail(key, n, f"must divide n_routed_experts={model.n_routed_experts} for expert parallelism "
                   "(or set moe_parallel 'tp')")
         if has_moe and self.moe_parallel == "tp" and model.moe_intermediate_size % n:
-            _fail(key, n, f"must divide moe_intermediate_size={model.moe_intermediate_size} for tensor-parallel experts")
+            fail(key, n, f"must divide moe_intermediate_size={model.moe_intermediate_size} for tensor-parallel experts")
         if has_moe and (model.moe_intermediate_size * model.n_shared_experts) % n:
-            _fail(key, n, f"must divide the shared-expert width {model.moe_intermediate_size * model.n_shared_experts}")
+            fail(key, n, f"must divide the shared-expert width {model.moe_intermediate_size * model.n_shared_experts}")
         if model.first_k_dense_replace > 0 and model.intermediate_size % n:
-            _fail(key, n, f"must divide intermediate_size={model.intermediate_size} (dense MLP is tensor parallel)")
+            fail(key, n, f"must divide intermediate_size={model.intermediate_size} (dense MLP is tensor parallel)")
 
     def to_dict(self) -> dict:
         return {

@@ -33,7 +33,11 @@ class HelixMapping:
 
     # -------------------------------------------------------------- attention (KV parallel)
     def owner_of_position(self, pos: int) -> int:
-        return (pos // self.tokens_per_block) % self.world_size
+        return (pos // self.tokens_per_block) % self.world_size  # block b lives on rank b mod N
+
+    def owned_blocks(self, seq_len: int) -> range:
+        """Global blocks of a ``seq_len``-token sequence this rank owns (the owner rule above), in local order."""
+        return range(self.rank, -(-seq_len // self.tokens_per_block), self.world_size)
 
     def local_length(self, seq_len: int) -> int:
         """Tokens of a ``seq_len``-token sequence that live on this rank. Only the globally last block can be

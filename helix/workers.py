@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from helix.comm import DEFAULT_TIMEOUT_S, Comm, backend_for, destroy, init_process_group
+from helix.gpu_env import GPU_SAFE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ DEATH_GRACE_S = 0.5  # how long a rank's error waits for a peer's death to becom
 
 STORE_HOST = "127.0.0.1"  # the pool's ranks run on the driver's host
 
-GPU_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 class WorkerError(RuntimeError):

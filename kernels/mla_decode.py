@@ -41,7 +41,6 @@ from kernels.helix_combine import launch_lse_combine
 __all__ = ["mla_decode", "mla_decode_torch", "mla_decode_triton", "MLAConfig", "default_config"]
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ MODEL_RULES = [
     ("deepseek-v3-lite-tiny", {"qk_rope_head_dim": 7}, "qk_rope_head_dim", 7, "must be even"),
     ("deepseek-v3-lite-tiny", {"moe_layer_freq": 0}, "moe_layer_freq", 0, "must be >= 1"),
     ("deepseek-v3-lite-tiny", {"n_routed_experts": 0}, "n_routed_experts", 0, "MoE layers need"),
-    ("deepseek-v3-lite-tiny", {"moe_intermediate_size": 0}, "n_routed_experts", 12, "moe_intermediate_size > 0"),
+    ("deepseek-v3-lite-tiny", {"moe_intermediate_size": 0}, "moe_intermediate_size", 0, "moe_intermediate_size > 0"),
     ("deepseek-v3-lite-tiny", {"num_experts_per_tok": 13}, "num_experts_per_tok", 13, "[1, n_routed_experts=12]"),
     ("deepseek-v3-lite-tiny", {"n_group": 5}, "n_group", 5, "must divide n_routed_experts=12"),
     ("deepseek-v3-lite-tiny", {"topk_group": 5}, "topk_group", 5, "[1, n_group=4]"),

@@ -28,17 +28,13 @@ import os
 from dataclasses import dataclass
 
 from helix.checkpoint import Checkpoint, CheckpointError
-from helix.config import ConfigError, HelixConfig, ModelConfig
+from helix.config import ConfigError, HelixConfig, ModelConfig, fail
 from helix.sources import is_synthetic, synthetic_config
 
 SECTIONS = ("model", "context_servers", "generation_servers")
 MODEL_KEYS = ("path", "dtype", "device")
 CONTEXT_KEYS = ("tensor_parallel_size", "kv_cache_config", "colocate")
 RUNTIME_DTYPES = ("float32", "bfloat16")
-
-
-def _fail(key: str, value, rule: str):
-    raise ConfigError(f"{key}={value!r}: {rule}")
 
 
 @dataclass(frozen=True)
@@ -134,33 +130,33 @@ def load_deployment(config: "str | os.PathLike | dict | Deployment") -> Deployme
 def _section(raw: dict, name: str) -> dict:
     value = raw.get(name)
     if not isinstance(value, dict):
-        _fail(name, value, "required section (a mapping); see the README's deployment file example")
+        fail(name, value, "required section (a mapping); see the README's deployment file example")
     return value
 
 
 def _int(key: str, value, minimum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        _fail(key, value, f"must be an integer >= {minimum}")
+        fail(key, value, f"must be an integer >= {minimum}")
     return value
 
 
 def parse(raw: dict, source: str | None = None) -> Deployment:
     for key in raw:
         if key not in SECTIONS:
-            _fail(key, raw[key], f"unknown section; a deployment file has {list(SECTIONS)}")
+            fail(key, raw[key], f"unknown section; a deployment file has {list(SECTIONS)}")
     model = raw.get("model")
     if isinstance(model, str):  # shorthand: `model: DIR`
         model = {"path": model}
     if not isinstance(model, dict):
-        _fail("model", model, "required section: {path: CHECKPOINT_DIR, dtype: float32|bfloat16, device: cpu|cuda}")
+        fail("model", model, "required section: {path: CHECKPOINT_DIR, dtype: float32|bfloat16, device: cpu|cuda}")
     for key in model:
         if key not in MODEL_KEYS:
-            _fail(f"model.{key}", model[key], f"unknown key; model takes {list(MODEL_KEYS)}")
+            fail(f"model.{key}", model[key], f"unknown key; model takes {list(MODEL_KEYS)}")
     path, dtype, device = model.get("path"), model.get("dtype", "float32"), model.get("device", "cpu")
     if dtype not in RUNTIME_DTYPES:
-        _fail("model.dtype", dtype, f"must be one of {list(RUNTIME_DTYPES)} (the Helix runtime's compute dtypes)")
+        fail("model.dtype", dtype, f"must be one of {list(RUNTIME_DTYPES)} (the Helix runtime's compute dtypes)")
     if device not in ("cpu", "cuda"):
-        _fail("model.device", device, "must be 'cpu' (gloo) or 'cuda' (nccl, one GPU per rank)")
+        fail("model.device", device, "must be 'cpu' (gloo) or 'cuda' (nccl, one GPU per rank)")
     model_cfg = _model_config(path)
 
     generation = HelixConfig.from_dict(_section(raw, "generation_servers"), prefix="generation_servers.")
@@ -172,14 +168,14 @@ def parse(raw: dict, source: str | None = None) -> Deployment:
 
 def _model_config(path) -> ModelConfig:
     if not isinstance(path, str) or not path:
-        _fail("model.path", path, "required: the checkpoint directory (config.json + *.safetensors + tokenizer files)")
+        fail("model.path", path, "required: the checkpoint directory (config.json + *.safetensors + tokenizer files)")
     if is_synthetic(path):  # random weights drawn by each rank on its device (helix/sources.py)
         try:
             return synthetic_config(path)
         except ConfigError as e:
             raise ConfigError(f"model.path={path!r}: {e}") from None
     if not os.path.isdir(path):
-        _fail("model.path", path, "no such directory; point it at an HF checkpoint directory "
+        fail("model.path", path, "no such directory; point it at an HF checkpoint directory "
               "(write a synthetic one with `helix make-checkpoint --preset deepseek-v3-lite-tiny --out DIR`)")
     try:
         ckpt = Checkpoint(path)
@@ -193,27 +189,27 @@ def _model_config(path) -> ModelConfig:
 def _context_config(raw: dict, generation: HelixConfig) -> ContextServerConfig:
     for key in raw:
         if key not in CONTEXT_KEYS:
-            _fail(f"context_servers.{key}", raw[key], f"unknown key; context_servers takes {list(CONTEXT_KEYS)}")
+            fail(f"context_servers.{key}", raw[key], f"unknown key; context_servers takes {list(CONTEXT_KEYS)}")
     tp = raw.get("tensor_parallel_size", 1)
     if tp != 1:
-        _fail("context_servers.tensor_parallel_size", tp, "must be 1: the context server runs on one rank")
+        fail("context_servers.tensor_parallel_size", tp, "must be 1: the context server runs on one rank")
     kv = raw.get("kv_cache_config") or {}
     if not isinstance(kv, dict):
-        _fail("context_servers.kv_cache_config", kv, "must be a mapping {tokens_per_block: T, max_tokens: M}")
+        fail("context_servers.kv_cache_config", kv, "must be a mapping {tokens_per_block: T, max_tokens: M}")
     for key in kv:
         if key not in ("tokens_per_block", "max_tokens"):
-            _fail(f"context_servers.kv_cache_config.{key}", kv[key], "unknown key; takes tokens_per_block and max_tokens")
+            fail(f"context_servers.kv_cache_config.{key}", kv[key], "unknown key; takes tokens_per_block and max_tokens")
     want = generation.tokens_per_block
     if "tokens_per_block" not in kv:
-        _fail("context_servers.kv_cache_config.tokens_per_block", None,
+        fail("context_servers.kv_cache_config.tokens_per_block", None,
               f"required, and must equal generation_servers.cp_config.tokens_per_block={want}")
     tpb = _int("context_servers.kv_cache_config.tokens_per_block", kv["tokens_per_block"], 1)
     if tpb != want:
-        _fail("context_servers.kv_cache_config.tokens_per_block", tpb,
+        fail("context_servers.kv_cache_config.tokens_per_block", tpb,
               f"must equal generation_servers.cp_config.tokens_per_block={want}: KV is handed over block by block "
               "to the generation rank that owns it")
     max_tokens = _int("context_servers.kv_cache_config.max_tokens", kv.get("max_tokens", generation.max_tokens), tpb)
     colocate = raw.get("colocate", False)
     if not isinstance(colocate, bool):
-        _fail("context_servers.colocate", colocate, "must be true or false")
+        fail("context_servers.colocate", colocate, "must be true or false")
     return ContextServerConfig(tp, tpb, max_tokens, colocate)

@@ -18,11 +18,7 @@ import torch
 import torch.distributed as dist
 
 from helix.kv_cache import PagedKVCache
-
-
-def owned_blocks(num_tokens: int, tokens_per_block: int, n: int, g: int) -> range:
-    """Global blocks of a ``num_tokens``-token prefix that generation rank ``g`` of ``n`` owns, in its local order."""
-    return range(g, -(-num_tokens // tokens_per_block), n)
+from helix.mapping import HelixMapping
 
 
 def send_prompt_kv(cache: PagedKVCache, seq_id: int, num_tokens: int, gen_ranks: list[int], wire: str) -> list:
@@ -33,7 +29,7 @@ def send_prompt_kv(cache: PagedKVCache, seq_id: int, num_tokens: int, gen_ranks:
     pending = []
     for layer in cache.layers:  # [num_blocks, tpb, E]
         for g, dst in enumerate(gen_ranks):
-            blocks = owned_blocks(num_tokens, cache.tpb, n, g)
+            blocks = HelixMapping(g, n, cache.tpb).owned_blocks(num_tokens)
             if not blocks:
                 continue
             phys = torch.tensor([seq.blocks[b] for b in blocks], device=layer.device)
@@ -45,7 +41,7 @@ def send_prompt_kv(cache: PagedKVCache, seq_id: int, num_tokens: int, gen_ranks:
 def recv_prompt_kv(cache: PagedKVCache, seq_id: int, num_tokens: int, src: int, g: int, n: int, wire: str) -> None:
     """Receive this rank's blocks of a request's prefilled tokens, sent on ``wire``, into its reserved blocks
     (engine.reserve_prompt)."""
-    blocks = owned_blocks(num_tokens, cache.tpb, n, g)
+    blocks = HelixMapping(g, n, cache.tpb).owned_blocks(num_tokens)
     if not blocks:
         return
     local = cache.seqs[seq_id].blocks

@@ -78,3 +78,12 @@ def test_tp_attention_baseline_equals_reference(rank_pool, tiny_checkpoint, expe
 
     results = rank_pool.run(rank_generate_tp_attention, str(tiny_checkpoint), n, 4, _requests(PROMPTS, NEW_TOKENS), n=n)[0]
     _compare(results, expected, f"TP attention N={n}")
+
+
+def test_local_engine_reuses_batch_slots(rank_pool, tiny_checkpoint, expected):
+    """More requests than max_batch_size: the later ones wait for a slot, take the blocks a finished request
+    freed, and still decode exactly the reference's tokens."""
+    prompts = PROMPTS + [[7, 8, 9, 10], list(range(100, 110))]
+    want = expected + _reference(tiny_checkpoint, prompts[3:], NEW_TOKENS)
+    spec = HelixSpec(str(tiny_checkpoint), 2, tokens_per_block=4, max_tokens=128, max_batch_size=2)
+    _compare(helix_generate(spec, _requests(prompts, NEW_TOKENS), rank_pool), want, "N=2, 5 requests in 2 slots")
