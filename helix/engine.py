@@ -70,9 +70,8 @@ class HelixEngine:
         self.cache = model.new_cache(max_tokens, max_batch_size)
         self.active: dict[int, _Active] = {}
         self.steps = 0
-        # CUDA graphs: one captured step per batch size, block tables padded to the capacity's width.
+        # CUDA graphs: one captured step per batch size, block tables padded to the cache's table_width.
         self.graphs: dict[int, GraphedDecodeStep] | None = {} if cuda_graphs else None
-        self.table_width = -(-max_tokens // self.cache.tpb // model.mapping.world_size)  # ceil(ceil(S / T) / N)
 
     # ------------------------------------------------------------------ admission
     def check(self, req: Request) -> None:
@@ -113,14 +112,14 @@ class HelixEngine:
         ids = [s.req.req_id for s in states]
         positions = torch.tensor([cache.seqs[sid].length for sid in ids])
         slots = torch.cat([cache.append(sid, 1) for sid in ids])
-        width = self.table_width if self.graphs is not None else None
+        width = cache.table_width if self.graphs is not None else None
         table, local_lens = cache.block_table(ids, [cache.seqs[sid].length for sid in ids], width)
         inputs = (torch.tensor([s.next_input for s in states]), positions, slots, table, local_lens)
         if self.graphs is None:
             logits = self.model.decode_step(*(t.to(dev) for t in inputs), cache)
         else:
             if len(states) not in self.graphs:
-                self.graphs[len(states)] = GraphedDecodeStep(self.model, cache, len(states), self.table_width)
+                self.graphs[len(states)] = GraphedDecodeStep(self.model, cache, len(states), cache.table_width)
             logits = self.graphs[len(states)](*inputs)
         self.steps += 1
         finished = []

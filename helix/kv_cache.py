@@ -47,9 +47,14 @@ class PagedKVCache:
     def for_config(cls, mapping: HelixMapping, num_layers: int, entry_dim: int, max_tokens_per_seq: int,
                    max_batch_size: int, dtype: torch.dtype, device) -> "PagedKVCache":
         """A pool with room for ``max_batch_size`` sequences of ``max_tokens_per_seq`` tokens each."""
-        global_blocks = -(-max_tokens_per_seq // mapping.tokens_per_block)
-        local_blocks = -(-global_blocks // mapping.world_size)
-        return cls(mapping, num_layers, entry_dim, max_tokens_per_seq, 1 + local_blocks * max_batch_size, dtype, device)
+        return cls(mapping, num_layers, entry_dim, max_tokens_per_seq,
+                   1 + mapping.max_local_blocks(max_tokens_per_seq) * max_batch_size, dtype, device)
+
+    @property
+    def table_width(self) -> int:
+        """A block-table width that holds any sequence this cache admits (CUDA graphs pad to it). From this
+        cache's mapping, not the model's: the TP-attention baseline keeps every token on every rank (N = 1)."""
+        return self.mapping.max_local_blocks(self.max_tokens_per_seq)
 
     # ------------------------------------------------------------------ sequence lifecycle
     def add(self, seq_id: int) -> None:

@@ -39,6 +39,11 @@ class HelixMapping:
         """Global blocks of a ``seq_len``-token sequence this rank owns (the owner rule above), in local order."""
         return range(self.rank, -(-seq_len // self.tokens_per_block), self.world_size)
 
+    def max_local_blocks(self, seq_len: int) -> int:
+        """Most blocks any rank holds of a ``seq_len``-token sequence: ceil(ceil(S / T) / N). Sizes a rank's
+        block pool and the fixed block-table width of captured steps."""
+        return -(-(-(-seq_len // self.tokens_per_block)) // self.world_size)
+
     def local_length(self, seq_len: int) -> int:
         """Tokens of a ``seq_len``-token sequence that live on this rank. Only the globally last block can be
         partial, and when this rank owns it, it is also this rank's last local block, so the local tokens

@@ -17,6 +17,7 @@ import math
 import torch
 
 import helix.attention
+import helix.engine
 from helix.attention import HelixMLA, StepMeta
 from helix.checkpoint import DTYPES, Checkpoint
 from helix.kv_cache import SCRATCH_BLOCK, PagedKVCache
@@ -171,13 +172,35 @@ def reference_mla(ckpt_dir: str, dtype: torch.dtype, contexts: list[torch.Tensor
     return prefill_out, torch.stack(decode_out)
 
 
-def rank_generate_tp_attention(ctx, ckpt_dir: str, n: int, tpb: int, requests):
-    """The TP-attention baseline of the benchmarks (heads split, whole cache everywhere) through the engine."""
+class EagerPaddedStep:
+    """Stands in for helix.cuda_graph.GraphedDecodeStep on CPU: the engine's captured-step path (block tables
+    padded to a width fixed per engine) run eagerly, checking every table it is handed has that width."""
+
+    def __init__(self, model, cache, batch: int, width: int):
+        self.model, self.cache, self.batch, self.width = model, cache, batch, width
+
+    def __call__(self, tokens, positions, slots, table, lens) -> torch.Tensor:
+        assert table.shape == (self.batch, self.width), (table.shape, self.batch, self.width)
+        return self.model.decode_step(tokens, positions, slots, table, lens, self.cache)
+
+
+def rank_generate_tp_attention(ctx, ckpt_dir: str, n: int, tpb: int, requests, padded_tables: bool = False):
+    """The TP-attention baseline of the benchmarks (heads split, whole cache everywhere) through the engine.
+    ``padded_tables``: through the engine's CUDA-graph path (tables at ``cache.table_width``), run eagerly."""
     from helix.baselines import TPAttentionMLA
     from helix.engine import HelixEngine
 
     model = HelixModel(Checkpoint(ckpt_dir), HelixMapping(ctx.rank, n, tpb), ctx.comm(n), attention=TPAttentionMLA)
-    results = HelixEngine(model, max_tokens=256, max_batch_size=len(requests)).run(requests)
+    saved = helix.engine.GraphedDecodeStep
+    if padded_tables:
+        helix.engine.GraphedDecodeStep = EagerPaddedStep
+    try:
+        engine = HelixEngine(model, max_tokens=256, max_batch_size=len(requests), cuda_graphs=padded_tables)
+        results = engine.run(requests)
+    finally:
+        helix.engine.GraphedDecodeStep = saved
+    if padded_tables:  # the padded path really ran
+        assert engine.graphs and all(isinstance(g, EagerPaddedStep) for g in engine.graphs.values())
     return results if ctx.rank == 0 else None
 
 

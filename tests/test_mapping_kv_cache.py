@@ -76,3 +76,19 @@ def test_pool_exhaustion_is_refused():
     c.add(2)
     with pytest.raises(CapacityError, match="ran out of KV blocks"):
         c.reserve(2, 8)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("max_tokens", [1, 7, 8, 40, 41])
+def test_table_width_holds_the_longest_sequence_on_every_rank_and_no_more(n, max_tokens):
+    """The fixed width CUDA graphs pad block tables to: exactly the most blocks any rank holds of a
+    ``max_tokens``-token sequence, from the cache's own mapping (N = 1: every token on the rank)."""
+    widths = []
+    for rank in range(n):
+        c = _cache(rank=rank, n=n, max_tokens=max_tokens, batch=1)
+        c.add(0)
+        c.reserve(0, max_tokens)
+        widths.append(len(c.seqs[0].blocks))
+        table, _ = c.block_table([0], [max_tokens], c.table_width)
+        assert table.shape == (1, c.table_width)
+    assert c.table_width == max(widths) == HelixMapping(0, n, 4).max_local_blocks(max_tokens)

@@ -71,13 +71,17 @@ def test_checkpoint_written_by_transformers(rank_pool, tmp_path_factory, tiny_ch
     _compare(helix_generate(spec, _requests(PROMPTS[:2], 32), rank_pool), expected, "transformers checkpoint N=2")
 
 
-@pytest.mark.parametrize("n", [1, 3])
-def test_tp_attention_baseline_equals_reference(rank_pool, tiny_checkpoint, expected, n):
-    """The benchmark's baseline must compute the same model, or its timings mean nothing."""
+@pytest.mark.parametrize("n, padded_tables", [(1, False), (3, False), (3, True)])
+def test_tp_attention_baseline_equals_reference(rank_pool, tiny_checkpoint, expected, n, padded_tables):
+    """The benchmark's baseline must compute the same model, or its timings mean nothing. Through the engine;
+    ``padded_tables``: its CUDA-graph path (block tables at the fixed width, run eagerly on CPU), whose width
+    must come from the baseline's cache (every token on every rank), not from the N ranks: 37 + 64 tokens
+    need 26 blocks of 4, ceil(64 / 3) = 22 would be too narrow."""
     from tests.helix_harness import rank_generate_tp_attention
 
-    results = rank_pool.run(rank_generate_tp_attention, str(tiny_checkpoint), n, 4, _requests(PROMPTS, NEW_TOKENS), n=n)[0]
-    _compare(results, expected, f"TP attention N={n}")
+    results = rank_pool.run(rank_generate_tp_attention, str(tiny_checkpoint), n, 4, _requests(PROMPTS, NEW_TOKENS),
+                            padded_tables, n=n)[0]
+    _compare(results, expected, f"TP attention N={n}" + (", padded block tables" if padded_tables else ""))
 
 
 def test_local_engine_reuses_batch_slots(rank_pool, tiny_checkpoint, expected):
