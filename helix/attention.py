@@ -5,7 +5,7 @@ Symbols (DeepSeek-V3 values)::
     B   decode batch                       H    query heads (128)         h = H / N  heads per rank
     D   hidden size (7168)                 Lkv  kv_lora_rank (512)        P   qk_nope_head_dim (128)
     R   qk_rope_head_dim (64)              V    v_head_dim (128)          N   Helix ranks (KVP = N, TPA = 1)
-    S   context length                     T    tokens_per_block
+    S   context length                     T    tokens_per_block          a   attended heads (H; TP: h)
 
 Weights: W_DKV = kv_a_proj_with_mqa [Lkv + R, D]; kv_b_proj [H (P + V), Lkv] splits per head into
 W_UK [H, P, Lkv] and W_UV [H, V, Lkv]; o_proj = W_O [D, H V]. The cache row of a token is
@@ -82,39 +82,73 @@ def unpack_lse(buf: torch.Tensor, lkv: int) -> tuple[torch.Tensor, torch.Tensor]
     return buf[..., :lkv], buf[..., lkv:].contiguous().view(torch.float32).squeeze(-1)
 
 
+@dataclass(frozen=True)
+class AttentionLayout:
+    """What one rank's attention computes and stores, fixed when the model is built (never set afterwards).
+
+    ``heads`` [a0, a1): the query heads this rank attends with (its q projection and W_UK hold only these);
+    Helix: all H, TP attention (helix/baselines.py): its h = H / N. The heads whose W_UV / o_proj slice the
+    rank holds are always ``mapping.head_range`` (row-parallel o_proj), whatever the layout.
+    ``cache``: which tokens this rank's KV cache holds; Helix: the rank's mapping (block b on rank b mod N),
+    TP attention: N = 1 (every token on every rank, MLA having one KV head to split).
+    ``microbatches``: HOP-B; > 1 cuts each decode batch so one micro-batch's all-to-all travels while the
+    next one's attention runs; 1 is the step's one all-to-all.
+    """
+
+    heads: tuple[int, int]
+    cache: HelixMapping
+    microbatches: int = 1
+
+    def __post_init__(self):
+        if self.microbatches < 1:
+            raise ValueError(f"microbatches={self.microbatches}: must be >= 1")
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads[1] - self.heads[0]
+
+
 class HelixMLA:
+    @staticmethod
+    def layout_for(mapping: HelixMapping, num_heads: int, microbatches: int = 1) -> AttentionLayout:
+        """Helix: every rank attends with all H heads over its own KV blocks."""
+        return AttentionLayout((0, num_heads), mapping, microbatches)
+
     def __init__(self, cfg: ModelConfig, layer: int, ckpt: Checkpoint, mapping: HelixMapping, comm: Comm,
-                 rope: Rope, dtype: torch.dtype, device):
+                 rope: Rope, dtype: torch.dtype, device, layout: AttentionLayout):
         self.cfg, self.layer, self.mapping, self.comm, self.rope = cfg, layer, mapping, comm, rope
-        self.cache_mapping = mapping  # which tokens this rank's cache holds: its blocks (b mod N)
-        self.microbatches = 1  # HOP-B: > 1 overlaps each micro-batch's all-to-all with the next's attention
+        self.layout = layout
         p = f"model.layers.{layer}.self_attn."
-        H, P, V, L = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        H, P, V, L, qk = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.qk_head_dim
+        a0, a1 = layout.heads
 
         def get(name, *a):
             return ckpt.get(p + name, *a, dtype=dtype, device=device)
 
+        # The q projection's output rows and W_UK only for the heads this rank attends with: all H (Helix, the
+        # weights replicated) or a column-parallel slice (TP attention).
         if cfg.q_lora_rank:
-            self.q_a, self.q_a_norm, self.q_b = get("q_a_proj.weight"), get("q_a_layernorm.weight"), get("q_b_proj.weight")
+            self.q_a, self.q_a_norm = get("q_a_proj.weight"), get("q_a_layernorm.weight")
+            self.q_b = get("q_b_proj.weight", 0, a0 * qk, a1 * qk)  # [a (P + R), q_lora_rank]
         else:
-            self.q_proj = get("q_proj.weight")  # [H (P + R), D], replicated: every rank needs all heads
+            self.q_proj = get("q_proj.weight", 0, a0 * qk, a1 * qk)  # [a (P + R), D]
         self.kv_a = get("kv_a_proj_with_mqa.weight")  # [Lkv + R, D]
         self.kv_a_norm = get("kv_a_layernorm.weight")
         kv_b = get("kv_b_proj.weight").view(H, P + V, L)
-        self.w_uk = kv_b[:, :P].contiguous()  # [H, P, Lkv]  all heads (absorbed into q)
+        self.w_uk = kv_b[a0:a1, :P].contiguous()  # [a, P, Lkv]  the attended heads (absorbed into q)
         self.h0, self.h1 = mapping.head_range(H)
         self.w_uv = kv_b[self.h0:self.h1, P:].contiguous()  # [h, V, Lkv]  local heads only
         self.o_proj = get("o_proj.weight", 1, self.h0 * V, self.h1 * V)  # [D, h V]  row-parallel slice
 
     # ------------------------------------------------------------------ shared pieces
     def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] -> q_abs [T, H, Lkv], q_pe [T, H, R] (roped), for the heads whose W_UK this module holds."""
+        """x [T, D] -> q_abs [T, a, Lkv], q_pe [T, a, R] (roped) for the layout's a attended heads."""
         cfg = self.cfg
         if cfg.q_lora_rank:
             q = F.linear(rms_norm(F.linear(x, self.q_a), self.q_a_norm, LATENT_NORM_EPS), self.q_b)
         else:
             q = F.linear(x, self.q_proj)
-        q = q.view(x.shape[0], self.w_uk.shape[0], cfg.qk_head_dim)  # all H heads (a TP baseline: its own)
+        q = q.view(x.shape[0], self.layout.num_heads, cfg.qk_head_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         q_abs = torch.einsum("thp,hpl->thl", q_nope, self.w_uk)
         return q_abs, self.rope.apply(q_pe, cos, sin)
@@ -133,7 +167,7 @@ class HelixMLA:
     def decode(self, x: torch.Tensor, meta: StepMeta, cache: PagedKVCache) -> torch.Tensor:
         """x [B, D] normed hidden states of the batch -> attention output [B, D] (identical on all ranks).
 
-        HOP-B (``self.microbatches`` > 1): the batch is cut into micro-batches whose all-to-all is started
+        HOP-B (``layout.microbatches`` > 1): the batch is cut into micro-batches whose all-to-all is started
         asynchronously, so it travels while the next micro-batch's attention runs; with 1 the exchange is
         simply the step's one all-to-all.
         """
@@ -142,7 +176,7 @@ class HelixMLA:
         cache.write(self.layer, meta.slots, self.kv_entries(x, meta.cos, meta.sin))
         q_abs, q_pe = self.queries(x, meta.cos, meta.sin)
         in_flight = []
-        for part in torch.arange(x.shape[0]).tensor_split(min(self.microbatches, x.shape[0])):
+        for part in torch.arange(x.shape[0]).tensor_split(min(self.layout.microbatches, x.shape[0])):
             sl = slice(int(part[0]), int(part[-1]) + 1)
             o, lse = mla_decode(q_abs[sl], q_pe[sl], cache.layers[self.layer], meta.block_table[sl],
                                 meta.local_lens[sl], cfg.softmax_scale)
@@ -165,7 +199,7 @@ class HelixMLA:
         entries = self.kv_entries(x, cos, sin)  # [T, Lkv + R], every rank computes all tokens
         cache.write(self.layer, slots, entries)
         q_abs, q_pe = self.queries(x, cos, sin)
-        local = slice(self.h0, self.h1) if self.w_uk.shape[0] == cfg.num_attention_heads else slice(None)
+        local = slice(self.h0 - self.layout.heads[0], self.h1 - self.layout.heads[0])  # the o_proj heads among the attended
         q = torch.cat([q_abs[:, local], q_pe[:, local]], dim=-1).transpose(0, 1)  # [h, T, Lkv + R] this rank's heads
         # Absorbed MQA: every local head attends to the one latent head, k = v = the cache rows [c_kv | k_pe]
         # expanded over the heads without a copy (with enable_gqa instead, float32 on CUDA falls back to the

@@ -9,26 +9,24 @@ from __future__ import annotations
 
 import torch
 
-from helix.attention import HelixMLA, StepMeta
+from helix.attention import AttentionLayout, HelixMLA, StepMeta
 from helix.kv_cache import PagedKVCache
 from helix.mapping import HelixMapping
 from kernels import mla_decode
 
 
 class TPAttentionMLA(HelixMLA):
-    def __init__(self, cfg, layer, ckpt, mapping: HelixMapping, comm, rope, dtype, device):
-        super().__init__(cfg, layer, ckpt, mapping, comm, rope, dtype, device)
-        self.cache_mapping = HelixMapping(0, 1, mapping.tokens_per_block)  # every token on every rank
-        h0, h1, qk = self.h0, self.h1, cfg.qk_head_dim
-        if cfg.q_lora_rank:
-            self.q_b = self.q_b[h0 * qk:h1 * qk].contiguous()  # column-parallel: local heads only
-        else:
-            self.q_proj = self.q_proj[h0 * qk:h1 * qk].contiguous()
-        self.w_uk = self.w_uk[h0:h1].contiguous()
+    @staticmethod
+    def layout_for(mapping: HelixMapping, num_heads: int, microbatches: int = 1) -> AttentionLayout:
+        """Heads split (the rank attends with its h = H / N, the same heads it projects out), every token in
+        every rank's cache (N = 1 for the cache). There is no all-to-all for HOP-B to overlap."""
+        if microbatches != 1:
+            raise ValueError(f"microbatches={microbatches}: TP attention has no all-to-all to overlap (HOP-B)")
+        return AttentionLayout(mapping.head_range(num_heads), HelixMapping(0, 1, mapping.tokens_per_block))
 
     def decode(self, x: torch.Tensor, meta: StepMeta, cache: PagedKVCache) -> torch.Tensor:
         cache.write(self.layer, meta.slots, self.kv_entries(x, meta.cos, meta.sin))
-        q_abs, q_pe = self.queries(x, meta.cos, meta.sin)  # local heads only
+        q_abs, q_pe = self.queries(x, meta.cos, meta.sin)  # [B, h, *] local heads only
         o, _ = mla_decode(q_abs, q_pe, cache.layers[self.layer], meta.block_table, meta.local_lens,
                           self.cfg.softmax_scale)
         return self.output(o)

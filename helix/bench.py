@@ -103,10 +103,9 @@ def step_bytes_and_flops(model: HelixModel, batch: int, context: int) -> tuple[i
     """(KV bytes, weight bytes, attention FLOPs) one rank must move / do in one decode step."""
     cfg = model.cfg
     L = cfg.num_hidden_layers
-    cache_map = model.layers[0].attn.cache_mapping
-    local = cache_map.local_length(context + 1)
+    local = model.layout.cache.local_length(context + 1)
     kv = batch * local * cfg.kv_cache_dim * BF16 * L
-    heads = model.layers[0].attn.w_uk.shape[0]  # H for Helix, H / N for TP attention
+    heads = model.layout.num_heads  # H for Helix, H / N for TP attention
     flops = float(mla_flops(batch, heads, local, cfg.kv_lora_rank, cfg.qk_rope_head_dim) * L)
     w = 0
     for layer in model.layers:
@@ -146,31 +145,41 @@ def rank_bench(ctx: RankContext, preset: str, layers: int, mode: str, n: int, ba
     mapping = HelixMapping(ctx.rank, n, tpb)
     comm = ctx.comm(n)
     attention = TPAttentionMLA if mode in ("tp", "single") else HelixMLA
-    model = HelixModel(src, mapping, comm, torch.bfloat16, ctx.device, moe_mode=moe_mode, attention=attention)
+    built: dict[int, HelixModel] = {}
+
+    def model_with(microbatches: int) -> HelixModel:
+        """The model of this HOP-B setting (fixed at construction): one held at a time, rebuilt on a change."""
+        if microbatches not in built:
+            built.clear()
+            torch.cuda.empty_cache()
+            built[microbatches] = HelixModel(src, mapping, comm, torch.bfloat16, ctx.device, moe_mode=moe_mode,
+                                             attention=attention, microbatches=microbatches)
+        return built[microbatches]
+
     max_s, max_b = max(contexts) + 1, max(batches)
-    cache = model.new_cache(max_s, max_b)
+    cache = model_with(1).new_cache(max_s, max_b)  # every HOP-B setting shares the layout's cache
     for t in cache.layers:  # random latent rows everywhere (never zeros: they flatter the kernels)
         t.normal_()
     ids = list(range(max_b))
     for sid in ids:
         cache.add(sid)
         cache.reserve(sid, max_s)
-    width = -(-max_s // tpb // cache.mapping.world_size)
+    width = cache.table_width
     rows = []
     for batch in batches:
         coll = measure_collectives(ctx, n, cfg, batch) if n > 1 else {"all_to_all_us": 0.0, "all_reduce_us": 0.0}
-        hop_b_variants = [1, 2] if mode == "helix" and batch > 1 else [1]  # HOP-B needs a batch to split
-        for hop_b in hop_b_variants:
-            for layer in model.layers:
-                layer.attn.microbatches = hop_b
+        microbatch_variants = [1, 2] if mode == "helix" and batch > 1 else [1]  # HOP-B needs a batch to split
+        for microbatches in microbatch_variants:
+            model = model_with(microbatches)
             graph = GraphedDecodeStep(model, cache, batch, width)
             gen = torch.Generator().manual_seed(batch)
-            name = mode if hop_b == 1 else f"{mode}+hopb{hop_b}"
+            name = mode if microbatches == 1 else f"{mode}+hopb{microbatches}"
             for context in contexts:
                 rows.append(_time_point(ctx, model, cache, graph, comm, coll, ceilings, name, mode, n, layers,
                                         batch, context, width, gen, iters, profile))
-            del graph
-    del model, cache
+            del graph, model
+    built.clear()
+    del cache
     torch.cuda.empty_cache()
     return rows if ctx.rank == 0 else None
 

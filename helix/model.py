@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from helix.attention import HelixMLA, StepMeta, rms_norm
+from helix.attention import AttentionLayout, HelixMLA, StepMeta, rms_norm
 from helix.checkpoint import Checkpoint
 from helix.comm import Comm
 from helix.config import ModelConfig
@@ -26,12 +26,12 @@ from helix.rope import Rope
 
 class HelixDecoderLayer:
     def __init__(self, cfg: ModelConfig, layer: int, ckpt: Checkpoint, mapping: HelixMapping, comm: Comm,
-                 rope: Rope, moe_mode: str, dtype: torch.dtype, device, attention: type = HelixMLA):
+                 rope: Rope, moe_mode: str, dtype: torch.dtype, device, attention: type, layout: AttentionLayout):
         p = f"model.layers.{layer}."
         self.eps, self.comm = cfg.rms_norm_eps, comm
         self.input_norm = ckpt.get(p + "input_layernorm.weight", dtype=dtype, device=device)
         self.post_norm = ckpt.get(p + "post_attention_layernorm.weight", dtype=dtype, device=device)
-        self.attn = attention(cfg, layer, ckpt, mapping, comm, rope, dtype, device)
+        self.attn = attention(cfg, layer, ckpt, mapping, comm, rope, dtype, device, layout)
         if cfg.is_moe_layer(layer):
             self.ffn = MoE(cfg, ckpt, p + "mlp.", mapping, moe_mode, dtype, device)
         else:
@@ -50,18 +50,19 @@ class HelixDecoderLayer:
 class HelixModel:
     def __init__(self, ckpt: Checkpoint, mapping: HelixMapping, comm: Comm, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", moe_mode: str = "ep", attention: type = HelixMLA,
-                 hop_b: int = 1):
+                 microbatches: int = 1):
         """``attention`` swaps the attention module (benchmarks use it for the TP-attention baseline);
-        ``hop_b`` > 1 splits each decode batch into that many micro-batches whose all-to-alls overlap the
-        next micro-batch's attention (HOP-B)."""
+        ``microbatches`` > 1 splits each decode batch into that many micro-batches whose all-to-alls overlap
+        the next micro-batch's attention (HOP-B). Both fix ``self.layout`` (``attention.layout_for``: the heads
+        each rank attends with, the tokens its cache holds, the micro-batches), built once here and shared by
+        every layer and the cache."""
         cfg = self.cfg = ckpt.config
         self.mapping, self.comm, self.dtype, self.device = mapping, comm, dtype, torch.device(device)
+        self.layout = attention.layout_for(mapping, cfg.num_attention_heads, microbatches)
         self.rope = Rope(cfg, self.device)
         self.embed = ckpt.get("model.embed_tokens.weight", dtype=dtype, device=device)  # [V, D] replicated lookup
-        self.layers = [HelixDecoderLayer(cfg, i, ckpt, mapping, comm, self.rope, moe_mode, dtype, device, attention)
-                       for i in range(cfg.num_hidden_layers)]
-        for layer in self.layers:
-            layer.attn.microbatches = hop_b
+        self.layers = [HelixDecoderLayer(cfg, i, ckpt, mapping, comm, self.rope, moe_mode, dtype, device, attention,
+                                         self.layout) for i in range(cfg.num_hidden_layers)]
         self.norm = ckpt.get("model.norm.weight", dtype=dtype, device=device)
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         self.v0, self.v1 = mapping.vocab_range(cfg.vocab_size)
@@ -70,7 +71,7 @@ class HelixModel:
                                                    for r in range(mapping.world_size))]
 
     def new_cache(self, max_tokens_per_seq: int, max_batch_size: int) -> PagedKVCache:
-        return PagedKVCache.for_config(self.layers[0].attn.cache_mapping, self.cfg.num_hidden_layers, self.cfg.kv_cache_dim,
+        return PagedKVCache.for_config(self.layout.cache, self.cfg.num_hidden_layers, self.cfg.kv_cache_dim,
                                        max_tokens_per_seq, max_batch_size, self.dtype, self.device)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

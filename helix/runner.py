@@ -29,7 +29,7 @@ class HelixSpec:
     max_batch_size: int = 8
     moe_mode: str = "ep"
     cuda_graphs: bool = False  # capture the decode step (CUDA only)
-    hop_b: int = 1  # micro-batches whose all-to-all overlaps the next one's attention
+    microbatches: int = 1  # HOP-B: micro-batches whose all-to-all overlaps the next one's attention
 
     def devices(self, first_gpu: int = 0) -> list[str]:
         if self.device == "cpu":
@@ -40,7 +40,8 @@ class HelixSpec:
 def build_engine(spec: HelixSpec, rank: int, comm: Comm, device: torch.device) -> HelixEngine:
     ckpt = Checkpoint(spec.model)
     mapping = HelixMapping(rank, spec.cp, spec.tokens_per_block)
-    model = HelixModel(ckpt, mapping, comm, DTYPES[spec.dtype], device, spec.moe_mode, hop_b=spec.hop_b)
+    model = HelixModel(ckpt, mapping, comm, DTYPES[spec.dtype], device, spec.moe_mode,
+                       microbatches=spec.microbatches)
     ckpt.close()
     return HelixEngine(model, spec.max_tokens, spec.max_batch_size, cuda_graphs=spec.cuda_graphs and device.type == "cuda")
 

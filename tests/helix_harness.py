@@ -119,8 +119,8 @@ def run_mla_module(ctx, ckpt_dir: str, n: int, tpb: int, dtype: str, contexts: l
         mapping = HelixMapping(ctx.rank, n, tpb)
         comm = ctx.comm(n)
         rope = Rope(cfg, ctx.device)
-        attn = HelixMLA(cfg, 0, ckpt, mapping, comm, rope, dt, ctx.device)
-        attn.microbatches = microbatches
+        attn = HelixMLA(cfg, 0, ckpt, mapping, comm, rope, dt, ctx.device,
+                        HelixMLA.layout_for(mapping, cfg.num_attention_heads, microbatches))
         total = max(c.shape[0] for c in contexts) + decode_x.shape[0]
         cache = PagedKVCache.for_config(mapping, 1, cfg.kv_cache_dim, total, len(contexts), dt, ctx.device)
         # NaN-poison every block: a kernel that reads past a sequence's end (or an unowned slot) shows up.

@@ -35,7 +35,8 @@ def run_helix_long(ctx, n: int, tpb: int, seq_len: int, steps: int):
     src = SyntheticCheckpoint(cfg, seed=0, device=ctx.device)
     mapping = HelixMapping(ctx.rank, n, tpb)
     rope = Rope(cfg, ctx.device)
-    attn = HelixMLA(cfg, 0, src, mapping, ctx.comm(n), rope, torch.bfloat16, ctx.device)
+    attn = HelixMLA(cfg, 0, src, mapping, ctx.comm(n), rope, torch.bfloat16, ctx.device,
+                    HelixMLA.layout_for(mapping, cfg.num_attention_heads))
     cache = PagedKVCache.for_config(mapping, 1, cfg.kv_cache_dim, seq_len + steps, 1, torch.bfloat16, ctx.device)
     cache.add(0)
     cache.write(0, cache.append(0, seq_len).to(ctx.device), _entries(cfg, seq_len, ctx.device))
