@@ -26,9 +26,9 @@ import torch
 
 from helix.checkpoint import DTYPES
 from helix.config import ConfigError
-from helix.disagg.deploy import read_file
+from helix.disagg.deploy import load_deployment, read_file
 from helix.engine import Request
-from helix.sampling import SamplingParams, first_stop, per_prompt, select_token
+from helix.sampling import SamplingParams, check_finite, first_stop, per_prompt, select_token
 
 BACKENDS = ("helix", "reference")
 
@@ -78,6 +78,14 @@ class BackendSpec:
                 "context_servers": {"tensor_parallel_size": 1, "kv_cache_config": dict(kv), "colocate": self.colocate},
                 "generation_servers": {"context_parallel_size": self.cp,
                                        "cp_config": {"cp_type": "HELIX", **tpb}, "kv_cache_config": dict(kv)}}
+
+    def capacity(self) -> int | None:
+        """What a deployment file holds per sequence (the smaller of its servers' KV capacities); None for the
+        deployment built from ``model``, which is sized to ``max_tokens``."""
+        if self.config is None:
+            return None
+        dep = load_deployment(self.config)
+        return min(dep.context.max_tokens, dep.generation.max_tokens)
 
     def model_dir(self) -> str:
         if self.model is not None:
@@ -184,15 +192,17 @@ class ReferenceBackend:
         """Nothing runs in the background; kept for the driver interface."""
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]) -> list[list[int]]:
-        return [self._generate_one(p, s) for p, s in zip(prompts, per_prompt(sampling, len(prompts)))]
+        params = per_prompt(sampling, len(prompts))
+        return [self._generate_one(i, p, s) for i, (p, s) in enumerate(zip(prompts, params))]
 
-    def _generate_one(self, prompt: list[int], params: SamplingParams) -> list[int]:
+    def _generate_one(self, request: int, prompt: list[int], params: SamplingParams) -> list[int]:
         out: list[int] = []
         if params.max_new_tokens == 0:
             return out
         logits, cache = self.model.prefill(prompt)
         logits = logits[-1]
         for step in range(params.max_new_tokens):
+            check_finite(logits, "reference", request, step + 1)
             out.append(select_token(logits, params, step))
             if out[-1] in params.stop_token_ids:
                 break
@@ -210,5 +220,6 @@ class ReferenceBackend:
             logits, _ = self.model.prefill(list(tokens))  # [T, V] float32; row t predicts token t + 1
             for i in members:
                 context, continuation = requests[i]
+                check_finite(logits[len(context) - 1:], "reference", i)
                 results[i] = read_scores(logits[len(context) - 1:], continuation)
         return results

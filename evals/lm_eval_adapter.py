@@ -6,11 +6,11 @@ model_args, either form::
     pretrained=DIR,cp=2,tokens_per_block=32,backend=helix|reference,dtype=float32,device=cpu[,colocate=true]
 
 plus, in both: ``batch_size`` (requests per backend call, default 64), ``max_length`` (tokens the model
-sees; default the checkpoint's ``max_position_embeddings``; a deployment built from ``pretrained`` gets that
-KV capacity), ``max_gen_toks`` (default 256), ``seed`` (for sampled generation), ``attention`` (the
-reference's prefill attention, plain or sdpa). ``backend=helix`` (the
-default) launches the disaggregated deployment through ``helix.disagg.launch``; ``backend=reference`` runs the
-same weights on the single-device oracle.
+sees; default the checkpoint's ``max_position_embeddings``, or a deployment file's smaller KV capacity per
+sequence, which bounds it; a deployment built from ``pretrained`` gets that KV capacity), ``max_gen_toks``
+(default 256), ``seed`` (for sampled generation), ``attention`` (the reference's prefill attention, plain or
+sdpa). ``backend=helix`` (the default) launches the disaggregated deployment through
+``helix.disagg.launch``; ``backend=reference`` runs the same weights on the single-device oracle.
 
 Importing this module registers the model, so ``lm_eval.simple_evaluate(model="helix", model_args=...)``
 works after ``import evals.lm_eval_adapter``; lm-eval 0.4.13 has no plugin entry-point group, so the command
@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import weakref
 import zlib
+from typing import TextIO
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -53,20 +55,29 @@ class HelixLM(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
+        # The progress bars' label (default "helix <request type>") and stream (default stderr): helix eval names
+        # the backend and task, and keeps the bars on the console while lm-eval's own output goes to its log.
+        self.progress_label: str | None = None
+        self.progress_file: TextIO | None = None
 
     # ------------------------------------------------------------------ construction from model_args
 
     @staticmethod
     def backend_spec(args: dict) -> tuple[BackendSpec, int]:
         """The backend model_args ask for, and max_length; a deployment built from ``pretrained`` gets the KV
-        capacity of max_length, so it serves every prompt the adapter lets in."""
+        capacity of max_length, so it serves every prompt the adapter lets in; a deployment file bounds it."""
         known = {"pretrained", "config", "backend", "cp", "tokens_per_block", "dtype", "device", "colocate",
                  "attention", "batch_size", "max_length", "max_gen_toks", "seed"}
         if unknown := sorted(set(args) - known):
             raise ConfigError(f"model_args {unknown}: unknown; helix takes {sorted(known)}")
         spec = BackendSpec(**{k: args[k] for k in ("backend", "config", "cp", "tokens_per_block", "dtype", "device",
                                                    "colocate", "attention") if k in args}, model=args.get("pretrained"))
-        max_length = int(args.get("max_length") or source_config(spec.model_dir()).max_position_embeddings)
+        capacity = spec.capacity()
+        max_length = int(args.get("max_length") or min(source_config(spec.model_dir()).max_position_embeddings,
+                                                       capacity or math.inf))
+        if capacity is not None and max_length > capacity:  # refused now, not after hours of evaluation
+            raise ConfigError(f"max_length={max_length}: more than {spec.config} holds per sequence "
+                              f"(kv_cache_config.max_tokens={capacity}); raise max_tokens there or ask for less")
         return dataclasses.replace(spec, max_tokens=max_length), max_length
 
     @classmethod
@@ -124,7 +135,8 @@ class HelixLM(TemplateLM):
         """``call`` on batches of ``items``, longest first (similar lengths batch together); results in input order."""
         order = sorted(range(len(items)), key=lambda i: -size_of(items[i]))
         results: list = [None] * len(items)
-        with tqdm(total=len(items), desc=desc, disable=disable_tqdm or self.rank != 0) as bar:
+        with tqdm(total=len(items), desc=self.progress_label or desc, file=self.progress_file, unit="req",
+                  disable=disable_tqdm or self.rank != 0) as bar:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 for i, r in zip(idx, call([items[i] for i in idx])):

@@ -13,20 +13,26 @@ to 1024 tokens and at most 32 generated tokens, its reference also checked again
 golden/accuracy/tiny-synthetic-reference.json; then niah_restated on the deepseek-v3-needle checkpoint (an
 induction circuit that solves it: 100% at every length and depth) at 2048 and 8192 tokens, depths
 0,25,50,75,100. Both through context 1 + Helix generation CP 2, in one report.
+
+The console shows one progress bar per backend and task, then the report; lm-eval's own output (its log lines,
+warnings and progress bars) goes to eval.log in --out, or with -v to the console.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import multiprocessing
 import os
 import pickle
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Iterator, TextIO
 
 from evals.backends import BACKENDS, BackendSpec
 from evals.compare import (GOLDEN_DIR, check_public_reference, compare_task, golden_mismatches, public_references,
@@ -40,10 +46,13 @@ from helix.config import ConfigError
 from helix.needle import PRESET as NEEDLE_PRESET
 from helix.sources import is_synthetic, source_config, synthetic_config
 from helix.tokenizer import write_byte_tokenizer
+from helix.workers import children_ignore_ctrl_c
 
 log = logging.getLogger("helix.eval")
 
 TINY_GOLDEN = os.path.join(GOLDEN_DIR, "tiny-synthetic-reference.json")
+LOG_FILE = "eval.log"  # in --out: lm-eval's log, warnings and progress bars, unless --verbose
+CONSOLE_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 @dataclass(frozen=True)
@@ -101,15 +110,22 @@ class Run:
 
 
 def parse_limit(text: str | None, tasks: list[str]) -> dict[str, int | None]:
-    """``N`` (every task; per context length for a needle task) or ``task=N,task=N``."""
+    """``N`` (every task; per context length for a needle task) or ``task=N,task=N``; each N >= 1."""
     if not text:
         return {t: None for t in tasks}
     if "=" not in text:
-        return {t: int(text) for t in tasks}
-    pairs = dict(item.split("=", 1) for item in text.split(","))
+        return dict.fromkeys(tasks, _limit_count(text, text))
+    pairs = dict(item.partition("=")[::2] for item in text.split(","))
     if unknown := sorted(set(pairs) - set(TASKS)):
         raise ConfigError(f"--limit={text!r}: unknown task(s) {unknown}; tasks are {list(TASKS)}")
-    return {t: int(pairs[t]) if t in pairs else None for t in tasks}
+    counts = {task: _limit_count(text, count) for task, count in pairs.items()}
+    return {t: counts.get(t) for t in tasks}
+
+
+def _limit_count(text: str, count: str) -> int:
+    if not count.strip().isdigit() or int(count) < 1:
+        raise ConfigError(f"--limit={text!r}: {count!r} is not a count; give N or task=N,task=N with integers N >= 1")
+    return int(count)
 
 
 def parse_ints(flag: str, text: str, low: int, high: int | None = None) -> tuple[int, ...]:
@@ -138,7 +154,8 @@ def plan_run(args: argparse.Namespace, deployed: BackendSpec, tasks: tuple[str, 
              scratch: str, golden: str | None = None) -> Run:
     """The run of ``tasks`` on ``deployed``: a flag given on the command line wins, else ``settings``. Needle
     lengths are checked against the checkpoint; the adapter's max_length (and so the KV capacity) is
-    --max-length, else the largest length plus the generation cap, else the checkpoint's limit."""
+    --max-length, else the largest length plus the generation cap, else the checkpoint's limit or a deployment
+    file's smaller capacity (which the adapter holds every max_length to)."""
     from lm_eval.tasks.ruler.common_utils import DEFAULT_SEQ_LENGTHS
 
     def value(key: str):
@@ -147,7 +164,7 @@ def plan_run(args: argparse.Namespace, deployed: BackendSpec, tasks: tuple[str, 
     if args.samples_per_depth < 1:
         raise ConfigError(f"--samples-per-depth={args.samples_per_depth}: must be >= 1")
     max_position = source_config(deployed.model_dir()).max_position_embeddings
-    needles, longest = None, max_position
+    needles, longest = None, min(max_position, deployed.capacity() or max_position)
     if needle_tasks := [t for t in tasks if t in NEEDLE_TASKS]:
         lengths = parse_ints("--context-lengths", value("context_lengths") or ",".join(map(str, DEFAULT_SEQ_LENGTHS)), 1)
         for length in lengths:
@@ -184,6 +201,33 @@ def plan(args: argparse.Namespace, scratch: str) -> list[Run]:
 # --------------------------------------------------------------------------------------------- evaluation
 
 
+@contextlib.contextmanager
+def console_output(log_path: str | None) -> Iterator[TextIO]:
+    """Yields the console's stream, for the progress bars. With ``log_path``, every log record, Python warning
+    and write to sys.stderr goes there instead (lm-eval logs each task it builds, warns about each few-shot
+    setting and draws progress bars of its own, per MMLU subject); helix's own warnings and every error also
+    reach the console. Without, nothing changes (--verbose)."""
+    console = sys.stderr
+    if log_path is None:
+        yield console
+        return
+    root, handlers = logging.getLogger(), logging.getLogger().handlers
+    with open(log_path, "a") as log_file:
+        to_file, to_console = logging.StreamHandler(log_file), logging.StreamHandler(console)
+        to_file.setFormatter(logging.Formatter("%(asctime)s " + CONSOLE_FORMAT))
+        to_console.setFormatter(logging.Formatter(CONSOLE_FORMAT))
+        to_console.setLevel(logging.WARNING)
+        to_console.addFilter(lambda r: r.name.split(".")[0] == "helix" or r.levelno >= logging.ERROR)
+        root.handlers = [to_file, to_console]
+        logging.captureWarnings(True)
+        try:
+            with contextlib.redirect_stderr(log_file):
+                yield console
+        finally:
+            logging.captureWarnings(False)
+            root.handlers = handlers
+
+
 def model_args(spec: BackendSpec, run: Run, batch_size: int) -> dict:
     """The ``helix`` lm-eval model_args of ``spec`` in ``run``; the adapter sizes the deployment's KV capacity to
     the run's max_length."""
@@ -191,24 +235,28 @@ def model_args(spec: BackendSpec, run: Run, batch_size: int) -> dict:
     return {**args, "batch_size": batch_size, "max_length": run.max_length, "max_gen_toks": run.max_gen_toks or 256}
 
 
-def evaluate(spec: BackendSpec, run: Run, batch_size: int, task_path: str) -> dict[str, dict]:
-    """lm-eval on one backend: ``{task: {sample key: record}}``. A needle task is evaluated once per context
-    length, so that ``--limit`` counts per length and only one length's haystacks are held at a time."""
+def evaluate(spec: BackendSpec, run: Run, batch_size: int, task_path: str, console: TextIO) -> dict[str, dict]:
+    """lm-eval on one backend: ``{task: {sample key: record}}``, with one progress bar on ``console`` per task
+    (per context length of a needle task), labelled e.g. "reference mmlu" or "helix niah_restated 8192". A
+    needle task is evaluated once per context length, so that ``--limit`` counts per length and only one
+    length's haystacks are held at a time."""
     import lm_eval
 
     from evals.lm_eval_adapter import HelixLM
 
     lm = HelixLM.from_model_args(model_args(spec, run, batch_size))
+    lm.progress_file = console
     out: dict[str, dict] = {}
     try:
         for task in run.tasks:
             needle = task in NEEDLE_TASKS
             out[task] = {}
-            for metadata in [run.needles.metadata(n) for n in run.needles.context_lengths] if needle else [None]:
-                log.info("%s backend: %s (limit %s%s)", spec.backend, task, run.limits[task],
-                         f", {metadata['max_seq_lengths'][0]} tokens" if needle else "")
+            for length in run.needles.context_lengths if needle else [None]:
+                lm.progress_label = f"{spec.backend} {task}" + (f" {length}" if needle else "")
+                log.info("%s (limit %s)", lm.progress_label, run.limits[task])
                 res = lm_eval.simple_evaluate(
-                    model=lm, tasks=[task], task_manager=task_manager(task_path, metadata),
+                    model=lm, tasks=[task],
+                    task_manager=task_manager(task_path, run.needles.metadata(length) if needle else None),
                     num_fewshot=None if needle else run.num_fewshot,  # needle tasks are zero-shot (no few-shot split)
                     limit=run.limits[task], log_samples=True, bootstrap_iters=0,
                     gen_kwargs={"max_gen_toks": run.max_gen_toks} if run.max_gen_toks else None)
@@ -219,31 +267,34 @@ def evaluate(spec: BackendSpec, run: Run, batch_size: int, task_path: str) -> di
 
 
 def _evaluate_to_file(spec: BackendSpec, run: Run, batch_size: int, task_path: str, out_file: str,
-                      log_level: int) -> None:
+                      log_level: int, log_path: str | None) -> None:
     """Entry point of the process that runs one backend beside the other (see ``evaluate_both``)."""
-    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
-    samples = evaluate(spec, run, batch_size, task_path)
+    logging.basicConfig(level=log_level, format=CONSOLE_FORMAT)
+    with console_output(log_path) as console:
+        samples = evaluate(spec, run, batch_size, task_path, console)
     with open(out_file, "wb") as f:
         pickle.dump(samples, f)
 
 
-def evaluate_both(run: Run, args: argparse.Namespace, task_path: str) -> dict:
+def evaluate_both(run: Run, args: argparse.Namespace, task_path: str, console: TextIO, log_path: str | None) -> dict:
     """``{"deployed": samples, "reference": samples}``. By default one after the other, so the reference can use
     the deployment's first device once the deployment has exited; with ``--reference-device`` the reference
-    runs there, in its own process, at the same time as the deployment (on a GPU the deployment does not use)."""
+    runs there, in its own process, at the same time as the deployment (on a GPU the deployment does not use),
+    logging into the same ``log_path``."""
     reference = dataclasses.replace(run.deployed, backend="reference")
     if not args.reference_device:
-        return {"deployed": evaluate(run.deployed, run, args.batch_size, task_path),
-                "reference": evaluate(reference, run, args.batch_size, task_path)}
+        return {"deployed": evaluate(run.deployed, run, args.batch_size, task_path, console),
+                "reference": evaluate(reference, run, args.batch_size, task_path, console)}
     with tempfile.TemporaryDirectory(prefix="helix-eval-reference-") as tmp:
         out_file = os.path.join(tmp, "run.pkl")
         child = multiprocessing.get_context("spawn").Process(
             target=_evaluate_to_file, name="helix-eval-reference",
             args=(dataclasses.replace(reference, device=args.reference_device), run, args.batch_size, task_path,
-                  out_file, logging.getLogger().getEffectiveLevel()))
-        child.start()
+                  out_file, logging.getLogger().getEffectiveLevel(), log_path))
+        with children_ignore_ctrl_c():  # ended below on any exception of ours, Ctrl-C included
+            child.start()
         try:
-            deployed = evaluate(run.deployed, run, args.batch_size, task_path)
+            deployed = evaluate(run.deployed, run, args.batch_size, task_path, console)
             child.join()
         finally:
             if child.is_alive():  # the deployment failed (or was interrupted): do not leave the reference running
@@ -294,6 +345,8 @@ def report_markdown(report: dict) -> str:
     lines = [f"# helix eval: {report['deployed_backend']} vs reference", "",
              f"dtype {report['dtype']}, cp {report['cp']}, tokens_per_block {report['tokens_per_block']}, "
              f"{report['seconds']:.0f} s"]
+    if report.get("log"):
+        lines += ["", f"lm-eval's log and every warning: `{report['log']}`"]
     for r in report["runs"]:
         shots = f", {r['num_fewshot']}-shot" if set(r["tasks"]) & set(DATA_TASKS) else ""
         needles = (f", context lengths {list(r['context_lengths'])}, depths {list(r['depths'])}, "
@@ -359,14 +412,16 @@ def run(args: argparse.Namespace) -> dict:
         runs = plan(args, path)
         if args.write_golden and not any(r.golden for r in runs):
             raise ConfigError(f"--write-golden={args.write_golden!r}: only with the embedded default's mmlu/gsm8k run")
-        samples = [evaluate_both(r, args, path) for r in runs]
-    os.makedirs(args.out, exist_ok=True)
+        os.makedirs(args.out, exist_ok=True)  # once the flags are known to be good
+        log_path = None if args.verbose else os.path.join(args.out, LOG_FILE)
+        with console_output(log_path) as console:
+            samples = [evaluate_both(r, args, path, console, log_path) for r in runs]
     results = [compare_run(r, s, min_agreement, args) for r, s in zip(runs, samples)]
     first = runs[0].deployed
     report = {"deployed_backend": first.backend, "dtype": args.dtype, "cp": args.cp,
               "tokens_per_block": args.tokens_per_block, "data": data_dir or "huggingface hub",
               "reference_device": args.reference_device or first.device, "seconds": time.time() - start,
-              "runs": results, "passed": all(r["passed"] for r in results)}
+              "log": log_path, "runs": results, "passed": all(r["passed"] for r in results)}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(args.out, "samples.json"), "w") as f:
@@ -405,11 +460,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "time as the deployment, in its own process (default: on --device, after the deployment)")
     p.add_argument("--data-dir", help="local mmlu/ and gsm8k/ data (default $HELIX_EVAL_DATA, else the HF hub)")
     p.add_argument("--out", default=os.path.join("runs", "eval"),
-                   help="output directory (results.json, report.md, samples.json, needle heatmaps)")
+                   help=f"output directory (results.json, report.md, samples.json, needle heatmaps, {LOG_FILE})")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help=f"print lm-eval's log lines and its own progress bars as they come (default: they go to "
+                        f"OUT/{LOG_FILE}; the console shows one progress bar per backend and task, then the report)")
     p.add_argument("--max-length", type=int, help="tokens the model sees; longer prompts are cut from the left; also "
                                                   "the deployment's KV capacity (embedded default 1024 for mmlu/gsm8k; "
                                                   "with needle tasks the largest context length plus the generation "
-                                                  "cap; otherwise the checkpoint's max_position_embeddings)")
+                                                  "cap; otherwise the checkpoint's max_position_embeddings, or with "
+                                                  "--config the file's KV capacity if smaller; at most that capacity)")
     p.add_argument("--max-gen-toks", type=int, help="generation cap (embedded default 32 for mmlu/gsm8k; "
                                                     "otherwise the task's)")
     p.add_argument("--context-lengths", help="needle tasks: comma-separated context lengths in tokens, each at most "
@@ -440,5 +499,5 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m evals.run", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=CONSOLE_FORMAT)
     main(parser.parse_args())

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from helix.config import ModelConfig
@@ -103,24 +103,34 @@ class Checkpoint:
             raise CheckpointError(f"model={self.path!r}: not a directory (expected an HF checkpoint directory)")
         self.config = ModelConfig.from_json(self.path)
         self.expected = tensor_shapes(self.config)
-        self._file_of = self._index()
         self._handles: dict[str, object] = {}
+        self._file_of = self._index()
         self.bytes_read = 0  # bytes materialised by get(); tests use it to prove slicing reads little
 
     def _index(self) -> dict[str, str]:
         index = os.path.join(self.path, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index) as f:
-                return {k: os.path.join(self.path, v) for k, v in json.load(f)["weight_map"].items()}
+                try:
+                    return {k: os.path.join(self.path, v) for k, v in json.load(f)["weight_map"].items()}
+                except (ValueError, KeyError, AttributeError):
+                    raise CheckpointError(f"{index}: not a JSON object with a weight_map {{tensor: file}}") from None
         single = os.path.join(self.path, "model.safetensors")
         if not os.path.exists(single):
             raise CheckpointError(f"model={self.path!r}: holds neither model.safetensors nor model.safetensors.index.json")
-        with safe_open(single, "pt") as f:
-            return {k: single for k in f.keys()}
+        return {k: single for k in self._handle(single).keys()}
 
     def _handle(self, file: str):
+        """The open file. safe_open reads the header and checks that its tensors cover the whole file, so a
+        truncated or corrupt file fails here, named, before any weight is read."""
         if file not in self._handles:
-            self._handles[file] = safe_open(file, "pt")
+            try:
+                self._handles[file] = safe_open(file, "pt")
+            except FileNotFoundError:
+                raise CheckpointError(f"{file}: missing, but listed in model.safetensors.index.json") from None
+            except SafetensorError as e:
+                raise CheckpointError(f"{file}: not a valid safetensors file ({e}): truncated or corrupt; write or "
+                                      "download it again") from None
         return self._handles[file]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -152,12 +162,22 @@ class Checkpoint:
         return t.to(device)
 
     def check_complete(self) -> None:
-        """Every tensor the config implies is present with the right shape."""
+        """Every file's header is valid and every tensor the config implies is present with the right shape."""
         for name in self.expected:
             self.shape(name)
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def check_checkpoint(path: str | os.PathLike) -> ModelConfig:
+    """The config of the checkpoint at ``path`` once ``check_complete`` passed, reading headers only: a driver
+    calls it before starting ranks, so that a bad checkpoint ends the command in one line instead of failing
+    inside a rank with a traceback."""
+    ckpt = Checkpoint(path)
+    ckpt.check_complete()
+    ckpt.close()
+    return ckpt.config
 
 
 # --------------------------------------------------------------------------------------------- synthetic

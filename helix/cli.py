@@ -8,8 +8,9 @@
 
 Each subcommand is one ``add_<name>(subparsers)`` function that registers its flags and handler. A generate
 backend is one entry of ``BACKENDS``: ``(args, model_dir, prompt_ids) -> generated ids``; its own flags go
-into ``add_generate``. Invalid settings (``ConfigError``, ``CheckpointError``) end the command with a
-one-line message on stderr and exit status 1, without a traceback.
+into ``add_generate``. Invalid settings or inputs (``ConfigError``, ``CheckpointError``) and failed requests
+(``RequestError``, ``NonFiniteLogits``: e.g. NaN logits) end the command with a one-line message on stderr and
+exit status 1, without a traceback; Ctrl-C with one line and exit status 130, once every rank is gone.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from typing import Callable
 
 import torch
 
-from helix.checkpoint import DEFAULT_PRESET, DTYPES, CheckpointError, ensure_checkpoint, make_checkpoint
+from helix.checkpoint import (DEFAULT_PRESET, DTYPES, CheckpointError, check_checkpoint, ensure_checkpoint,
+                              make_checkpoint)
 from helix.config import ConfigError, ModelConfig
+from helix.engine import RequestError
 from helix.presets import PRESETS
+from helix.sampling import NonFiniteLogits
 from helix.tokenizer import load_tokenizer
 from helix.workers import WorkerError
 
@@ -51,7 +55,7 @@ def generate_helix(args: argparse.Namespace, model_dir: str, prompt_ids: list[in
     from helix.runner import HelixSpec, helix_generate, torchrun_generate
     from helix.sampling import SamplingParams
 
-    cfg = ModelConfig.from_json(model_dir)
+    cfg = check_checkpoint(model_dir)  # here, not in a rank: a damaged checkpoint ends the command in one line
     helix_cfg = HelixConfig.from_dict({"context_parallel_size": args.cp,
                                        "cp_config": {"cp_type": "HELIX", "tokens_per_block": args.tokens_per_block},
                                        "kv_cache_config": {"tokens_per_block": args.tokens_per_block,
@@ -71,8 +75,7 @@ def generate_helix(args: argparse.Namespace, model_dir: str, prompt_ids: list[in
             sys.exit(0)  # non-zero ranks print nothing
     else:
         results = helix_generate(spec, [request])
-    if results[0].error:
-        raise ConfigError(results[0].error)
+    RequestError.raise_if_failed(results)
     return results[0].token_ids
 
 
@@ -258,10 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, RequestError, NonFiniteLogits) as e:
         print("helix: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
     except WorkerError as e:  # a rank raised or died: its name and traceback, no driver traceback
         print(f"helix: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the ranks are gone: a pool or cluster shuts down on any exception, this one too
+        print("helix: interrupted", file=sys.stderr)
+        return 130
     return 0

@@ -22,7 +22,7 @@ import torch
 from helix.cuda_graph import GraphedDecodeStep
 from helix.kv_cache import CapacityError
 from helix.model import HelixModel
-from helix.sampling import SamplingParams, select_token
+from helix.sampling import NonFiniteLogits, SamplingParams, check_finite, select_token
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,24 @@ class Result:
     logits: list[torch.Tensor] | None = None
     finish_reason: str = "length"  # length | stop | error
     error: str | None = None
+
+
+class RequestError(RuntimeError):
+    """Some requests of a batch failed (e.g. longer than the KV capacity, or non-finite logits); the others
+    finished. ``results`` holds every request's Result, failed ones with ``finish_reason == "error"``."""
+
+    SHOWN = 3  # failures the message spells out: a NaN weight fails every request the same way
+
+    def __init__(self, results: list[Result]):
+        failed = [r.error for r in results if r.error is not None]
+        more = f"; and {len(failed) - self.SHOWN} more" if len(failed) > self.SHOWN else ""
+        super().__init__(f"{len(failed)} of {len(results)} requests failed: " + "; ".join(failed[:self.SHOWN]) + more)
+        self.results = results
+
+    @classmethod
+    def raise_if_failed(cls, results: list[Result]) -> None:
+        if any(r.error is not None for r in results):
+            raise cls(results)
 
 
 @dataclass
@@ -133,6 +151,11 @@ class HelixEngine:
     def _emit(self, s: _Active, logits: torch.Tensor) -> bool:
         req, res = s.req, s.result
         k = len(res.token_ids)
+        try:  # on the host copy the step reads anyway: no extra device sync
+            check_finite(logits, "helix", req.req_id, k + 1)
+        except NonFiniteLogits as e:  # the request fails alone, on every rank alike (all hold the same logits)
+            res.finish_reason, res.error = "error", str(e)
+            return True
         token = req.forced[k] if req.forced is not None else select_token(logits, req.sampling, k)
         res.token_ids.append(token)
         res.logprobs.append(float(torch.log_softmax(logits.double(), -1)[token]))
@@ -148,8 +171,8 @@ class HelixEngine:
 
     # ------------------------------------------------------------------ whole runs
     def run(self, requests: list[Request]) -> list[Result]:
-        """Serve ``requests`` with continuous batching; results in request order. A request that cannot fit
-        fails alone (finish_reason "error")."""
+        """Serve ``requests`` with continuous batching; results in request order. A request that cannot fit, or
+        whose logits turn NaN or inf, fails alone (finish_reason "error")."""
         results: dict[int, Result] = {}
         waiting = deque(requests)
         while waiting or self.active:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from helix.checkpoint import CheckpointError, tensor_shapes
 from helix.config import ConfigError, ModelConfig, yarn_mscale
+from helix.sampling import check_finite
 from helix.sources import open_source
 
 
@@ -369,6 +370,7 @@ class ReferenceModel:
             logits, cache = self.prefill(prompt_ids, logits_from=len(prompt_ids) - 1)
             logits = logits[0]
             while True:
+                check_finite(logits, "reference", 0, len(out) + 1)
                 all_logits.append(logits)
                 out.append(int(logits.argmax()))
                 if out[-1] in eos_token_ids or len(out) == max_new_tokens:
@@ -384,6 +386,7 @@ class ReferenceModel:
         # same numbers bit for bit (a matmul's rounding depends on how many rows it has).
         logits, _ = self.prefill(list(context_ids) + list(continuation_ids)[:-1])
         logits = logits[len(context_ids) - 1:]  # [len(continuation), V]: row j predicts continuation_ids[j]
+        check_finite(logits, "reference", 0)
         target = torch.tensor(continuation_ids, dtype=torch.long, device=logits.device)
         logp = logits.double().log_softmax(-1).gather(1, target[:, None])[:, 0]
         return logp.tolist(), (logits.argmax(-1) == target).tolist()

@@ -33,6 +33,22 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
 
 
+class NonFiniteLogits(RuntimeError):
+    """A step's logits hold NaN or inf: any token read from them is meaningless (with a NaN weight, argmax
+    returns token 0 at every step), so the request fails instead."""
+
+
+def check_finite(logits: torch.Tensor, side: str, request: int, first_step: int = 1) -> None:
+    """Raises NonFiniteLogits, naming ``side`` (helix or reference), the request and the first bad step,
+    unless ``logits`` ([V], or [steps, V] of consecutive steps from ``first_step``) are all finite. Steps count
+    a request's outputs from 1."""
+    finite = torch.isfinite(logits).reshape(-1, logits.shape[-1]).all(-1)
+    if not bool(finite.all()):
+        step = first_step + int(torch.nonzero(~finite)[0])
+        raise NonFiniteLogits(f"{side} request {request}, step {step}: logits hold NaN or inf (a non-finite weight "
+                              "or an overflow of the compute dtype); no token can be read from them")
+
+
 def select_token(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
     """Next token from float32 logits [V] of one sequence. Deterministic given (params.seed, step)."""
     if params.temperature == 0:

@@ -7,19 +7,21 @@ one spawn serves Helix runs with N = 1..world_size. ``pool.run(fn, *args, n=N)``
 
 A rank that raises sends its traceback; a rank that dies is seen through its process sentinel. Either way
 the driver tears the pool down and raises ``WorkerError`` naming the rank, within seconds: nothing hangs,
-and no process outlives the pool.
+and no process outlives the pool. The ranks ignore Ctrl-C; the driver's KeyboardInterrupt closes the pool.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import queue
+import signal
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -42,6 +44,18 @@ class WorkerError(RuntimeError):
     def __init__(self, rank: int, message: str, who: str | None = None):
         super().__init__(f"{who or f'rank {rank}'} failed:\n{message}")
         self.rank = rank
+
+
+@contextlib.contextmanager
+def children_ignore_ctrl_c() -> Iterator[None]:
+    """Processes started inside ignore SIGINT from their first instruction on (an ignored signal is inherited).
+    Ctrl-C sends SIGINT to the whole process group; the parent alone handles it and ends its children, which
+    would otherwise each print a KeyboardInterrupt traceback."""
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 @dataclass
@@ -118,9 +132,14 @@ class RankPool:
                                   args=(r, world_size, self.devices, self._store.port, groups,
                                         self.commands[r], self.results, env))
                       for r in range(world_size)]
-        for p in self.procs:
-            p.start()
-        self._collect(list(range(world_size)), start_timeout_s)
+        with children_ignore_ctrl_c():  # the driver's KeyboardInterrupt closes the pool
+            for p in self.procs:
+                p.start()
+        try:
+            self._collect(list(range(world_size)), start_timeout_s)
+        except BaseException:  # Ctrl-C while the ranks start (a rank's failure has closed the pool already)
+            self.close()
+            raise
 
     # ------------------------------------------------------------------
     def _collect(self, ranks: list[int], timeout_s: float | None) -> dict[int, Any]:

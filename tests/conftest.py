@@ -3,12 +3,15 @@
 Synthetic checkpoints are written once per pytest session, i.e. once per xdist worker, into pytest's tmp
 directory (never into the repository or ``$HELIX_HOME``). Ask for ``tiny_checkpoint`` for the
 deepseek-v3-lite-tiny preset, or call ``checkpoint_factory(preset, seed=..., dtype=..., **config_overrides)``
-for a variant; equal arguments return the same directory.
+for a variant; equal arguments return the same directory. ``truncated_checkpoint`` and ``nan_checkpoint`` are
+damaged copies of the tiny one, for the bad-input tests.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,6 +46,29 @@ def tiny_checkpoint(checkpoint_factory) -> Path:
 def needle_checkpoint(checkpoint_factory) -> Path:
     """The deepseek-v3-needle checkpoint (constructed weights, helix/needle.py) in float32."""
     return checkpoint_factory("deepseek-v3-needle")
+
+
+@pytest.fixture(scope="session")
+def truncated_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint with its model.safetensors cut to half its size (an interrupted download)."""
+    bad = tmp_path_factory.mktemp("truncated") / "ckpt"
+    shutil.copytree(tiny_checkpoint, bad)
+    weights = bad / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    return bad
+
+
+@pytest.fixture(scope="session")
+def nan_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint with one NaN in a layer's o_proj: every logit of every step is NaN."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path_factory.mktemp("nan") / "ckpt"
+    shutil.copytree(tiny_checkpoint, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.self_attn.o_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    return bad
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -13,8 +15,8 @@ import pytest
 import torch
 
 import helix.checkpoint as ckpt
-from helix.checkpoint import (Checkpoint, CheckpointError, ensure_checkpoint, make_checkpoint, synthetic_tensors,
-                              tensor_shapes, write_safetensors)
+from helix.checkpoint import (Checkpoint, CheckpointError, check_checkpoint, ensure_checkpoint, make_checkpoint,
+                              synthetic_tensors, tensor_shapes, write_safetensors)
 from helix.config import ModelConfig
 from helix.presets import get_preset
 from helix.tokenizer import BOS_ID, EOS_ID, load_tokenizer
@@ -61,6 +63,37 @@ def test_directory_without_weights_is_named(tmp_path):
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="neither model.safetensors nor model.safetensors.index.json"):
         Checkpoint(tmp_path)
+
+
+def damage(path, how: str) -> None:
+    """Truncates a safetensors file to half its size, or overwrites its header with garbage."""
+    if how == "truncated":
+        os.truncate(path, os.path.getsize(path) // 2)
+    else:
+        with open(path, "r+b") as f:
+            f.write(b"\xff" * 64)
+
+
+@pytest.mark.parametrize("how, reason", [("truncated", "file not fully covered"), ("corrupt", "header too large")])
+def test_damaged_file_is_named_when_opened(tiny_checkpoint, tmp_path, how, reason):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoint, bad)
+    damage(bad / "model.safetensors", how)
+    with pytest.raises(CheckpointError, match=re.escape(f"{bad}/model.safetensors: not a valid safetensors file (")
+                       + f".*{reason}.*: truncated or corrupt"):
+        Checkpoint(bad)
+
+
+def test_damaged_or_missing_shard_is_named_before_any_weight_is_read(tmp_path):
+    sharded = tmp_path / "sharded"
+    make_checkpoint(TINY, sharded, seed=0, dtype="float32", shard_bytes=256 << 10)
+    shards = sorted(set(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    damage(sharded / shards[-1], "truncated")
+    with pytest.raises(CheckpointError, match=f"{shards[-1]}: not a valid safetensors file"):
+        check_checkpoint(sharded)
+    os.remove(sharded / shards[-1])
+    with pytest.raises(CheckpointError, match=f"{shards[-1]}: missing, but listed in model.safetensors.index.json"):
+        check_checkpoint(sharded)
 
 
 def test_slice_outside_the_tensor_is_refused(tiny_checkpoint):

@@ -84,12 +84,19 @@ def bad_config_checkpoint(tiny_checkpoint, tmp_path) -> Path:
     return bad
 
 
-@pytest.mark.parametrize("case", ["bad-config", "no-weights", "no-tokenizer", "prompt-id-out-of-vocab", "non-empty-out"])
-def test_errors_are_one_line_and_exit_non_zero(case, tiny_checkpoint, bad_config_checkpoint, tmp_path, capsys):
+NOT_FINITE = "step 1: logits hold NaN or inf (a non-finite weight or an overflow of the compute dtype)"
+
+
+@pytest.mark.parametrize("case", ["bad-config", "no-weights", "no-tokenizer", "prompt-id-out-of-vocab", "non-empty-out",
+                                  "truncated-weights", "truncated-weights-helix", "nan-weight", "nan-weight-helix"])
+def test_errors_are_one_line_and_exit_non_zero(case, tiny_checkpoint, bad_config_checkpoint, truncated_checkpoint,
+                                               nan_checkpoint, tmp_path, capsys):
     no_weights, no_tokenizer = tmp_path / "no-weights", tmp_path / "no-tokenizer"
     shutil.copytree(tiny_checkpoint, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
     shutil.copytree(tiny_checkpoint, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*"))
     gen = ["generate", "--max-new-tokens", "2", "--json", "--model"]
+    truncated = f"{truncated_checkpoint}/model.safetensors: not a valid safetensors file"
+    helix = ["--backend", "helix", "--cp", "2", "--tokens-per-block", "2"]
     args, expected = {
         "bad-config": (gen + [str(bad_config_checkpoint), "--prompt", "x"], "hidden_act='gelu': only 'silu'"),
         "no-weights": (gen + [str(no_weights), "--prompt-ids", "1"], "holds neither model.safetensors"),
@@ -98,6 +105,12 @@ def test_errors_are_one_line_and_exit_non_zero(case, tiny_checkpoint, bad_config
                                    "--prompt-ids=384: token ids must be in [0, vocab_size=384)"),
         "non-empty-out": (["make-checkpoint", "--preset", "deepseek-v3-lite-tiny", "--out", str(tiny_checkpoint)],
                           "not an empty directory"),
+        "truncated-weights": (gen + [str(truncated_checkpoint), "--prompt-ids", "1"], truncated),
+        # checked by the driver before the ranks start: no rank's traceback
+        "truncated-weights-helix": (gen + [str(truncated_checkpoint), "--prompt-ids", "1", *helix], truncated),
+        "nan-weight": (gen + [str(nan_checkpoint), "--prompt-ids", "1,2,3"], "reference request 0, " + NOT_FINITE),
+        "nan-weight-helix": (gen + [str(nan_checkpoint), "--prompt-ids", "1,2,3", *helix],
+                             "1 of 1 requests failed: helix request 0, " + NOT_FINITE),
     }[case]
     assert main(args) == 1
     captured = capsys.readouterr()

@@ -28,27 +28,12 @@ from helix.disagg.deploy import Deployment, load_deployment
 from helix.disagg.generation_server import BatchReport, GenerationServer
 from helix.disagg.handoff import Handoff
 from helix.disagg.kv_transfer import connect
-from helix.engine import Request, Result
+from helix.engine import Request, RequestError, Result
 from helix.sampling import SamplingParams, per_prompt
 from helix.sources import load_source_tokenizer
 from helix.workers import RankContext, RankPool
 
 log = logging.getLogger(__name__)
-
-
-class RequestError(RuntimeError):
-    """Some requests of a batch failed (e.g. longer than the KV capacity); the others finished. ``results``
-    holds every request's Result, failed ones with ``finish_reason == "error"``."""
-
-    def __init__(self, results: list[Result]):
-        failed = [r for r in results if r.error is not None]
-        super().__init__(f"{len(failed)} of {len(results)} requests failed: " + "; ".join(r.error for r in failed))
-        self.results = results
-
-    @classmethod
-    def raise_if_failed(cls, results: list[Result]) -> None:
-        if any(r.error is not None for r in results):
-            raise cls(results)
 
 
 # --------------------------------------------------------------------------------------------- rank side

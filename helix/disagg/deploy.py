@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from helix.checkpoint import Checkpoint, CheckpointError
+from helix.checkpoint import CheckpointError, check_checkpoint
 from helix.config import ConfigError, HelixConfig, ModelConfig, fail
 from helix.sources import is_synthetic, synthetic_config
 
@@ -178,12 +178,9 @@ def _model_config(path) -> ModelConfig:
         fail("model.path", path, "no such directory; point it at an HF checkpoint directory "
               "(write a synthetic one with `helix make-checkpoint --preset deepseek-v3-lite-tiny --out DIR`)")
     try:
-        ckpt = Checkpoint(path)
-        ckpt.check_complete()  # a missing or mis-shaped tensor, named with both shapes
+        return check_checkpoint(path)  # a damaged file, a missing or mis-shaped tensor: named, before any rank starts
     except (CheckpointError, ConfigError) as e:
         raise ConfigError(f"model.path={path!r}: {e}") from None
-    ckpt.close()
-    return ckpt.config
 
 
 def _context_config(raw: dict, generation: HelixConfig) -> ContextServerConfig:

@@ -1,5 +1,5 @@
 """The lm-eval ``helix`` model on the reference backend: each request type, ordering under batching, ``until``,
-``max_gen_toks``, sampling settings and model_args parsing."""
+``max_gen_toks``, sampling settings, model_args parsing, progress bar labels and non-finite logits."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from lm_eval.api.instance import Instance
 from evals.backends import BackendSpec, ReferenceBackend
 from evals.lm_eval_adapter import HelixLM
 from helix.config import ConfigError
-from helix.sampling import SamplingParams
+from helix.sampling import NonFiniteLogits, SamplingParams
 
 
 class Spy:
@@ -123,6 +123,23 @@ def test_sampling_settings_reach_the_backend_and_are_reproducible(reference_back
     assert (params.temperature, params.top_p, params.stop_strings) == (0.8, 0.9, ("\n\n",))
     assert params.stop_token_ids == (reference_backend.tokenizer.eos_token_id,)
     assert first == again
+
+
+def test_non_finite_logits_fail_naming_the_side_request_and_step(nan_checkpoint):
+    backend = ReferenceBackend(str(nan_checkpoint))
+    with pytest.raises(NonFiniteLogits, match="reference request 1, step 1: logits hold NaN or inf"):
+        backend.generate([[1, 2], [3, 4]], [SamplingParams(max_new_tokens=0), SamplingParams(max_new_tokens=2)])
+    with pytest.raises(NonFiniteLogits, match="reference request 0, step 1: logits hold NaN or inf"):
+        backend.score([([1, 2], [3, 4])])
+
+
+def test_progress_bar_is_labelled_by_its_caller(reference_backend, capsys):
+    lm = HelixLM(reference_backend, max_length=256)
+    lm.loglikelihood([req("loglikelihood", "The sky is", " blue")])
+    assert "helix loglikelihood: 100%" in capsys.readouterr().err  # the default: the lm-eval model and request type
+    lm.progress_label = "reference mmlu"
+    lm.loglikelihood([req("loglikelihood", "The sky is", " blue")])
+    assert "reference mmlu: 100%" in capsys.readouterr().err
 
 
 def test_model_args_pretrained_form(tiny_checkpoint):

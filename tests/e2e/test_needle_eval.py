@@ -1,5 +1,6 @@
 """Needle tasks in ``helix eval``: the runs it plans (embedded default and CI slice included), KV capacity that
-follows the context lengths (up to the needle checkpoint's 2^20), the refusal of a length past the checkpoint,
+follows the context lengths (up to the needle checkpoint's 2^20) or the checkpoint's limit (a prompt past the old
+8192-token default is served) within a deployment file's capacity, the refusal of a length past the checkpoint,
 lm-eval's RULER tasks through the lm-eval CLI wrapper on a machine without network, and a short needle run on the
 needle checkpoint through Helix vs the reference (100% on both sides)."""
 
@@ -52,6 +53,38 @@ def test_a_million_tokens_fit_the_needle_checkpoint_and_one_more_is_refused(need
     with pytest.raises(ConfigError, match="--context-lengths=1048577: must be <= max_position_embeddings=1048576"):
         eval_run.plan(parse("--model", str(needle_checkpoint), "--tasks", "niah_restated", "--context-lengths",
                             "1048577"), str(tmp_path))
+
+
+def test_the_deployment_built_from_model_serves_a_prompt_past_the_old_8192_default(tiny_checkpoint, tmp_path):
+    """With --model and no --max-length, max_length is the checkpoint's max_position_embeddings, and the deployment
+    is built to hold it: a prompt longer than the 8192 tokens a deployment held by default is served, with the
+    reference's tokens."""
+    from evals.backends import ReferenceBackend
+    from helix.sampling import SamplingParams
+
+    run, = eval_run.plan(parse("--model", tiny_checkpoint, "--tasks", "gsm8k"), str(tmp_path))
+    assert run.max_length == 16384  # the tiny preset's max_position_embeddings
+    prompt = [(7 * i) % 256 for i in range(8200)]
+    sampling = SamplingParams(max_new_tokens=2)
+    lm = HelixLM.from_model_args(eval_run.model_args(run.deployed, run, 64))  # owns the deployment while alive
+    with lm.engine as helix:
+        served = helix.generate([prompt], sampling)
+    assert served == ReferenceBackend(tiny_checkpoint).generate([prompt], sampling)
+
+
+def test_a_deployment_file_bounds_max_length(tiny_checkpoint, tmp_path):
+    """--config: max_length defaults to the file's KV capacity where it is below max_position_embeddings, and a
+    larger one is refused before anything starts (the deployment would refuse each longer request)."""
+    from evals.backends import BackendSpec
+    from helix.config import ConfigError
+
+    config = tmp_path / "deploy.json"
+    config.write_text(json.dumps(BackendSpec(model=tiny_checkpoint, max_tokens=8192).deployment()))
+    run, = eval_run.plan(parse("--config", str(config), "--tasks", "gsm8k"), str(tmp_path))
+    assert run.max_length == 8192
+    with pytest.raises(ConfigError, match=f"max_length=10000: more than {config} holds per sequence "
+                                          r"\(kv_cache_config.max_tokens=8192\)"):
+        HelixLM.backend_spec({"config": str(config), "max_length": 10000})
 
 
 def test_synthetic_weights_size_needles_with_their_byte_tokenizer(tmp_path):
