@@ -49,7 +49,7 @@ class HelixLM(TemplateLM):
 
     def __init__(self, backend, max_length: int, max_gen_toks: int = 256, batch_size: int = 64, seed: int = 0):
         super().__init__()
-        self.engine = backend
+        self.backend = backend
         self.tokenizer = backend.tokenizer
         self._max_length = int(max_length)
         self._max_gen_toks = int(max_gen_toks)
@@ -87,7 +87,7 @@ class HelixLM(TemplateLM):
         batch = args.get("batch_size", 64)
         lm = cls(make_backend(spec), max_length=max_length, max_gen_toks=int(args.get("max_gen_toks", 256)),
                  batch_size=64 if str(batch).startswith("auto") else int(batch), seed=int(args.get("seed", 0)))
-        weakref.finalize(lm, lm.engine.shutdown)  # also runs at interpreter exit: no cluster process outlives us
+        weakref.finalize(lm, lm.backend.shutdown)  # also runs at interpreter exit: no cluster process outlives us
         return lm
 
     @classmethod
@@ -153,7 +153,7 @@ class HelixLM(TemplateLM):
 
     def _score(self, pairs: list[tuple[list[int], list[int]]], desc: str, disable_tqdm: bool):
         pairs = [self._fit(c, x) for c, x in pairs]
-        return self._batched(pairs, lambda p: len(p[0]) + len(p[1]), self.engine.score, desc, disable_tqdm)
+        return self._batched(pairs, lambda p: len(p[0]) + len(p[1]), self.backend.score, desc, disable_tqdm)
 
     # ------------------------------------------------------------------ request types
 
@@ -208,7 +208,7 @@ class HelixLM(TemplateLM):
             jobs.append((prompt, params))
 
         def run(batch):
-            return self.engine.generate([p for p, _ in batch], [s for _, s in batch])
+            return self.backend.generate([p for p, _ in batch], [s for _, s in batch])
 
         outputs = self._batched(jobs, lambda j: len(j[0]), run, "helix generate_until", disable_tqdm)
         texts = []

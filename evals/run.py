@@ -262,7 +262,7 @@ def evaluate(spec: BackendSpec, run: Run, batch_size: int, task_path: str, conso
                     gen_kwargs={"max_gen_toks": run.max_gen_toks} if run.max_gen_toks else None)
                 out[task].update(samples_of(task, res))
     finally:
-        lm.engine.shutdown()
+        lm.backend.shutdown()
     return out
 
 

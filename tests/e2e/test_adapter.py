@@ -145,15 +145,15 @@ def test_progress_bar_is_labelled_by_its_caller(reference_backend, capsys):
 def test_model_args_pretrained_form(tiny_checkpoint):
     lm = HelixLM.create_from_arg_string(f"pretrained={tiny_checkpoint},backend=reference,dtype=float64,batch_size=5",
                                         {"batch_size": 1, "device": "cuda"})  # lm-eval's CLI defaults
-    assert isinstance(lm.engine, ReferenceBackend)
-    assert lm.batch_size == 5 and lm.max_length == 16384 and lm.engine.model.dtype == torch.float64
+    assert isinstance(lm.backend, ReferenceBackend)
+    assert lm.batch_size == 5 and lm.max_length == 16384 and lm.backend.model.dtype == torch.float64
 
 
 def test_model_args_config_form(tiny_checkpoint, tmp_path):
     deploy = tmp_path / "deploy.json"
     deploy.write_text(json.dumps(BackendSpec(model=tiny_checkpoint, cp=3).deployment()))
     lm = HelixLM.create_from_arg_string(f"config={deploy},backend=reference,max_length=512", {})
-    assert isinstance(lm.engine, ReferenceBackend) and lm.max_length == 512
+    assert isinstance(lm.backend, ReferenceBackend) and lm.max_length == 512
 
 
 def test_helix_deployment_built_from_pretrained_args(tiny_checkpoint):

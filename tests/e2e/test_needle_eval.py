@@ -67,7 +67,7 @@ def test_the_deployment_built_from_model_serves_a_prompt_past_the_old_8192_defau
     prompt = [(7 * i) % 256 for i in range(8200)]
     sampling = SamplingParams(max_new_tokens=2)
     lm = HelixLM.from_model_args(eval_run.model_args(run.deployed, run, 64))  # owns the deployment while alive
-    with lm.engine as helix:
+    with lm.backend as helix:
         served = helix.generate([prompt], sampling)
     assert served == ReferenceBackend(tiny_checkpoint).generate([prompt], sampling)
 
