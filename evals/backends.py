@@ -199,8 +199,8 @@ class ReferenceBackend:
         out: list[int] = []
         if params.max_new_tokens == 0:
             return out
-        logits, cache = self.model.prefill(prompt)
-        logits = logits[-1]
+        logits, cache = self.model.prefill(prompt, logits_from=len(prompt) - 1)  # the last row only: [1, V]
+        logits = logits[0]
         for step in range(params.max_new_tokens):
             check_finite(logits, "reference", request, step + 1)
             out.append(select_token(logits, params, step))

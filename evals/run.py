@@ -44,6 +44,7 @@ from evals.task_data import (DATA_TASKS, NEEDLE_TASKS, TASKS, generation_cap, go
 from helix.checkpoint import DEFAULT_PRESET, ensure_checkpoint
 from helix.config import ConfigError
 from helix.needle import PRESET as NEEDLE_PRESET
+from helix.reference import ATTENTION
 from helix.sources import is_synthetic, source_config, synthetic_config
 from helix.tokenizer import write_byte_tokenizer
 from helix.workers import children_ignore_ctrl_c
@@ -452,7 +453,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--colocate", action="store_true",
                    help="with --model on CUDA: the context server shares generation rank 0's GPU (N GPUs, not N + 1)")
-    p.add_argument("--reference-attention", choices=["plain", "sdpa"], default="plain",
+    p.add_argument("--reference-attention", choices=list(ATTENTION), default="plain",
                    help="the reference's prefill attention: plain (chunked, the definition) or sdpa (torch's fused "
                         "kernel, checked against plain in the tests; what makes 1M-token prompts take seconds on a GPU)")
     p.add_argument("--reference-device",

@@ -35,14 +35,18 @@ class HelixMapping:
     def owner_of_position(self, pos: int) -> int:
         return (pos // self.tokens_per_block) % self.world_size  # block b lives on rank b mod N
 
+    def num_blocks(self, seq_len: int) -> int:
+        """Global blocks of a ``seq_len``-token sequence: ceil(S / T) (the last may be partial)."""
+        return -(-seq_len // self.tokens_per_block)
+
     def owned_blocks(self, seq_len: int) -> range:
         """Global blocks of a ``seq_len``-token sequence this rank owns (the owner rule above), in local order."""
-        return range(self.rank, -(-seq_len // self.tokens_per_block), self.world_size)
+        return range(self.rank, self.num_blocks(seq_len), self.world_size)
 
     def max_local_blocks(self, seq_len: int) -> int:
         """Most blocks any rank holds of a ``seq_len``-token sequence: ceil(ceil(S / T) / N). Sizes a rank's
         block pool and the fixed block-table width of captured steps."""
-        return -(-(-(-seq_len // self.tokens_per_block)) // self.world_size)
+        return -(-self.num_blocks(seq_len) // self.world_size)
 
     def local_length(self, seq_len: int) -> int:
         """Tokens of a ``seq_len``-token sequence that live on this rank. Only the globally last block can be

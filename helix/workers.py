@@ -1,9 +1,10 @@
 """Local rank processes: spawned once, they run many commands, and any failure surfaces in the driver.
 
 ``RankPool(world_size)`` starts one process per rank (torch.multiprocessing, spawn), joins them in a
-torch.distributed world (gloo on CPU, nccl on CUDA; gloo for any group whose ranks share a GPU) and creates the prefix groups {0..n-1} for every n, so
-one spawn serves Helix runs with N = 1..world_size. ``pool.run(fn, *args, n=N)`` calls
-``fn(ctx, *args)`` on ranks 0..N-1 (``fn`` must be a module-level function) and returns their results.
+torch.distributed world (gloo on CPU, nccl on CUDA; gloo for any group whose ranks share a GPU) and creates
+the prefix groups {0..n-1} for every n, so one spawn serves Helix runs with N = 1..world_size.
+``pool.run(fn, *args, n=N)`` calls ``fn(ctx, *args)`` on ranks 0..N-1 (``fn`` must be a module-level function)
+and returns their results.
 
 A rank that raises sends its traceback; a rank that dies is seen through its process sentinel. Either way
 the driver tears the pool down and raises ``WorkerError`` naming the rank, within seconds: nothing hangs,
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 DEATH_GRACE_S = 0.5  # how long a rank's error waits for a peer's death to become visible
 
 STORE_HOST = "127.0.0.1"  # the pool's ranks run on the driver's host
-
 
 
 class WorkerError(RuntimeError):
