@@ -26,8 +26,9 @@ import torch
 
 from helix.checkpoint import DTYPES
 from helix.config import ConfigError
-from helix.disagg.deploy import load_deployment, read_file
+from helix.disagg.deploy import from_checkpoint, load_deployment
 from helix.engine import Request
+from helix.spec import RunSpec
 from helix.sampling import SamplingParams, check_finite, first_stop, per_prompt, select_token
 
 BACKENDS = ("helix", "reference")
@@ -35,7 +36,9 @@ BACKENDS = ("helix", "reference")
 
 @dataclass
 class BackendSpec:
-    """Which backend, on which weights. ``config`` (a deployment file) or ``model`` (a checkpoint dir) is set.
+    """The adapter's model_args: which backend, and the run it serves (``run_spec``): the deployment file
+    ``config``, or, from the checkpoint ``model``, context server 1 + Helix generation server N = ``cp``
+    (helix.disagg.from_checkpoint). Exactly one of ``config`` and ``model`` is set.
 
     ``max_tokens``: the KV capacity per sequence of the deployment built from ``model`` (context and generation
     servers), so that every prompt the adapter lets in (its ``max_length``) is served; None keeps the
@@ -66,18 +69,12 @@ class BackendSpec:
                 raise ConfigError(f"colocate={self.colocate!r}: must be true or false")
             self.colocate = self.colocate.lower() == "true"
 
-    def deployment(self) -> dict:
-        """The deployment (docs/design.md §4.3): the given file, or context 1 + Helix generation CP ``cp`` on
-        ``model``."""
+    def run_spec(self) -> RunSpec:
+        """The run (docs/design.md §4.4) the helix backend launches."""
         if self.config is not None:
-            return read_file(self.config)
-        tpb = {"tokens_per_block": self.tokens_per_block}
-        # At least one block: the servers' rule (a max_length shorter than a block still gets its whole block).
-        kv = tpb if self.max_tokens is None else {**tpb, "max_tokens": max(int(self.max_tokens), self.tokens_per_block)}
-        return {"model": {"path": self.model, "dtype": self.dtype, "device": self.device},
-                "context_servers": {"tensor_parallel_size": 1, "kv_cache_config": dict(kv), "colocate": self.colocate},
-                "generation_servers": {"context_parallel_size": self.cp,
-                                       "cp_config": {"cp_type": "HELIX", **tpb}, "kv_cache_config": dict(kv)}}
+            return load_deployment(self.config)
+        return from_checkpoint(self.model, cp=self.cp, tokens_per_block=self.tokens_per_block, dtype=self.dtype,
+                               device=self.device, max_tokens=self.max_tokens, colocate=self.colocate)
 
     def capacity(self) -> int | None:
         """What a deployment file holds per sequence (the smaller of its servers' KV capacities); None for the
@@ -88,21 +85,17 @@ class BackendSpec:
         return min(dep.context.max_tokens, dep.generation.max_tokens)
 
     def model_dir(self) -> str:
-        if self.model is not None:
-            return self.model
-        model = self.deployment().get("model")
-        path = model.get("path") if isinstance(model, dict) else model
-        if not isinstance(path, str):
-            raise ConfigError(f"model={model!r} in {self.config}: expected a checkpoint path or {{path: DIR}}")
-        return path
+        return self.model if self.model is not None else load_deployment(self.config).model
 
 
 def make_backend(spec: BackendSpec):
-    """The Helix cluster (``helix.disagg.launch``) or the single-device reference, both used as context managers."""
+    """The Helix cluster (``helix.disagg.launch``) or the single-device reference, both used as context managers.
+    The reference runs the same weights, dtype and device as the deployment would (its dtype may also be
+    float64, the oracle's)."""
     if spec.backend == "helix":
         from helix.disagg import launch  # the driver API of the disaggregated deployment
 
-        return HelixBackend(launch(spec.deployment()))
+        return HelixBackend(launch(spec.run_spec()))
     return ReferenceBackend(spec.model_dir(), dtype=spec.dtype, device=spec.device, attention=spec.attention)
 
 

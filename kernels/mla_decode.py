@@ -355,7 +355,7 @@ def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
 
 
 def mla_decode(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
-               block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float
+               block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float, path: str = "auto"
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed-MLA decode attention of one new token per sequence over this rank's paged latent cache.
 
@@ -377,10 +377,10 @@ def mla_decode(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Ten
         A sequence with no local tokens gives o = 0 and lse = -inf, never NaN. Cache slots past
         seq_lens[b] are never read (they may hold NaN). B = 0 gives empty outputs.
 
-    Path: Triton on CUDA tensors (split-KV flash-decoding, graph-capturable), the torch reference on
-    CPU; ``HELIX_KERNELS=triton|torch`` overrides (Triton on CPU runs under the interpreter).
+    ``path``: kernels/_triton.py's rule: auto = Triton on CUDA tensors (split-KV flash-decoding,
+    graph-capturable), the torch reference on CPU; triton (on CPU under the interpreter); torch.
     """
-    if use_triton(kv_cache):
+    if use_triton(kv_cache, path):
         return mla_decode_triton(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale)
     return mla_decode_torch(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale)
 

@@ -24,13 +24,14 @@ import torch
 
 from helix.config import ConfigError
 from helix.disagg.context_server import ContextServer
-from helix.disagg.deploy import Deployment, load_deployment
+from helix.disagg.deploy import load_deployment
 from helix.disagg.generation_server import BatchReport, GenerationServer
 from helix.disagg.handoff import Handoff
 from helix.disagg.kv_transfer import connect
 from helix.engine import Request, RequestError, Result
 from helix.sampling import SamplingParams, per_prompt
 from helix.sources import load_source_tokenizer
+from helix.spec import RunSpec
 from helix.workers import RankContext, RankPool
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,11 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------- rank side
 
 
-def _start_rank(ctx: RankContext, dep: Deployment) -> None:
+def _start_rank(ctx: RankContext, dep: RunSpec) -> None:
     if ctx.rank in dep.context_ranks:
         ctx.state["server"] = ContextServer(dep, ctx.device)
     else:
-        ctx.state["server"] = GenerationServer(dep, ctx.rank, ctx.comm(ranks=dep.generation_ranks), ctx.device)
+        ctx.state["server"] = GenerationServer(dep, ctx.comm(ranks=dep.generation_ranks), ctx.device)
     connect(ctx.rank, dep.context_ranks[0], dep.generation_ranks, dep.handoff_device)
 
 
@@ -54,13 +55,14 @@ def _serve_rank(ctx: RankContext, batch: int, requests: list[Request]) -> BatchR
 # --------------------------------------------------------------------------------------------- driver
 
 
-def launch(config: "str | os.PathLike | dict | Deployment") -> "Cluster":
-    """Start the deployment described by a file path (YAML or JSON), its parsed dict, or a Deployment."""
+def launch(config: "str | os.PathLike | dict | RunSpec") -> "Cluster":
+    """Start the deployment described by a file path (YAML or JSON), its parsed dict, or a RunSpec with a
+    context server."""
     return Cluster(load_deployment(config))
 
 
 class Cluster:
-    def __init__(self, dep: Deployment):
+    def __init__(self, dep: RunSpec):
         self.dep = dep
         self.pool: RankPool | None = None
         gpus = len(set(dep.devices()))
@@ -69,11 +71,12 @@ class Cluster:
                               f"{len(dep.context_ranks)}{' on GPU 0' if dep.context.colocate else ''} + "
                               f"generation_servers.context_parallel_size {len(dep.generation_ranks)}), "
                               f"{torch.cuda.device_count()} visible")
-        self.tokenizer = load_source_tokenizer(dep.model_path)
+        self.tokenizer = load_source_tokenizer(dep.model)
         self._batches = 0
         log.info("launching %s: context server on %s, Helix generation server N=%d on %s", dep.source or "deployment",
                  dep.devices()[0], len(dep.generation_ranks), ", ".join(dep.devices()[1:]))
-        self.pool = RankPool(dep.world_size, dep.devices(), extra_groups=[dep.generation_ranks], role_of=dep.role_of)
+        self.pool = RankPool(dep.world_size, dep.devices(), extra_groups=[dep.generation_ranks], role_of=dep.role_of,
+                             collective_timeout_s=dep.execution.collective_timeout_s)
         try:
             self.pool.run(_start_rank, dep)
         except BaseException:

@@ -20,15 +20,15 @@ import datetime
 
 import torch.distributed as dist
 
-from helix.disagg.deploy import Deployment
 from helix.engine import Request
+from helix.spec import RunSpec
 
 # A wait here is for work (a long prefill, a queue of long generations), not for a peer's collective; the
 # driver notices a dead or failed peer within seconds and tears every rank down, so this only bounds a bug.
 STORE_WAIT = datetime.timedelta(hours=6)
 
 
-def admission_error(req: Request, dep: Deployment) -> str | None:
+def admission_error(req: Request, dep: RunSpec) -> str | None:
     """Why ``req`` cannot be served by this deployment, or None."""
     if not req.prompt:
         return f"request {req.req_id}: empty prompt (needs at least one token)"
@@ -42,7 +42,7 @@ def admission_error(req: Request, dep: Deployment) -> str | None:
     return None
 
 
-def handed_over(requests: list[Request], dep: Deployment) -> list[Request]:
+def handed_over(requests: list[Request], dep: RunSpec) -> list[Request]:
     """The requests whose KV goes from the context server to the generation server, in hand-over order."""
     return [r for r in requests if r.num_outputs > 0 and admission_error(r, dep) is None]
 

@@ -134,7 +134,7 @@ def test_all_empty_and_zero_batch():
 # ------------------------------------------------------------------------------ path and validation
 def test_path_selection(monkeypatch):
     case = make_mla_case([5], 2, seed=2)
-    assert_path_selection(monkeypatch, "mla_decode", lambda: mla_decode(*case.args))
+    assert_path_selection(monkeypatch, "mla_decode", lambda **kw: mla_decode(*case.args, **kw))
 
 
 @pytest.mark.parametrize("mutate,err", [
