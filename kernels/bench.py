@@ -204,8 +204,8 @@ def _c(h, n, w, st, p, tma=True):
 
 SWEEP = {  # the first entry of each list is the default of kernels.mla_decode.default_config; the last is
     # the default before TMA tiles (issue 15), timed in the same run as the before/after baseline
-    16: [_c(16, 64, 4, 2, 2), _c(16, 32, 4, 3, 2), _c(64, 64, 8, 2, 1), _c(16, 64, 4, 2, 2, tma=False)],
-    32: [_c(64, 64, 8, 2, 1), _c(32, 64, 8, 2, 1), _c(32, 32, 4, 3, 2), _c(32, 32, 4, 3, 2, tma=False)],
+    16: [_c(16, 32, 4, 3, 2), _c(16, 64, 4, 2, 2), _c(64, 64, 8, 2, 1), _c(16, 64, 4, 2, 2, tma=False)],
+    32: [_c(64, 64, 8, 2, 1), _c(32, 64, 8, 2, 1), _c(32, 32, 8, 3, 1), _c(16, 32, 4, 3, 2), _c(32, 32, 4, 3, 2, tma=False)],
     128: [_c(64, 64, 8, 2, 1), _c(64, 64, 8, 3, 1), _c(64, 64, 8, 2, 1, tma=False)],
 }
 

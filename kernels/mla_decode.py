@@ -193,7 +193,7 @@ def default_config(heads: int, lkv: int, dtype: torch.dtype, interpret: bool) ->
     if dtype == torch.float32:  # full-precision dots: keep the tiles small
         return MLAConfig(block_h=16, block_n=32, num_warps=4, num_stages=2)
     if heads <= 16:
-        return MLAConfig(block_h=16, block_n=64, num_warps=4, num_stages=2, programs_per_sm=2)
+        return MLAConfig(block_h=16, block_n=32, num_warps=4, num_stages=3, programs_per_sm=2)
     return MLAConfig(block_h=64, block_n=64, num_warps=8, num_stages=2, programs_per_sm=1)
 
 
