@@ -16,11 +16,16 @@ Triton kernel (flash-decoding, two launches):
 
 1. ``_mla_split_kernel``, grid (head tiles, KV splits, B). Head tiles are the fastest grid axis, so the
    programs that read the same KV tile run side by side and all but the first read it from L2. Each
-   program walks its split of the sequence in tiles of BLOCK_N tokens (page lookup per token, so a tile
-   may span cache blocks), scores BLOCK_H heads at once with ``tl.dot`` [BLOCK_H, Lkv] x [Lkv, BLOCK_N]
-   (+ the rope part), keeps an online softmax in base 2, and accumulates ``tl.dot`` [BLOCK_H, BLOCK_N] x
-   [BLOCK_N, Lkv] into a float32 [BLOCK_H, Lkv] accumulator. It writes a normalised partial output and
-   its natural-log lse per split (an empty split writes o = 0, lse = -inf).
+   program walks its split of the sequence in tiles of BLOCK_N tokens. ``_load_kv_tile`` is the one place
+   tiles are read: a whole tile that lies inside one cache block (T a multiple of BLOCK_N; splits are
+   whole tiles, so only a split's last tile can be ragged) is placed by one page lookup and copied by two
+   TMA descriptors over the cache viewed as [blocks * T, Lkv + R] rows (Hopper's copy engine, pipelined
+   num_stages deep, no per-element address arithmetic); a ragged tile, or any tile when T is not a multiple
+   of BLOCK_N, takes a page lookup per token and masked loads. ``_attend_tile`` scores BLOCK_H heads at
+   once with ``tl.dot`` [BLOCK_H, Lkv] x [Lkv, BLOCK_N] (+ the rope part), keeps an online softmax in base
+   2, and accumulates ``tl.dot`` [BLOCK_H, BLOCK_N] x [BLOCK_N, Lkv] into a float32 [BLOCK_H, Lkv]
+   accumulator; c_kv is loaded once for both dots. It writes a normalised partial output and its
+   natural-log lse per split (an empty split writes o = 0, lse = -inf).
 2. ``helix_combine.lse_combine_kernel`` merges the splits by their lse, the same merge Helix runs across
    ranks. With one split the first kernel writes the final output directly.
 
@@ -198,10 +203,12 @@ def default_config(heads: int, lkv: int, dtype: torch.dtype, interpret: bool) ->
 
 
 def _use_tma(kv_cache: torch.Tensor, block_n: int) -> bool:
-    """Whole tiles can be copied by TMA descriptors when each tile lies inside one cache block and the
-    cache is one dense [blocks * T, Lkv + R] array with 16-byte aligned rows (the descriptor's rules)."""
+    """Whole tiles can be copied by TMA descriptors when each tile lies inside one cache block, the cache
+    is one dense [blocks * T, Lkv + R] array with 16-byte aligned rows (the descriptor's rules) and the GPU
+    has the copy engine (Hopper, compute capability 9.0, or newer; the interpreter emulates it)."""
     tpb, row = kv_cache.shape[1], kv_cache.shape[2]
-    return (HAS_TENSOR_DESCRIPTOR and tpb % block_n == 0 and kv_cache.is_contiguous()
+    engine = not kv_cache.is_cuda or torch.cuda.get_device_capability(kv_cache.device) >= (9, 0)
+    return (HAS_TENSOR_DESCRIPTOR and engine and tpb % block_n == 0 and kv_cache.is_contiguous()
             and kv_cache.data_ptr() % 16 == 0 and (row * kv_cache.element_size()) % 16 == 0)
 
 
