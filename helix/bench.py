@@ -9,8 +9,9 @@ One run on one machine measures, on the same synthetic DeepSeek-V3-Lite-shaped w
 
 Each configuration times the whole decode step (all layers, one CUDA graph): the median of ``iters`` graph
 replays after warm-up, CUDA events, random cache contents. The floor of a step is
-max(bytes / copy bandwidth, attention FLOPs / matmul rate) + collectives x in-graph collective latency, all
-measured in the same run (bytes: this rank's KV shard plus the weights a step must read).
+max(bytes read / read bandwidth, attention FLOPs / matmul rate) + collectives x in-graph collective latency, all
+measured in the same run (bytes: this rank's KV shard plus the weights a step must read; read bandwidth: the
+best read-only stream of ``kernels.bench.measure_read_bandwidth``).
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def _time_replays(replay, iters: int, device, warmup: int = 5) -> list[float]:
 
 
 def measure_ceilings(device) -> dict:
-    """Copy bandwidth (read + write) and bf16 matmul rate of this GPU: the kernel benchmark's measurement."""
+    """Read bandwidth, copy bandwidth (read + write) and bf16 matmul rate of this GPU: the kernel benchmark's
+    measurement."""
     with torch.cuda.device(device):
         return {**kernel_bench.measure_ceilings(), "device": torch.cuda.get_device_name(device)}
 
@@ -201,10 +203,9 @@ def _time_point(ctx, model, cache, graph, comm, coll, ceilings, name, mode, n, l
     times = _time_replays(lambda: graph(tokens, positions, slots, table, lens), iters, ctx.device)
     kv, w, flops = step_bytes_and_flops(model, batch, context)
     a2a, other = collectives_per_step(mode, n, layers)
-    t_mem = (kv + w) / (ceilings["copy_GBps"] * 1e9) * 1e3
-    t_flop = flops / (ceilings["matmul_TFLOPs"] * 1e12) * 1e3
+    t_roof, t_mem, t_flop = (x * 1e3 for x in kernel_bench.floor_s(kv + w, flops, ceilings))
     t_coll = (a2a * coll["all_to_all_us"] + other * coll["all_reduce_us"]) * 1e-3
-    floor = max(t_mem, t_flop) + t_coll
+    floor = t_roof + t_coll
     med = statistics.median(times)
     q = statistics.quantiles(times, n=10)
     log.info("%s N=%d B=%d S=%d: %.3f ms (floor %.3f)", name, n, batch, context, med, floor)
@@ -306,8 +307,10 @@ def label(row: dict) -> str:
 def markdown_table(result: dict) -> str:
     c = result["ceilings"]
     lines = [f"# Decode latency: {result['card']} x{result['gpus']}, {result['preset']} ({result['layers']} layers)",
-             "", f"Measured in the same run: copy {c['copy_GBps']:.0f} GB/s (read + write), bf16 matmul "
-             f"{c['matmul_TFLOPs']:.0f} TFLOP/s. Median of CUDA-graph replays.", "",
+             "", f"Measured in the same run: read {c['read_GBps']:.0f} GB/s (best read-only stream), copy "
+             f"{c['copy_GBps']:.0f} GB/s (read + write, not used in the floor), bf16 matmul {c['matmul_TFLOPs']:.0f} "
+             "TFLOP/s; floor = max(bytes read / read, attention FLOPs / matmul) + collectives x in-graph latency. "
+             "Median of CUDA-graph replays.", "",
              "| config | B | context | ms/token | tok/s/user | KV GB/rank | weights GB/rank | floor ms | x floor | collectives ms |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

@@ -36,6 +36,14 @@ except ImportError:  # a CPU-only install without triton: the torch references s
 
     triton = tl = _Missing()  # type: ignore[assignment]
 
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    HAS_TENSOR_DESCRIPTOR = True
+except ImportError:
+    TensorDescriptor = None
+    HAS_TENSOR_DESCRIPTOR = False
+
 PATHS = ("auto", "triton", "torch")
 
 
