@@ -24,8 +24,8 @@ from typing import Callable
 
 import torch
 
-from helix.checkpoint import (DEFAULT_PRESET, DTYPES, CheckpointError, check_checkpoint, ensure_checkpoint,
-                              make_checkpoint)
+from helix.checkpoint import (CHECKPOINT_DTYPES, DEFAULT_PRESET, DTYPES, CheckpointError, check_checkpoint,
+                              ensure_checkpoint, make_checkpoint)
 from helix.config import ConfigError, ModelConfig
 from helix.engine import RequestError
 from helix.presets import PRESETS
@@ -187,7 +187,9 @@ def add_make_checkpoint(sub) -> None:
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
     p.add_argument("--out", help="directory to create (must not exist or be empty)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weight dtype (default bfloat16)")
+    p.add_argument("--dtype", choices=sorted(CHECKPOINT_DTYPES), default="bfloat16",
+                   help="weight dtype (default bfloat16); fp8: DeepSeek's FP8 format, e4m3 projections with a float32 "
+                        "scale per 128 x 128 block")
     p.add_argument("--dry-run", action="store_true", help="print parameter count and bytes; write nothing")
     p.set_defaults(func=run_make_checkpoint)
 

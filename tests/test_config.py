@@ -22,8 +22,8 @@ def assert_names(err: pytest.ExceptionInfo, key: str, value, rule: str) -> None:
 # (preset, config.json overrides, key, value, a phrase of the rule)
 MODEL_RULES = [
     ("deepseek-v3-lite-tiny", {"model_type": "llama"}, "model_type", "llama", "supported model types"),
-    ("deepseek-v3-lite-tiny", {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}},
-     "quantization_config", "fp8", "not supported"),
+    ("deepseek-v3-lite-tiny", {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}},
+     "quantization_config.quant_method", "bitsandbytes", "only 'fp8'"),
     ("deepseek-v3-lite-tiny", {"hidden_act": "gelu"}, "hidden_act", "gelu", "only 'silu'"),
     ("deepseek-v3-lite-tiny", {"attention_bias": True}, "attention_bias", True, "only False"),
     ("deepseek-v3-lite-tiny", {"mlp_bias": True}, "mlp_bias", True, "only False"),
