@@ -99,10 +99,13 @@ class Run:
     max_gen_toks: int | None  # None: each task's own
     needles: Needles | None = None
     golden: str | None = None
+    apply_chat_template: bool = False  # prompts rendered by the tokenizer's chat template (lm-eval's flag)
+    fewshot_as_multiturn: bool = False  # few-shot examples as user/assistant turns (with the chat template only)
 
     def settings(self) -> dict:
         return {"model": self.deployed.model_dir(), "tasks": list(self.tasks), "limits": self.limits,
                 "num_fewshot": self.num_fewshot, "max_length": self.max_length, "max_gen_toks": self.max_gen_toks,
+                "apply_chat_template": self.apply_chat_template, "fewshot_as_multiturn": self.fewshot_as_multiturn,
                 **({k: v for k, v in dataclasses.asdict(self.needles).items() if k != "tokenizer"}
                    if self.needles else {})}
 
@@ -176,8 +179,13 @@ def plan_run(args: argparse.Namespace, deployed: BackendSpec, tasks: tuple[str, 
                           tokenizer_source(deployed.model_dir(), scratch))
         generated = value("max_gen_toks") or max(generation_cap(t) for t in needle_tasks)
         longest = min(max(lengths) + generated, max_position)
+    multiturn = args.apply_chat_template if args.fewshot_as_multiturn is None else args.fewshot_as_multiturn
+    if multiturn and not args.apply_chat_template:
+        raise ConfigError("--fewshot-as-multiturn: few-shot examples become chat turns only with --apply-chat-template")
     return Run(deployed, tasks, parse_limit(value("limit"), list(tasks)), args.num_fewshot,
-               value("max_length") or longest, value("max_gen_toks"), needles, golden)
+               value("max_length") or longest, value("max_gen_toks"), needles,
+               None if args.apply_chat_template else golden,  # the golden outputs are of unformatted prompts
+               args.apply_chat_template, multiturn)
 
 
 def plan(args: argparse.Namespace, scratch: str) -> list[Run]:
@@ -260,6 +268,7 @@ def evaluate(spec: BackendSpec, run: Run, batch_size: int, task_path: str, conso
                     task_manager=task_manager(task_path, run.needles.metadata(length) if needle else None),
                     num_fewshot=None if needle else run.num_fewshot,  # needle tasks are zero-shot (no few-shot split)
                     limit=run.limits[task], log_samples=True, bootstrap_iters=0,
+                    apply_chat_template=run.apply_chat_template, fewshot_as_multiturn=run.fewshot_as_multiturn,
                     gen_kwargs={"max_gen_toks": run.max_gen_toks} if run.max_gen_toks else None)
                 out[task].update(samples_of(task, res))
     finally:
@@ -352,8 +361,10 @@ def report_markdown(report: dict) -> str:
         shots = f", {r['num_fewshot']}-shot" if set(r["tasks"]) & set(DATA_TASKS) else ""
         needles = (f", context lengths {list(r['context_lengths'])}, depths {list(r['depths'])}, "
                    f"{r['samples_per_depth']} per depth" if "context_lengths" in r else "")
+        chat = (f", chat template{' (few-shot as turns)' if r['fewshot_as_multiturn'] else ''}"
+                if r["apply_chat_template"] else "")
         lines += ["", f"## model `{r['model']}`", "",
-                  f"max_length {r['max_length']}, max_gen_toks {r['max_gen_toks'] or 'per task'}{shots}{needles}", "",
+                  f"max_length {r['max_length']}, max_gen_toks {r['max_gen_toks'] or 'per task'}{shots}{chat}{needles}", "",
                   "| task | metric | n | deployed | reference | diff [95% CI] | agreement | threshold | pass |",
                   "|---|---|---:|---:|---:|---|---:|---:|---|"]
         for task, c in r["comparison"].items():
@@ -442,6 +453,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", help="questions per task (per MMLU subject, per context length of a needle task): N, "
                                    "or task=N,task=N (embedded default mmlu=2,gsm8k=20; otherwise all)")
     p.add_argument("--num-fewshot", type=int, default=5, help="few-shot examples of mmlu/gsm8k (needle tasks: none)")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="render prompts with the checkpoint tokenizer's chat template (lm-eval's --apply_chat_template; "
+                        "off by default: vLLM's and TensorRT-LLM's published DeepSeek GSM8K figures are without it)")
+    p.add_argument("--fewshot-as-multiturn", action=argparse.BooleanOptionalAction,
+                   help="with --apply-chat-template: few-shot examples as user/assistant turns (default on, as in lm-eval)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="HF checkpoint directory (default: the embedded synthetic checkpoints)")
     src.add_argument("--config", help="deployment file (YAML or JSON) with model / context_servers / generation_servers")
