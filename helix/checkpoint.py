@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from helix.config import Fp8BlockScaling, ModelConfig
+from helix.fp8 import FP8, e4m3_scale, to_e4m3
 from helix.presets import CONSTRUCTED, get_preset
 from helix.tokenizer import with_byte_specials, write_byte_tokenizer
 
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 CHECKPOINT_DTYPES = (*DTYPES, "fp8")  # what make_checkpoint writes: a dtype, or DeepSeek's FP8 block-scaled format
-FP8, FP8_MAX = torch.float8_e4m3fn, 448.0  # e4m3's largest finite value
 
 
 class CheckpointError(ValueError):
@@ -397,8 +397,8 @@ def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tens
     (bm, bn), (rows, cols) = block, w.shape
     grid = (-(-rows // bm), -(-cols // bn))
     padded = F.pad(w.float().abs(), (0, grid[1] * bn - cols, 0, grid[0] * bm - rows))  # zeros: no effect on amax
-    scale = (padded.view(grid[0], bm, grid[1], bn).amax(dim=(1, 3)) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-    return (w.float() / expand_blocks(scale, block, (0, 0), w.shape)).to(FP8), scale
+    scale = e4m3_scale(padded.view(grid[0], bm, grid[1], bn).amax(dim=(1, 3)))
+    return to_e4m3(w, expand_blocks(scale, block, (0, 0), w.shape)), scale
 
 
 def fp8_tensors(tensors: Iterator[tuple[str, torch.Tensor]], block: tuple[int, int]

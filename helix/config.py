@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+KV_DTYPES = ("auto", "fp8")  # kv_cache_config.dtype (helix/kv_cache.py stores them)
 
 
 class ConfigError(ValueError):
@@ -357,8 +358,10 @@ class HelixConfig:
          "cp_config": {"cp_type": "HELIX", "tokens_per_block": 32},
          "kv_cache_config": {"tokens_per_block": 32, "max_tokens": 65536}}
 
-    ``max_tokens`` is the KV capacity per sequence slot summed over all ranks; ``moe_parallel`` picks expert
-    parallel ("ep", default) or tensor parallel ("tp") for routed experts.
+    ``max_tokens`` is the KV capacity per sequence slot summed over all ranks; ``kv_cache_config.dtype``
+    (TensorRT-LLM's key) is "auto" (the model's dtype, default) or "fp8" (e4m3 latent rows with a per-row scale,
+    helix/kv_cache.py); ``moe_parallel`` picks expert parallel ("ep", default) or tensor parallel ("tp") for
+    routed experts.
     """
 
     context_parallel_size: int = 2
@@ -368,6 +371,7 @@ class HelixConfig:
     max_tokens: int = 8192
     max_batch_size: int = 8
     moe_parallel: str = "ep"
+    kv_dtype: str = "auto"
 
     @classmethod
     def from_dict(cls, raw: dict, prefix: str = "") -> "HelixConfig":
@@ -382,8 +386,9 @@ class HelixConfig:
             if key not in ("cp_type", "tokens_per_block"):
                 fail(prefix + "cp_config." + key, cp[key], "unknown key; cp_config takes cp_type and tokens_per_block")
         for key in kv:
-            if key not in ("tokens_per_block", "max_tokens"):
-                fail(prefix + "kv_cache_config." + key, kv[key], "unknown key; kv_cache_config takes tokens_per_block and max_tokens")
+            if key not in ("tokens_per_block", "max_tokens", "dtype"):
+                fail(prefix + "kv_cache_config." + key, kv[key],
+                     "unknown key; kv_cache_config takes tokens_per_block, max_tokens and dtype")
         tp = raw.get("tensor_parallel_size", 1)
         if tp != 1:
             fail(prefix + "tensor_parallel_size", tp, "Helix MLA uses TPA = 1; the N context-parallel ranks are re-used as "
@@ -399,6 +404,7 @@ class HelixConfig:
             max_tokens=kv.get("max_tokens", cls.max_tokens),
             max_batch_size=raw.get("max_batch_size", cls.max_batch_size),
             moe_parallel=raw.get("moe_parallel", cls.moe_parallel),
+            kv_dtype=kv.get("dtype", cls.kv_dtype),
         )
         out.validate(prefix)
         return out
@@ -422,6 +428,9 @@ class HelixConfig:
             fail(prefix + "max_batch_size", self.max_batch_size, "must be a positive integer")
         if self.moe_parallel not in ("ep", "tp"):
             fail(prefix + "moe_parallel", self.moe_parallel, "must be 'ep' (expert parallel) or 'tp' (tensor parallel)")
+        if self.kv_dtype not in KV_DTYPES:
+            fail(prefix + "kv_cache_config.dtype", self.kv_dtype, "must be 'auto' (the model's dtype) or 'fp8' (e4m3 "
+                  "latent rows, one float32 scale per row)")
 
     def validate_for_model(self, model: ModelConfig, prefix: str = "") -> None:
         """Divisibility rules between the model and N (heads for the all-to-all, experts for EP, FFN widths for TP)."""
@@ -444,7 +453,8 @@ class HelixConfig:
         return {
             "context_parallel_size": self.context_parallel_size,
             "cp_config": {"cp_type": self.cp_type, "tokens_per_block": self.tokens_per_block},
-            "kv_cache_config": {"tokens_per_block": self.kv_tokens_per_block, "max_tokens": self.max_tokens},
+            "kv_cache_config": {"tokens_per_block": self.kv_tokens_per_block, "max_tokens": self.max_tokens,
+                                "dtype": self.kv_dtype},
             "max_batch_size": self.max_batch_size,
             "moe_parallel": self.moe_parallel,
         }

@@ -30,6 +30,7 @@ class HelixSpec:
     moe_mode: str = "ep"
     cuda_graphs: bool = False  # capture the decode step (CUDA only)
     microbatches: int = 1  # HOP-B: micro-batches whose all-to-all overlaps the next one's attention
+    kv_dtype: str = "auto"  # kv_cache_config.dtype: "auto" (the model's) or "fp8"
 
     def devices(self, first_gpu: int = 0) -> list[str]:
         if self.device == "cpu":
@@ -43,7 +44,8 @@ def build_engine(spec: HelixSpec, rank: int, comm: Comm, device: torch.device) -
     model = HelixModel(ckpt, mapping, comm, DTYPES[spec.dtype], device, spec.moe_mode,
                        microbatches=spec.microbatches)
     ckpt.close()
-    return HelixEngine(model, spec.max_tokens, spec.max_batch_size, cuda_graphs=spec.cuda_graphs and device.type == "cuda")
+    return HelixEngine(model, spec.max_tokens, spec.max_batch_size, cuda_graphs=spec.cuda_graphs and device.type == "cuda",
+                       kv_dtype=spec.kv_dtype)
 
 
 def rank_engine(ctx: RankContext, spec: HelixSpec) -> HelixEngine:

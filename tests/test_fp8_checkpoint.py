@@ -17,9 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helix.checkpoint import (FP8, Checkpoint, CheckpointError, block_scaled, make_checkpoint, scale_name,
-                              synthetic_tensors, tensor_shapes)
+from helix.checkpoint import (Checkpoint, CheckpointError, block_scaled, make_checkpoint, scale_name, synthetic_tensors,
+                              tensor_shapes)
 from helix.config import ConfigError, ModelConfig
+from helix.fp8 import FP8
 from helix.presets import get_preset
 from tests.tolerance import assert_exact
 

@@ -33,7 +33,8 @@ class ContextServer:
         mapping = HelixMapping(0, 1, dep.context.tokens_per_block)
         self.model = HelixModel(ckpt, mapping, Comm(0, 1), DTYPES[dep.dtype], device, dep.generation.moe_parallel)
         ckpt.close()
-        self.cache = self.model.new_cache(dep.context.max_tokens, max_batch_size=1)
+        # The generation server's KV dtype: an FP8 cache is written here and handed over as it is stored.
+        self.cache = self.model.new_cache(dep.context.max_tokens, max_batch_size=1, kv_dtype=dep.generation.kv_dtype)
 
     def prefill(self, req: Request) -> int:
         """Write the KV of prompt[:-1] into the cache as sequence ``req.req_id``; returns its token count."""

@@ -9,12 +9,12 @@ YAML or JSON, three sections (docs/design.md §4.3)::
       device: cuda                            # cpu (gloo) | cuda (nccl, one GPU per rank)
     context_servers:
       tensor_parallel_size: 1
-      kv_cache_config: {tokens_per_block: 32, max_tokens: 65536}
+      kv_cache_config: {tokens_per_block: 32, max_tokens: 65536}   # dtype: the generation server's
       colocate: false                         # true: share generation rank 0's GPU (KV hand-over via host)
     generation_servers:                       # the keys of TensorRT-LLM's Helix documentation
       context_parallel_size: 2
       cp_config: {cp_type: HELIX, tokens_per_block: 32}
-      kv_cache_config: {tokens_per_block: 32, max_tokens: 65536}
+      kv_cache_config: {tokens_per_block: 32, max_tokens: 65536, dtype: auto}   # dtype: auto | fp8
       max_batch_size: 8
 
 Rank layout: the context server's rank(s) come first, then the N generation ranks; on CUDA rank r uses GPU r,
@@ -194,8 +194,13 @@ def _context_config(raw: dict, generation: HelixConfig) -> ContextServerConfig:
     if not isinstance(kv, dict):
         fail("context_servers.kv_cache_config", kv, "must be a mapping {tokens_per_block: T, max_tokens: M}")
     for key in kv:
-        if key not in ("tokens_per_block", "max_tokens"):
-            fail(f"context_servers.kv_cache_config.{key}", kv[key], "unknown key; takes tokens_per_block and max_tokens")
+        if key not in ("tokens_per_block", "max_tokens", "dtype"):
+            fail(f"context_servers.kv_cache_config.{key}", kv[key],
+                 "unknown key; takes tokens_per_block, max_tokens and dtype")
+    if kv.get("dtype", generation.kv_dtype) != generation.kv_dtype:
+        fail("context_servers.kv_cache_config.dtype", kv["dtype"],
+             f"must equal generation_servers.kv_cache_config.dtype={generation.kv_dtype!r}: the context server writes "
+             "the KV the generation server reads, and hands it over as stored")
     want = generation.tokens_per_block
     if "tokens_per_block" not in kv:
         fail("context_servers.kv_cache_config.tokens_per_block", None,

@@ -48,7 +48,8 @@ class GenerationServer:
         model = HelixModel(ckpt, mapping, comm, DTYPES[dep.dtype], device, dep.generation.moe_parallel)
         ckpt.close()
         self.engine = HelixEngine(model, dep.generation.max_tokens, dep.generation.max_batch_size, self._stopped,
-                                  cuda_graphs=device.type == "cuda")  # one captured step per batch size
+                                  cuda_graphs=device.type == "cuda",  # one captured step per batch size
+                                  kv_dtype=dep.generation.kv_dtype)
         self._tokenizer = None
 
     def _stopped(self, req: Request, token_ids: list[int]) -> bool:
