@@ -151,18 +151,18 @@ class PagedKVCache:
             flat.index_copy_(0, slots, entries.to(flat.dtype))
             return
         rows, scale = quantize_rows(entries)
-        flat.index_copy_(0, slots, rows)
+        flat.view(torch.uint8).index_copy_(0, slots, rows.view(torch.uint8))  # as bytes: torch has no fp8 index_copy_
         self.scales[layer].view(-1).index_copy_(0, slots, scale)
 
     # ------------------------------------------------------------------ whole blocks (the KV hand-over)
     def read_blocks(self, layer: int, phys: torch.Tensor) -> torch.Tensor:
         """Physical blocks ``phys`` [n] of ``layer`` as one tensor: [n, T, E] rows, or for FP8 [n, T, E + 4] bytes,
         each row's e4m3 values followed by its float32 scale, so that a block travels as one message."""
-        rows = self.layers[layer].index_select(0, phys)
         if self.scales is None:
-            return rows
+            return self.layers[layer].index_select(0, phys)
+        rows = self.layers[layer].view(torch.uint8).index_select(0, phys)
         scale = self.scales[layer].index_select(0, phys)
-        return torch.cat([rows.view(torch.uint8), scale[..., None].view(torch.uint8)], dim=-1)
+        return torch.cat([rows, scale[..., None].view(torch.uint8)], dim=-1)
 
     def empty_blocks(self, n: int, device: torch.device | str) -> torch.Tensor:
         """A receive buffer for ``n`` blocks in ``read_blocks``' form."""
@@ -178,5 +178,5 @@ class PagedKVCache:
             self.layers[layer].index_copy_(0, phys, blocks)
             return
         entry = self.layers[layer].shape[-1]
-        self.layers[layer].index_copy_(0, phys, blocks[..., :entry].contiguous().view(FP8))
+        self.layers[layer].view(torch.uint8).index_copy_(0, phys, blocks[..., :entry].contiguous())
         self.scales[layer].index_copy_(0, phys, blocks[..., entry:].contiguous().view(torch.float32)[..., 0])
