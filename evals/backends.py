@@ -50,6 +50,7 @@ class BackendSpec:
     device: str = "cpu"
     max_tokens: int | None = None
     colocate: bool = False  # the deployment built from ``model``: context server on generation rank 0's GPU
+    kv_dtype: str = "auto"  # the deployment built from ``model``: kv_cache_config.dtype (auto, or fp8)
     attention: str = "plain"  # the reference's attention: "plain" (chunked, the definition) or "sdpa" (fused)
 
     def __post_init__(self):
@@ -76,8 +77,14 @@ class BackendSpec:
         kv = tpb if self.max_tokens is None else {**tpb, "max_tokens": max(int(self.max_tokens), self.tokens_per_block)}
         return {"model": {"path": self.model, "dtype": self.dtype, "device": self.device},
                 "context_servers": {"tensor_parallel_size": 1, "kv_cache_config": dict(kv), "colocate": self.colocate},
-                "generation_servers": {"context_parallel_size": self.cp,
-                                       "cp_config": {"cp_type": "HELIX", **tpb}, "kv_cache_config": dict(kv)}}
+                "generation_servers": {"context_parallel_size": self.cp, "cp_config": {"cp_type": "HELIX", **tpb},
+                                       "kv_cache_config": {**kv, "dtype": self.kv_dtype}}}
+
+    def deployed_kv_dtype(self) -> str:
+        """The KV cache dtype the Helix deployment runs with (the reference keeps its own, unquantized)."""
+        if self.config is None:
+            return self.kv_dtype
+        return load_deployment(self.config).generation.kv_dtype
 
     def capacity(self) -> int | None:
         """What a deployment file holds per sequence (the smaller of its servers' KV capacities); None for the

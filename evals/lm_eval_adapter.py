@@ -3,7 +3,7 @@
 model_args, either form::
 
     config=DEPLOY.yaml[,backend=helix|reference]
-    pretrained=DIR,cp=2,tokens_per_block=32,backend=helix|reference,dtype=float32,device=cpu[,colocate=true]
+    pretrained=DIR,cp=2,tokens_per_block=32,backend=helix|reference,dtype=float32,device=cpu[,colocate=true][,kv_dtype=fp8]
 
 plus, in both: ``batch_size`` (requests per backend call, default 64), ``max_length`` (tokens the model
 sees; default the checkpoint's ``max_position_embeddings``, or a deployment file's smaller KV capacity per
@@ -72,11 +72,12 @@ class HelixLM(TemplateLM):
         """The backend model_args ask for, and max_length; a deployment built from ``pretrained`` gets the KV
         capacity of max_length, so it serves every prompt the adapter lets in; a deployment file bounds it."""
         known = {"pretrained", "config", "backend", "cp", "tokens_per_block", "dtype", "device", "colocate",
-                 "attention", "batch_size", "max_length", "max_gen_toks", "seed"}
+                 "attention", "kv_dtype", "batch_size", "max_length", "max_gen_toks", "seed"}
         if unknown := sorted(set(args) - known):
             raise ConfigError(f"model_args {unknown}: unknown; helix takes {sorted(known)}")
         spec = BackendSpec(**{k: args[k] for k in ("backend", "config", "cp", "tokens_per_block", "dtype", "device",
-                                                   "colocate", "attention") if k in args}, model=args.get("pretrained"))
+                                                   "colocate", "attention", "kv_dtype") if k in args},
+                           model=args.get("pretrained"))
         capacity = spec.capacity()
         max_length = int(args.get("max_length") or min(source_config(spec.model_dir()).max_position_embeddings,
                                                        capacity or math.inf))

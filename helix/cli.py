@@ -216,7 +216,7 @@ def run_bench_cmd(args: argparse.Namespace) -> None:
 
     configs = [(c.rsplit("x", 1)[0], int(c.rsplit("x", 1)[1])) for c in args.configs] if args.configs else None
     result = run_bench(args.out, args.preset, args.layers, args.gpus, args.batch, args.context, args.tokens_per_block,
-                       args.iters, configs, args.profile, args.moe)
+                       args.iters, configs, args.profile, args.moe, tuple(dict.fromkeys(args.kv_dtype)))
     print(markdown_table(result))
     if args.profile:
         print(profile_text(result))
@@ -238,6 +238,9 @@ def add_bench(sub) -> None:
     p.add_argument("--out", default="golden/perf")
     p.add_argument("--profile", action="store_true", help="also list each step's GPU kernels by time (torch.profiler)")
     p.add_argument("--moe", choices=["ep", "tp"], default="ep", help="routed experts expert- or tensor-parallel")
+    p.add_argument("--kv-dtype", nargs="+", choices=["auto", "fp8"], default=["auto"],
+                   help="KV cache dtype(s), each config measured with each: auto (bf16), fp8 (e4m3, a scale per row); "
+                        "e.g. --kv-dtype auto fp8 for the FP8 cache beside its bf16 baseline")
     p.set_defaults(func=run_bench_cmd)
 
 

@@ -159,7 +159,7 @@ def test_model_args_config_form(tiny_checkpoint, tmp_path):
 def test_helix_deployment_built_from_pretrained_args(tiny_checkpoint):
     d = BackendSpec(model=tiny_checkpoint, cp=3, tokens_per_block=16).deployment()
     assert d["generation_servers"] == {"context_parallel_size": 3, "cp_config": {"cp_type": "HELIX", "tokens_per_block": 16},
-                                       "kv_cache_config": {"tokens_per_block": 16}}
+                                       "kv_cache_config": {"tokens_per_block": 16, "dtype": "auto"}}
     assert d["context_servers"]["tensor_parallel_size"] == 1 and d["model"]["path"] == tiny_checkpoint
 
 
