@@ -53,6 +53,7 @@ class BackendSpec:
     device: str = "cpu"
     max_tokens: int | None = None
     colocate: bool = False  # the deployment built from ``model``: context server on generation rank 0's GPU
+    kv_dtype: str = "auto"  # the deployment built from ``model``: kv_cache_config.dtype (auto, or fp8)
     attention: str = "plain"  # the reference's attention: "plain" (chunked, the definition) or "sdpa" (fused)
 
     def __post_init__(self):
@@ -74,7 +75,14 @@ class BackendSpec:
         if self.config is not None:
             return load_deployment(self.config)
         return from_checkpoint(self.model, cp=self.cp, tokens_per_block=self.tokens_per_block, dtype=self.dtype,
-                               device=self.device, max_tokens=self.max_tokens, colocate=self.colocate)
+                               device=self.device, max_tokens=self.max_tokens, colocate=self.colocate,
+                               kv_dtype=self.kv_dtype)
+
+    def deployed_kv_dtype(self) -> str:
+        """The KV cache dtype the Helix deployment runs with (the reference keeps its own, unquantized)."""
+        if self.config is None:
+            return self.kv_dtype
+        return load_deployment(self.config).generation.kv_dtype
 
     def capacity(self) -> int | None:
         """What a deployment file holds per sequence (the smaller of its servers' KV capacities); None for the

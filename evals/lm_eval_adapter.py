@@ -3,7 +3,7 @@
 model_args, either form::
 
     config=DEPLOY.yaml[,backend=helix|reference]
-    pretrained=DIR,cp=2,tokens_per_block=32,backend=helix|reference,dtype=float32,device=cpu[,colocate=true]
+    pretrained=DIR,cp=2,tokens_per_block=32,backend=helix|reference,dtype=float32,device=cpu[,colocate=true][,kv_dtype=fp8]
 
 plus, in both: ``batch_size`` (requests per backend call, default 64), ``max_length`` (tokens the model
 sees; default the checkpoint's ``max_position_embeddings``, or a deployment file's smaller KV capacity per
@@ -11,6 +11,11 @@ sequence, which bounds it; a deployment built from ``pretrained`` gets that KV c
 (default 256), ``seed`` (for sampled generation), ``attention`` (the reference's prefill attention, plain or
 sdpa). ``backend=helix`` (the default) launches the disaggregated deployment through
 ``helix.disagg.launch``; ``backend=reference`` runs the same weights on the single-device oracle.
+
+Chat templates: lm-eval's ``apply_chat_template`` / ``fewshot_as_multiturn`` (``--apply_chat_template``,
+``--fewshot_as_multiturn``; ``helix eval --apply-chat-template``) render each prompt with the checkpoint tokenizer's
+``chat_template`` (``apply_chat_template`` below, as lm-eval's HF model does), and a prompt that the template
+already opened with BOS is encoded without a second one.
 
 Importing this module registers the model, so ``lm_eval.simple_evaluate(model="helix", model_args=...)``
 works after ``import evals.lm_eval_adapter``; lm-eval 0.4.13 has no plugin entry-point group, so the command
@@ -67,11 +72,12 @@ class HelixLM(TemplateLM):
         """The backend model_args ask for, and max_length; a deployment built from ``pretrained`` gets the KV
         capacity of max_length, so it serves every prompt the adapter lets in; a deployment file bounds it."""
         known = {"pretrained", "config", "backend", "cp", "tokens_per_block", "dtype", "device", "colocate",
-                 "attention", "batch_size", "max_length", "max_gen_toks", "seed"}
+                 "attention", "kv_dtype", "batch_size", "max_length", "max_gen_toks", "seed"}
         if unknown := sorted(set(args) - known):
             raise ConfigError(f"model_args {unknown}: unknown; helix takes {sorted(known)}")
         spec = BackendSpec(**{k: args[k] for k in ("backend", "config", "cp", "tokens_per_block", "dtype", "device",
-                                                   "colocate", "attention") if k in args}, model=args.get("pretrained"))
+                                                   "colocate", "attention", "kv_dtype") if k in args},
+                           model=args.get("pretrained"))
         capacity = spec.capacity()
         max_length = int(args.get("max_length") or min(source_config(spec.model_dir()).max_position_embeddings,
                                                        capacity or math.inf))
@@ -126,8 +132,27 @@ class HelixLM(TemplateLM):
         return self.tokenizer.name_or_path.replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        bos = self.tokenizer.bos_token
+        if add_special_tokens is None and bos and string.startswith(bos):
+            add_special_tokens = False  # a chat template wrote the BOS already
         special = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
         return self.tokenizer.encode(string, **special)
+
+    # ------------------------------------------------------------------ chat templates
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The template lm-eval renders with (TemplateLM's choice among the tokenizer's); refused when asked for and
+        the tokenizer has none, instead of evaluating unformatted prompts as if they were formatted."""
+        if chat_template and not self.tokenizer.chat_template:
+            raise ConfigError(f"apply_chat_template={chat_template!r}: the tokenizer of {self.tokenizer.name_or_path} "
+                              "has no chat_template (tokenizer_config.json or chat_template.jinja)")
+        return super().chat_template(chat_template)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The conversation rendered by the tokenizer's template. lm-eval passes ``add_generation_prompt=False`` when
+        the last message is an assistant prefix to continue (a task's ``gen_prefix``): that message stays open."""
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
 
     # ------------------------------------------------------------------ batching
 

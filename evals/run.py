@@ -52,6 +52,7 @@ from helix.workers import children_ignore_ctrl_c
 log = logging.getLogger("helix.eval")
 
 TINY_GOLDEN = os.path.join(GOLDEN_DIR, "tiny-synthetic-reference.json")
+KV_NAMES = {"auto": "in the model's dtype", "fp8": "fp8 (e4m3, a scale per row; the reference's unquantized)"}
 LOG_FILE = "eval.log"  # in --out: lm-eval's log, warnings and progress bars, unless --verbose
 CONSOLE_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
@@ -99,10 +100,13 @@ class Run:
     max_gen_toks: int | None  # None: each task's own
     needles: Needles | None = None
     golden: str | None = None
+    apply_chat_template: bool = False  # prompts rendered by the tokenizer's chat template (lm-eval's flag)
+    fewshot_as_multiturn: bool = False  # few-shot examples as user/assistant turns (with the chat template only)
 
     def settings(self) -> dict:
         return {"model": self.deployed.model_dir(), "tasks": list(self.tasks), "limits": self.limits,
                 "num_fewshot": self.num_fewshot, "max_length": self.max_length, "max_gen_toks": self.max_gen_toks,
+                "apply_chat_template": self.apply_chat_template, "fewshot_as_multiturn": self.fewshot_as_multiturn,
                 **({k: v for k, v in dataclasses.asdict(self.needles).items() if k != "tokenizer"}
                    if self.needles else {})}
 
@@ -176,8 +180,13 @@ def plan_run(args: argparse.Namespace, deployed: BackendSpec, tasks: tuple[str, 
                           tokenizer_source(deployed.model_dir(), scratch))
         generated = value("max_gen_toks") or max(generation_cap(t) for t in needle_tasks)
         longest = min(max(lengths) + generated, max_position)
+    multiturn = args.apply_chat_template if args.fewshot_as_multiturn is None else args.fewshot_as_multiturn
+    if multiturn and not args.apply_chat_template:
+        raise ConfigError("--fewshot-as-multiturn: few-shot examples become chat turns only with --apply-chat-template")
     return Run(deployed, tasks, parse_limit(value("limit"), list(tasks)), args.num_fewshot,
-               value("max_length") or longest, value("max_gen_toks"), needles, golden)
+               value("max_length") or longest, value("max_gen_toks"), needles,
+               None if args.apply_chat_template else golden,  # the golden outputs are of unformatted prompts
+               args.apply_chat_template, multiturn)
 
 
 def plan(args: argparse.Namespace, scratch: str) -> list[Run]:
@@ -186,7 +195,11 @@ def plan(args: argparse.Namespace, scratch: str) -> list[Run]:
     if asked is not None and (unknown := sorted(set(asked) - set(TASKS))):
         raise ConfigError(f"--tasks={args.tasks!r}: unknown {unknown}; choose from {list(TASKS)}")
     common = dict(backend=args.backend, cp=args.cp, tokens_per_block=args.tokens_per_block, dtype=args.dtype,
-                  device=args.device, colocate=args.colocate, attention=args.reference_attention)
+                  device=args.device, colocate=args.colocate, attention=args.reference_attention,
+                  kv_dtype=args.kv_dtype)
+    if args.config is not None and args.kv_dtype != "auto":
+        raise ConfigError(f"--kv-dtype={args.kv_dtype!r}: with --config the deployment file sets "
+                          "generation_servers.kv_cache_config.dtype")
     if args.model is not None or args.config is not None:
         spec = BackendSpec(model=args.model, config=args.config, **common)
         return [plan_run(args, spec, asked or DATA_TASKS, {}, scratch)]
@@ -260,6 +273,7 @@ def evaluate(spec: BackendSpec, run: Run, batch_size: int, task_path: str, conso
                     task_manager=task_manager(task_path, run.needles.metadata(length) if needle else None),
                     num_fewshot=None if needle else run.num_fewshot,  # needle tasks are zero-shot (no few-shot split)
                     limit=run.limits[task], log_samples=True, bootstrap_iters=0,
+                    apply_chat_template=run.apply_chat_template, fewshot_as_multiturn=run.fewshot_as_multiturn,
                     gen_kwargs={"max_gen_toks": run.max_gen_toks} if run.max_gen_toks else None)
                 out[task].update(samples_of(task, res))
     finally:
@@ -344,16 +358,18 @@ def compare_run(run: Run, samples: dict, min_agreement: float | None, args: argp
 
 def report_markdown(report: dict) -> str:
     lines = [f"# helix eval: {report['deployed_backend']} vs reference", "",
-             f"dtype {report['dtype']}, cp {report['cp']}, tokens_per_block {report['tokens_per_block']}, "
-             f"{report['seconds']:.0f} s"]
+             f"dtype {report['dtype']}, KV cache {KV_NAMES[report['kv_dtype']]}, cp {report['cp']}, "
+             f"tokens_per_block {report['tokens_per_block']}, {report['seconds']:.0f} s"]
     if report.get("log"):
         lines += ["", f"lm-eval's log and every warning: `{report['log']}`"]
     for r in report["runs"]:
         shots = f", {r['num_fewshot']}-shot" if set(r["tasks"]) & set(DATA_TASKS) else ""
         needles = (f", context lengths {list(r['context_lengths'])}, depths {list(r['depths'])}, "
                    f"{r['samples_per_depth']} per depth" if "context_lengths" in r else "")
+        chat = (f", chat template{' (few-shot as turns)' if r['fewshot_as_multiturn'] else ''}"
+                if r["apply_chat_template"] else "")
         lines += ["", f"## model `{r['model']}`", "",
-                  f"max_length {r['max_length']}, max_gen_toks {r['max_gen_toks'] or 'per task'}{shots}{needles}", "",
+                  f"max_length {r['max_length']}, max_gen_toks {r['max_gen_toks'] or 'per task'}{shots}{chat}{needles}", "",
                   "| task | metric | n | deployed | reference | diff [95% CI] | agreement | threshold | pass |",
                   "|---|---|---:|---:|---:|---|---:|---:|---|"]
         for task, c in r["comparison"].items():
@@ -404,13 +420,13 @@ def run(args: argparse.Namespace) -> dict:
     if data_dir is not None:
         go_offline()
     ruler_offline()
-    min_agreement = args.min_agreement
-    if min_agreement is None and args.dtype in ("float32", "float64"):
-        min_agreement = 1.0  # docs/design.md §7.3: in float32 the deployment must reproduce the oracle's predictions
-
     start = time.time()
     with task_dir(data_dir) as path:
         runs = plan(args, path)
+        kv_dtype = runs[0].deployed.deployed_kv_dtype() if runs[0].deployed.backend == "helix" else "auto"
+        min_agreement = args.min_agreement
+        if min_agreement is None and args.dtype in ("float32", "float64") and kv_dtype == "auto":
+            min_agreement = 1.0  # docs/design.md §7.3: in float32 the deployment must reproduce the oracle's predictions
         if args.write_golden and not any(r.golden for r in runs):
             raise ConfigError(f"--write-golden={args.write_golden!r}: only with the embedded default's mmlu/gsm8k run")
         os.makedirs(args.out, exist_ok=True)  # once the flags are known to be good
@@ -420,6 +436,7 @@ def run(args: argparse.Namespace) -> dict:
     results = [compare_run(r, s, min_agreement, args) for r, s in zip(runs, samples)]
     first = runs[0].deployed
     report = {"deployed_backend": first.backend, "dtype": args.dtype, "cp": args.cp,
+              "kv_dtype": kv_dtype,
               "tokens_per_block": args.tokens_per_block, "data": data_dir or "huggingface hub",
               "reference_device": args.reference_device or first.device, "seconds": time.time() - start,
               "log": log_path, "runs": results, "passed": all(r["passed"] for r in results)}
@@ -442,6 +459,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", help="questions per task (per MMLU subject, per context length of a needle task): N, "
                                    "or task=N,task=N (embedded default mmlu=2,gsm8k=20; otherwise all)")
     p.add_argument("--num-fewshot", type=int, default=5, help="few-shot examples of mmlu/gsm8k (needle tasks: none)")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="render prompts with the checkpoint tokenizer's chat template (lm-eval's --apply_chat_template; "
+                        "off by default: vLLM's and TensorRT-LLM's published DeepSeek GSM8K figures are without it)")
+    p.add_argument("--fewshot-as-multiturn", action=argparse.BooleanOptionalAction,
+                   help="with --apply-chat-template: few-shot examples as user/assistant turns (default on, as in lm-eval)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="HF checkpoint directory (default: the embedded synthetic checkpoints)")
     src.add_argument("--config", help="deployment file (YAML or JSON) with model / context_servers / generation_servers")
@@ -451,6 +473,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what is compared against the reference (reference: the pipeline checking itself)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--kv-dtype", choices=["auto", "fp8"], default="auto",
+                   help="with --model: the deployment's KV cache, kv_cache_config.dtype (auto: the model's dtype; fp8: "
+                        "e4m3 latent rows with a per-row scale); the reference always keeps its own unquantized")
     p.add_argument("--colocate", action="store_true",
                    help="with --model on CUDA: the context server shares generation rank 0's GPU (N GPUs, not N + 1)")
     p.add_argument("--reference-attention", choices=list(ATTENTION), default="plain",
@@ -482,7 +507,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="niah_restated: samples per (context length, depth), each with its own seeded key and value")
     p.add_argument("--batch-size", type=int, default=64, help="requests per backend call")
     p.add_argument("--min-agreement", type=float,
-                   help="fail a task below this per-sample agreement (default 1.0 in float32/float64, none in bf16)")
+                   help="fail a task below this per-sample agreement (default 1.0 in float32/float64 with the KV cache in "
+                        "the model's dtype; none in bf16 or with an FP8 KV cache)")
     p.add_argument("--golden", help="published reference to test against, e.g. deepseek-ai/DeepSeek-V3-Lite "
                                     "(default: matched by the checkpoint directory's name)")
     p.add_argument("--write-golden", help=argparse.SUPPRESS)  # regenerates golden/accuracy/tiny-synthetic-reference.json

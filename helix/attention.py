@@ -180,7 +180,7 @@ class HelixMLA:
         for part in torch.arange(x.shape[0]).tensor_split(min(self.layout.microbatches, x.shape[0])):
             sl = slice(int(part[0]), int(part[-1]) + 1)
             o, lse = mla_decode(q_abs[sl], q_pe[sl], cache.layers[self.layer], meta.block_table[sl],
-                                meta.local_lens[sl], cfg.softmax_scale, path=self.kernels)
+                                meta.local_lens[sl], cfg.softmax_scale, cache.scale(self.layer), path=self.kernels)
             # [b, H, *] -> [N, b, h, *]: slice j of the send buffer holds the heads rank j combines.
             send = pack_lse(o, lse).view(o.shape[0], n, H // n, -1).transpose(0, 1)
             in_flight.append(self.comm.all_to_all(send, async_op=True))
@@ -208,6 +208,8 @@ class HelixMLA:
         # memory-efficient (float32) or flash (bf16) on CUDA, no [h, T, T] scores held. In the model's dtype, as
         # the decode kernel reads the cache (the kernels accumulate in float32): bf16 takes the flash kernel on
         # CUDA, ~10x the float32 memory-efficient one (a 1M-token prompt in seconds, not a minute per layer).
+        # With an FP8 cache the prompt still attends to its own unquantized rows (as vLLM's and TensorRT-LLM's
+        # prefill does); decode steps read the e4m3 rows.
         kv = entries.to(x.dtype)[None, None].expand(1, q.shape[0], -1, -1)  # [1, h, T, Lkv + R]
         o = F.scaled_dot_product_attention(q.to(x.dtype)[None], kv, kv, is_causal=True, scale=cfg.softmax_scale)
         return self.output(o[0, :, :, :cfg.kv_lora_rank].transpose(0, 1).to(x.dtype))  # [T, h, Lkv]

@@ -7,6 +7,9 @@ One run on one machine measures, on the same synthetic DeepSeek-V3-Lite-shaped w
   Helix replaces), FFN tensor / expert parallel as in Helix;
 * ``helix``: Helix on N GPUs (cache sharded by blocks, one all-to-all per layer).
 
+Each configuration runs with every KV cache dtype asked for (``--kv-dtype auto fp8``: the model's bf16, and
+e4m3 rows with a per-row scale), in the same run on the same cards.
+
 Each configuration times the whole decode step (all layers, one CUDA graph): the median of ``iters`` graph
 replays after warm-up, CUDA events, random cache contents. The floor of a step is
 max(bytes read / read bandwidth, attention FLOPs / matmul rate) + collectives x in-graph collective latency, all
@@ -31,6 +34,7 @@ from helix.checkpoint import SyntheticCheckpoint
 from helix.config import HelixConfig, ModelConfig
 from helix.cuda_graph import GraphedDecodeStep
 from helix.factory import build_model
+from helix.kv_cache import PagedKVCache
 from helix.mapping import HelixMapping
 from helix.model import HelixModel
 from helix.presets import get_preset
@@ -47,6 +51,7 @@ BF16 = 2  # bytes
 class Row:
     mode: str
     gpus: int
+    kv_dtype: str  # "auto" (bf16) or "fp8"
     layers: int
     batch: int
     context: int
@@ -103,12 +108,12 @@ def measure_collectives(ctx: RankContext, n: int, cfg: ModelConfig, batch: int, 
 # --------------------------------------------------------------------------------------------- byte model
 
 
-def step_bytes_and_flops(model: HelixModel, batch: int, context: int) -> tuple[int, int, float]:
+def step_bytes_and_flops(model: HelixModel, batch: int, context: int, kv_dtype: str = "auto") -> tuple[int, int, float]:
     """(KV bytes, weight bytes, attention FLOPs) one rank must move / do in one decode step."""
     cfg = model.cfg
     L = cfg.num_hidden_layers
     local = model.layout.cache.local_length(context + 1)
-    kv = batch * local * cfg.kv_cache_dim * BF16 * L
+    kv = batch * local * PagedKVCache.bytes_per_token(cfg.kv_cache_dim, torch.bfloat16, kv_dtype) * L
     heads = model.layout.num_heads  # H for Helix, H / N for TP attention
     flops = float(mla_flops(batch, heads, local, cfg.kv_lora_rank, cfg.qk_rope_head_dim) * L)
     w = 0
@@ -141,9 +146,20 @@ def collectives_per_step(mode: str, n: int, layers: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------- rank side
 
 
+def fill_random(cache: PagedKVCache) -> None:
+    """Random latent rows everywhere (never zeros: they flatter the kernels), a few thousand blocks at a time (no
+    full-size float32 temporary); an FP8 cache's scales near 1/448, so its rows are N(0, 1)-sized as bf16's."""
+    for layer, t in enumerate(cache.layers):
+        for start in range(0, t.shape[0], 4096):
+            part = t[start:start + 4096]
+            part.copy_(torch.randn(part.shape, device=t.device, dtype=torch.bfloat16).to(t.dtype))
+        if cache.scales is not None:
+            cache.scales[layer].uniform_(0.5 / 448, 2 / 448)
+
+
 def rank_bench(ctx: RankContext, preset: str, layers: int, mode: str, n: int, batches: list[int],
                contexts: list[int], tpb: int, iters: int, ceilings: dict, execution: Execution, profile: bool = False,
-               moe_parallel: str = "ep") -> list[dict] | None:
+               moe_parallel: str = "ep", kv_dtype: str = "auto") -> list[dict] | None:
     cfg = get_preset(preset, num_hidden_layers=layers)
     src = SyntheticCheckpoint(cfg, seed=0, device=ctx.device)  # `layers` of the preset, kept across variants
     spec = RunSpec(model=f"synthetic:{preset}", dtype="bfloat16", device="cuda", execution=execution,
@@ -163,9 +179,8 @@ def rank_bench(ctx: RankContext, preset: str, layers: int, mode: str, n: int, ba
         return built[microbatches]
 
     max_s, max_b = max(contexts) + 1, max(batches)
-    cache = model_with(1).new_cache(max_s, max_b)  # every HOP-B setting shares the layout's cache
-    for t in cache.layers:  # random latent rows everywhere (never zeros: they flatter the kernels)
-        t.normal_()
+    cache = model_with(1).new_cache(max_s, max_b, kv_dtype)  # every HOP-B setting shares the layout's cache
+    fill_random(cache)
     ids = list(range(max_b))
     for sid in ids:
         cache.add(sid)
@@ -182,7 +197,7 @@ def rank_bench(ctx: RankContext, preset: str, layers: int, mode: str, n: int, ba
             name = mode if microbatches == 1 else f"{mode}+hopb{microbatches}"
             for context in contexts:
                 rows.append(_time_point(ctx, model, cache, graph, comm, coll, ceilings, name, mode, n, layers,
-                                        batch, context, width, gen, iters, profile))
+                                        batch, context, width, gen, iters, profile, kv_dtype))
             del graph, model
     built.clear()
     del cache
@@ -191,7 +206,7 @@ def rank_bench(ctx: RankContext, preset: str, layers: int, mode: str, n: int, ba
 
 
 def _time_point(ctx, model, cache, graph, comm, coll, ceilings, name, mode, n, layers, batch, context, width, gen,
-                iters, profile: bool = False) -> dict:
+                iters, profile: bool = False, kv_dtype: str = "auto") -> dict:
     cfg = model.cfg
     b_ids = list(range(batch))
     tokens = torch.randint(0, cfg.vocab_size, (batch,), generator=gen)
@@ -201,15 +216,15 @@ def _time_point(ctx, model, cache, graph, comm, coll, ceilings, name, mode, n, l
     if comm.group is not None:
         dist.barrier(group=comm.group)
     times = _time_replays(lambda: graph(tokens, positions, slots, table, lens), iters, ctx.device)
-    kv, w, flops = step_bytes_and_flops(model, batch, context)
+    kv, w, flops = step_bytes_and_flops(model, batch, context, kv_dtype)
     a2a, other = collectives_per_step(mode, n, layers)
     t_roof, t_mem, t_flop = (x * 1e3 for x in kernel_bench.floor_s(kv + w, flops, ceilings))
     t_coll = (a2a * coll["all_to_all_us"] + other * coll["all_reduce_us"]) * 1e-3
     floor = t_roof + t_coll
     med = statistics.median(times)
     q = statistics.quantiles(times, n=10)
-    log.info("%s N=%d B=%d S=%d: %.3f ms (floor %.3f)", name, n, batch, context, med, floor)
-    row = asdict(Row(name, n, layers, batch, context, med, q[0], q[-1], 1e3 / med, kv, w, flops, a2a + other, floor,
+    log.info("%s N=%d %s KV B=%d S=%d: %.3f ms (floor %.3f)", name, n, kv_dtype, batch, context, med, floor)
+    row = asdict(Row(name, n, kv_dtype, layers, batch, context, med, q[0], q[-1], 1e3 / med, kv, w, flops, a2a + other, floor,
                      {"memory_ms": t_mem, "flops_ms": t_flop, "collectives_ms": t_coll, **coll}, med / floor))
     if profile:
         row["profile"] = kernel_profile(lambda: graph(tokens, positions, slots, table, lens), ctx.device)
@@ -238,9 +253,9 @@ def kernel_profile(replay, device, steps: int = 5, top: int = 25) -> dict:
 # --------------------------------------------------------------------------------------------- driver
 
 
-def kv_capacity(cfg: ModelConfig, mode: str, n: int, gpu_bytes: int, weight_bytes_rank: int) -> int:
+def kv_capacity(cfg: ModelConfig, mode: str, n: int, gpu_bytes: int, weight_bytes_rank: int, kv_dtype: str = "auto") -> int:
     """Longest context (B = 1) whose KV fits beside this rank's weights, 90% of GPU memory usable."""
-    per_token = cfg.kv_cache_dim * BF16 * cfg.num_hidden_layers
+    per_token = PagedKVCache.bytes_per_token(cfg.kv_cache_dim, torch.bfloat16, kv_dtype) * cfg.num_hidden_layers
     room = 0.9 * gpu_bytes - weight_bytes_rank
     tokens = max(0, int(room // per_token))
     return tokens * (n if mode == "helix" else 1)
@@ -257,7 +272,7 @@ def resident_weight_bytes(cfg: ModelConfig, mode: str, n: int) -> int:
 def run_bench(out_dir: str, preset: str = "deepseek-v3-lite", layers: int = 4, gpus: int | None = None,
               batches=(1, 8), contexts=(65536, 131072, 524288, 1048576), tpb: int = 64, iters: int = 60,
               configs: list[tuple[str, int]] | None = None, profile: bool = False, moe_parallel: str = "ep",
-              execution: Execution = Execution()) -> dict:
+              execution: Execution = Execution(), kv_dtypes=("auto",)) -> dict:
     gpus = gpus or torch.cuda.device_count()
     configs = configs or [("single", 1)] + [(m, k) for k in (2, 4) if k <= gpus for m in ("tp", "helix")]
     os.makedirs(out_dir, exist_ok=True)
@@ -266,17 +281,19 @@ def run_bench(out_dir: str, preset: str = "deepseek-v3-lite", layers: int = 4, g
     rows = []
     with RankPool(gpus, [f"cuda:{i}" for i in range(gpus)], collective_timeout_s=execution.collective_timeout_s) as pool:
         for mode, n in configs:
-            rows += pool.run(rank_bench, preset, layers, mode, n, list(batches), list(contexts), tpb, iters, ceilings,
-                             execution, profile, moe_parallel, n=n)[0]
+            for kv_dtype in kv_dtypes:
+                rows += pool.run(rank_bench, preset, layers, mode, n, list(batches), list(contexts), tpb, iters,
+                                 ceilings, execution, profile, moe_parallel, kv_dtype, n=n)[0]
     full_cfg = get_preset(preset)
     gpu_mem = torch.cuda.get_device_properties(0).total_memory
-    capacity = {f"{m}-x{n}": kv_capacity(full_cfg, m, n, gpu_mem, resident_weight_bytes(full_cfg, m, n))
-                for m, n in configs}
+    capacity = {f"{m}-x{n}" + ("-fp8" if kv == "fp8" else ""):
+                kv_capacity(full_cfg, m, n, gpu_mem, resident_weight_bytes(full_cfg, m, n), kv)
+                for m, n in configs for kv in kv_dtypes}
     card = ceilings["device"]
     result = {"card": card, "gpus": gpus, "preset": preset, "layers": layers, "tokens_per_block": tpb, "moe": moe_parallel,
-              "ceilings": ceilings, "kv_capacity_tokens": capacity,
+              "kv_dtypes": list(kv_dtypes), "ceilings": ceilings, "kv_capacity_tokens": capacity,
               "kv_capacity_layers": full_cfg.num_hidden_layers, "rows": rows}
-    base = os.path.join(out_dir, f"{kernel_bench.card_tag(card)}-x{gpus}")
+    base = os.path.join(out_dir, f"{kernel_bench.card_tag(card)}-x{gpus}" + ("-fp8kv" if "fp8" in kv_dtypes else ""))
     with open(base + ".json", "w") as f:
         json.dump(result, f, indent=1)
     with open(base + ".md", "w") as f:
@@ -299,9 +316,10 @@ def profile_text(result: dict) -> str:
 def label(row: dict) -> str:
     mode = row["mode"]
     if mode == "single":
-        return "single GPU"
+        return "single GPU" + (" FP8 KV" if row.get("kv_dtype") == "fp8" else "")
     name = "Helix" if mode.startswith("helix") else "TP-attn"
-    return f"{name} N={row['gpus']}" + (" HOP-B" if "hopb" in mode else "")
+    kv = " FP8 KV" if row.get("kv_dtype") == "fp8" else ""
+    return f"{name} N={row['gpus']}" + (" HOP-B" if "hopb" in mode else "") + kv
 
 
 def markdown_table(result: dict) -> str:
@@ -331,13 +349,14 @@ def plot(result: dict, base: str) -> None:
         log.warning("matplotlib missing: no plots")
         return
     rows = result["rows"]
-    keys = sorted({(r["mode"], r["gpus"]) for r in rows})
-    names = {(r["mode"], r["gpus"]): label(r) for r in rows}
+    keys = sorted({(r["mode"], r["gpus"], r.get("kv_dtype", "auto")) for r in rows})
+    names = {(r["mode"], r["gpus"], r.get("kv_dtype", "auto")): label(r) for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, batch in zip(axes, sorted({r["batch"] for r in rows})):
-        for mode, n in keys:
-            pts = sorted((r["context"], r["ms"]) for r in rows if (r["mode"], r["gpus"], r["batch"]) == (mode, n, batch))
-            ax.plot([p[0] / 1024 for p in pts], [p[1] for p in pts], marker="o", label=names[mode, n])
+        for key in keys:
+            pts = sorted((r["context"], r["ms"]) for r in rows
+                         if (r["mode"], r["gpus"], r.get("kv_dtype", "auto"), r["batch"]) == (*key, batch))
+            ax.plot([p[0] / 1024 for p in pts], [p[1] for p in pts], marker="o", label=names[key])
         ax.set_xscale("log", base=2)
         ax.set(title=f"B={batch}", xlabel="context (K tokens)", ylabel="ms / token")
         ax.legend()
@@ -346,10 +365,10 @@ def plot(result: dict, base: str) -> None:
     fig.savefig(base + "-latency.png", dpi=110)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     top = max(r["context"] for r in rows)
-    for mode, n in keys:
+    for key in keys:
         pts = sorted((r["batch"], r["tokens_per_s_per_user"]) for r in rows
-                     if (r["mode"], r["gpus"], r["context"]) == (mode, n, top))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=names[mode, n])
+                     if (r["mode"], r["gpus"], r.get("kv_dtype", "auto"), r["context"]) == (*key, top))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=names[key])
     ax.set(title=f"tokens/s/user at {top // 1024}K context", xlabel="batch", ylabel="tokens/s/user")
     ax.legend()
     fig.tight_layout()

@@ -7,12 +7,19 @@ on-disk names transformers uses for DeepSeek-V2/V3 (per-expert ``mlp.experts.{j}
 ``Checkpoint.get(name, dim, start, stop)`` reads only the requested slice through safetensors' lazy
 slicing, so a rank of a 54 GB model never materialises tensors it does not own.
 
+FP8 block-scaled checkpoints (DeepSeek-V3/R1's format, ``config.Fp8BlockScaling``): each ``*_proj.weight`` is
+float8_e4m3fn with a float32 ``*_proj.weight_scale_inv`` [ceil(out / bm), ceil(in / bn)]; ``get`` reads the
+slice's FP8 values and only the scale rows/columns of the blocks the slice touches, and returns
+q * scale_inv in float32 (float64 when asked for), cast to the requested dtype. A scale block cut by a rank
+boundary is read by both ranks and applied to each one's part, so every layout sees the same weights.
+
 ``make_checkpoint`` writes a synthetic checkpoint of a preset (``helix make-checkpoint``);
 ``ensure_checkpoint`` writes one on first use and reuses it after (the quick start's embedded default).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,16 +31,19 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from helix.config import ModelConfig
+from helix.config import Fp8BlockScaling, ModelConfig
+from helix.fp8 import FP8, e4m3_scale, to_e4m3
 from helix.presets import CONSTRUCTED, get_preset
 from helix.tokenizer import with_byte_specials, write_byte_tokenizer
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+CHECKPOINT_DTYPES = (*DTYPES, "fp8")  # what make_checkpoint writes: a dtype, or DeepSeek's FP8 block-scaled format
 
 
 class CheckpointError(ValueError):
@@ -91,6 +101,31 @@ def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return s
 
 
+def block_scaled(name: str) -> bool:
+    """Whether an FP8 checkpoint stores ``name`` as float8 with a scale: the linear projections. DeepSeek's format
+    leaves the embedding, the norms, the router (``mlp.gate``, its bias) and lm_head unquantized."""
+    return name.endswith("_proj.weight")
+
+
+def scale_name(name: str) -> str:
+    return name + "_scale_inv"
+
+
+def scale_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Scale name -> [ceil(out / bm), ceil(in / bn)] for every block-scaled weight; empty unless FP8."""
+    if cfg.quantization_config is None:
+        return {}
+    bm, bn = cfg.quantization_config.weight_block_size
+    return {scale_name(n): (-(-s[0] // bm), -(-s[1] // bn)) for n, s in tensor_shapes(cfg).items() if block_scaled(n)}
+
+
+def expand_blocks(scale: torch.Tensor, block: tuple[int, int], lead: tuple[int, int], shape: torch.Size) -> torch.Tensor:
+    """Per-block scales [r, c] -> per-element [shape], the first element sitting ``lead`` rows/columns into
+    block (0, 0): block (i, j) covers rows i bm .. i bm + bm - 1 and columns j bn .. j bn + bn - 1."""
+    full = scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return full[lead[0]:lead[0] + shape[0], lead[1]:lead[1] + shape[1]]
+
+
 # --------------------------------------------------------------------------------------------- reading
 
 
@@ -103,6 +138,7 @@ class Checkpoint:
             raise CheckpointError(f"model={self.path!r}: not a directory (expected an HF checkpoint directory)")
         self.config = ModelConfig.from_json(self.path)
         self.expected = tensor_shapes(self.config)
+        self.scales = scale_shapes(self.config)  # FP8: the weight_scale_inv tensors
         self._handles: dict[str, object] = {}
         self._file_of = self._index()
         self.bytes_read = 0  # bytes materialised by get(); tests use it to prove slicing reads little
@@ -134,18 +170,23 @@ class Checkpoint:
         return self._handles[file]
 
     def shape(self, name: str) -> tuple[int, ...]:
+        want = self.expected.get(name, self.scales.get(name))
         if name not in self._file_of:
-            want = self.expected.get(name)
             raise CheckpointError(f"tensor {name!r} is missing from {self.path} (expected shape {want})")
-        shape = tuple(self._handle(self._file_of[name]).get_slice(name).get_shape())
-        want = self.expected.get(name)
+        sl = self._handle(self._file_of[name]).get_slice(name)
+        shape = tuple(sl.get_shape())
         if want is not None and shape != want:
             raise CheckpointError(f"tensor {name!r}: checkpoint shape {shape} != shape {want} implied by config.json")
+        stored, fp8 = sl.get_dtype(), self.config.quantization_config is not None
+        if (stored == "F8_E4M3") != (fp8 and name in self.expected and block_scaled(name)):
+            rule = ("config.json has no quantization_config (an FP8 checkpoint declares {quant_method: fp8, ...})"
+                    if not fp8 else "quantization_config fp8 stores exactly the *_proj.weight tensors as F8_E4M3, "
+                    "each with a float32 weight_scale_inv")
+            raise CheckpointError(f"tensor {name!r}: stored as {stored}, but {rule}")
         return shape
 
-    def get(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None,
-            dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Tensor ``name`` (or rows/columns [start, stop) along ``dim``), read lazily, cast, moved."""
+    def _read(self, name: str, dim: int | None, start: int, stop: int | None) -> torch.Tensor:
+        """Tensor ``name`` or its rows/columns [start, stop) along ``dim``, as stored."""
         shape = self.shape(name)
         sl = self._handle(self._file_of[name]).get_slice(name)
         if dim is None:
@@ -157,13 +198,37 @@ class Checkpoint:
             index = tuple([slice(None)] * dim + [slice(start, stop)])
             t = sl[index]
         self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def get(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None,
+            dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Tensor ``name`` (or rows/columns [start, stop) along ``dim``), read lazily, dequantized (FP8), cast,
+        moved."""
+        t = self._read(name, dim, start, stop)
+        if t.dtype == FP8:
+            t = self._dequantize(name, t, dim, start, dtype)
         if dtype is not None:
             t = t.to(dtype)
         return t.to(device)
 
+    def _dequantize(self, name: str, q: torch.Tensor, dim: int | None, start: int, dtype: torch.dtype | None
+                    ) -> torch.Tensor:
+        """q: the FP8 rows/columns [start, start + q.shape[dim]) of ``name`` -> q * scale_inv in float32 (float64 if
+        asked for: exact), reading only the scale rows/columns of the blocks the slice touches."""
+        block = self.config.quantization_config.weight_block_size
+        if dim is None:
+            scale, lead = self._read(scale_name(name), None, 0, None), (0, 0)
+        else:
+            b = block[dim]
+            scale = self._read(scale_name(name), dim, start // b, -(-(start + q.shape[dim]) // b))
+            lead = tuple(start % b if d == dim else 0 for d in range(2))
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        return q.to(compute) * expand_blocks(scale, block, lead, q.shape).to(compute)
+
     def check_complete(self) -> None:
-        """Every file's header is valid and every tensor the config implies is present with the right shape."""
-        for name in self.expected:
+        """Every file's header is valid and every tensor the config implies (FP8: with its scale) is present with
+        the right shape and storage."""
+        for name in (*self.expected, *self.scales):
             self.shape(name)
 
     def close(self) -> None:
@@ -304,8 +369,8 @@ class CheckpointPlan:
 
     parameters: int
     bytes: int
-    dtype: str
     tensors: int
+    dtype: str
 
     def describe(self) -> str:
         return (f"{self.parameters:,} parameters ({_si(self.parameters)}) in {self.tensors} tensors, "
@@ -319,14 +384,57 @@ def _si(n: int) -> str:
     return f"{n} "
 
 
-def preset_tensors(model: str | ModelConfig, cfg: ModelConfig, seed: int, dtype: torch.dtype
+def fp8_storage(name: str) -> torch.dtype:
+    """What DeepSeek's FP8 format stores ``name`` as: FP8 projections, the float32 routing bias, bf16 otherwise."""
+    if block_scaled(name):
+        return FP8
+    return torch.float32 if name.endswith("e_score_correction_bias") else torch.bfloat16
+
+
+def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (q float8_e4m3fn [out, in], scale_inv float32 [ceil(out / bm), ceil(in / bn)]), each block
+    scaled so that its largest magnitude maps to e4m3's 448 (DeepSeek's scheme); edge blocks are partial."""
+    (bm, bn), (rows, cols) = block, w.shape
+    grid = (-(-rows // bm), -(-cols // bn))
+    padded = F.pad(w.float().abs(), (0, grid[1] * bn - cols, 0, grid[0] * bm - rows))  # zeros: no effect on amax
+    scale = e4m3_scale(padded.view(grid[0], bm, grid[1], bn).amax(dim=(1, 3)))
+    return to_e4m3(w, expand_blocks(scale, block, (0, 0), w.shape)), scale
+
+
+def fp8_tensors(tensors: Iterator[tuple[str, torch.Tensor]], block: tuple[int, int]
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The FP8 checkpoint of float ``tensors``: each projection quantized, followed by its scale."""
+    for name, t in tensors:
+        if block_scaled(name):
+            q, scale = quantize_blocks(t, block)
+            yield name, q
+            yield scale_name(name), scale
+        else:
+            yield name, t.to(fp8_storage(name))
+
+
+def preset_tensors(model: str | ModelConfig, cfg: ModelConfig, seed: int, dtype: str
                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of the checkpoint ``make_checkpoint`` writes for ``model``."""
+    """(name, tensor) of the checkpoint ``make_checkpoint`` writes for ``model``, in ``dtype`` (or FP8)."""
     if model in CONSTRUCTED:
         from helix.needle import needle_tensors  # imports the reference's RoPE: only when needed
 
-        return ((name, t.to(dtype)) for name, t in needle_tensors(cfg).items())
-    return synthetic_tensors(cfg, seed, dtype)
+        tensors = iter(needle_tensors(cfg).items())
+    else:
+        tensors = synthetic_tensors(cfg, seed)
+    if dtype == "fp8":
+        return fp8_tensors(tensors, cfg.quantization_config.weight_block_size)
+    return ((name, t.to(DTYPES[dtype])) for name, t in tensors)
+
+
+def checkpoint_bytes(cfg: ModelConfig, dtype: str) -> tuple[int, int]:
+    """(bytes, tensors) of the checkpoint ``make_checkpoint`` writes for ``cfg`` in ``dtype``."""
+    shapes = tensor_shapes(cfg)
+    if dtype != "fp8":
+        return sum(math.prod(s) for s in shapes.values()) * DTYPES[dtype].itemsize, len(shapes)
+    scales = scale_shapes(cfg)
+    return (sum(math.prod(s) * fp8_storage(n).itemsize for n, s in shapes.items())
+            + sum(math.prod(s) for s in scales.values()) * 4, len(shapes) + len(scales))
 
 
 def make_checkpoint(model: str | ModelConfig, out: str | os.PathLike, seed: int = 0, dtype: str = "bfloat16",
@@ -334,7 +442,8 @@ def make_checkpoint(model: str | ModelConfig, out: str | os.PathLike, seed: int 
     """Write a complete synthetic HF checkpoint of preset name or config ``model`` into ``out``.
 
     Weights are random (seeded), except for the presets in ``presets.CONSTRUCTED`` named by their name, whose
-    weights are written down (``helix.needle``) and take no seed.
+    weights are written down (``helix.needle``) and take no seed. ``dtype`` "fp8" writes DeepSeek's FP8 format
+    (``quantize_blocks``; 128 x 128 blocks unless ``model`` is a config with its own ``quantization_config``).
 
     Weights are generated and written one shard at a time, so a 54 GB model never sits in memory. The
     files go to a temporary sibling directory renamed onto ``out`` at the end: a directory at ``out`` is
@@ -342,11 +451,14 @@ def make_checkpoint(model: str | ModelConfig, out: str | os.PathLike, seed: int 
     """
     cfg = get_preset(model) if isinstance(model, str) else model
     cfg = with_byte_specials(cfg)
-    if dtype not in DTYPES:
-        raise CheckpointError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
-    shapes = tensor_shapes(cfg)
-    parameters = sum(math.prod(s) for s in shapes.values())
-    plan = CheckpointPlan(parameters, parameters * DTYPES[dtype].itemsize, dtype, len(shapes))
+    if dtype not in CHECKPOINT_DTYPES:
+        raise CheckpointError(f"dtype={dtype!r}: choose one of {sorted(CHECKPOINT_DTYPES)}")
+    if dtype == "fp8" and cfg.quantization_config is None:  # a config may bring its own weight_block_size
+        cfg = dataclasses.replace(cfg, quantization_config=Fp8BlockScaling())
+    if (dtype == "fp8") != (cfg.quantization_config is not None):
+        raise CheckpointError(f"dtype={dtype!r}: a config with a quantization_config is written with dtype 'fp8'")
+    parameters = sum(math.prod(s) for s in tensor_shapes(cfg).values())
+    plan = CheckpointPlan(parameters, *checkpoint_bytes(cfg, dtype), dtype)
     if dry_run:
         return plan
     out = os.path.abspath(os.fspath(out))
@@ -363,7 +475,7 @@ def make_checkpoint(model: str | ModelConfig, out: str | os.PathLike, seed: int 
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump(generation, f, indent=1)
         write_byte_tokenizer(tmp, cfg.max_position_embeddings)
-        write_safetensors(preset_tensors(model, cfg, seed, DTYPES[dtype]), tmp, shard_bytes)
+        write_safetensors(preset_tensors(model, cfg, seed, dtype), tmp, shard_bytes)
         if os.path.isdir(out):
             os.rmdir(out)
         os.rename(tmp, out)

@@ -27,8 +27,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from helix.checkpoint import (DEFAULT_PRESET, DTYPES, CheckpointError, check_checkpoint, ensure_checkpoint,
-                              make_checkpoint)
+from helix.checkpoint import (CHECKPOINT_DTYPES, DEFAULT_PRESET, DTYPES, CheckpointError, check_checkpoint,
+                              ensure_checkpoint, make_checkpoint)
 from helix.config import ConfigError, ModelConfig
 from helix.engine import RequestError
 from helix.presets import PRESETS
@@ -189,7 +189,9 @@ def add_make_checkpoint(sub) -> None:
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
     p.add_argument("--out", help="directory to create (must not exist or be empty)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weight dtype (default bfloat16)")
+    p.add_argument("--dtype", choices=sorted(CHECKPOINT_DTYPES), default="bfloat16",
+                   help="weight dtype (default bfloat16); fp8: DeepSeek's FP8 format, e4m3 projections with a float32 "
+                        "scale per 128 x 128 block")
     p.add_argument("--dry-run", action="store_true", help="print parameter count and bytes; write nothing")
     p.set_defaults(func=run_make_checkpoint)
 
@@ -205,7 +207,8 @@ def run_bench_cmd(args: argparse.Namespace) -> None:
 
     configs = [(c.rsplit("x", 1)[0], int(c.rsplit("x", 1)[1])) for c in args.configs] if args.configs else None
     result = run_bench(args.out, args.preset, args.layers, args.gpus, args.batch, args.context, args.tokens_per_block,
-                       args.iters, configs, args.profile, args.moe_parallel, Execution.from_env())
+                       args.iters, configs, args.profile, args.moe_parallel, Execution.from_env(),
+                       tuple(dict.fromkeys(args.kv_dtype)))
     print(markdown_table(result))
     if args.profile:
         print(profile_text(result))
@@ -228,6 +231,9 @@ def add_bench(sub) -> None:
     p.add_argument("--profile", action="store_true", help="also list each step's GPU kernels by time (torch.profiler)")
     p.add_argument("--moe-parallel", choices=["ep", "tp"], default="ep",
                    help="routed experts expert- (ep) or tensor-parallel (tp), as moe_parallel in a deployment file")
+    p.add_argument("--kv-dtype", nargs="+", choices=["auto", "fp8"], default=["auto"],
+                   help="KV cache dtype(s), each config measured with each: auto (bf16), fp8 (e4m3, a scale per row); "
+                        "e.g. --kv-dtype auto fp8 for the FP8 cache beside its bf16 baseline")
     p.set_defaults(func=run_bench_cmd)
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+KV_DTYPES = ("auto", "fp8")  # kv_cache_config.dtype (helix/kv_cache.py stores them)
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,53 @@ def yarn_mscale(scale: float, mscale: float) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
+# --------------------------------------------------------------------------------------------- FP8 weights
+
+
+@dataclass(frozen=True)
+class Fp8BlockScaling:
+    """DeepSeek's FP8 checkpoint format, config.json's ``quantization_config``::
+
+        {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+    Every linear projection weight W [out, in] (``*_proj.weight``) is stored as ``float8_e4m3fn`` with
+    ``weight_scale_inv`` [ceil(out / bm), ceil(in / bn)] float32: W[i, j] = q[i, j] * scale_inv[i // bm, j // bn]
+    (edge blocks partial). Embeddings, norms, the router and lm_head stay unquantized. Weights are dequantized
+    to the compute dtype at load (helix/checkpoint.py); activations are never quantized here, so
+    ``activation_scheme`` must be ``dynamic`` (``static`` would ship activation scales this runtime ignores).
+    """
+
+    weight_block_size: tuple[int, int] = (128, 128)
+
+    FIXED = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
+    KEY = "quantization_config"
+
+    @classmethod
+    def parse(cls, raw) -> "Fp8BlockScaling":
+        if not isinstance(raw, dict):
+            fail(cls.KEY, raw, "must be a mapping {quant_method: fp8, fmt: e4m3, activation_scheme: dynamic, "
+                  "weight_block_size: [128, 128]}")
+        method = raw.get("quant_method")
+        if method != "fp8":
+            fail(f"{cls.KEY}.quant_method", method, "only 'fp8' (DeepSeek's block-scaled FP8 weights) is supported; "
+                  "other quantization methods are refused: use a bf16/fp16/fp32 or FP8 block-scaled checkpoint")
+        known = [*cls.FIXED, "weight_block_size"]
+        for key in raw:
+            if key not in known:
+                fail(f"{cls.KEY}.{key}", raw[key], f"unknown key; the FP8 format takes exactly {known}")
+        for key, want in cls.FIXED.items():
+            if raw.get(key) != want:
+                fail(f"{cls.KEY}.{key}", raw.get(key), f"must be {want!r}")
+        block = raw.get("weight_block_size")
+        if (not isinstance(block, (list, tuple)) or len(block) != 2
+                or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+            fail(f"{cls.KEY}.weight_block_size", block, "must be [rows, columns] of a scale block, positive integers")
+        return cls(tuple(block))
+
+    def to_hf(self) -> dict:
+        return {**self.FIXED, "weight_block_size": list(self.weight_block_size)}
+
+
 # --------------------------------------------------------------------------------------------- model
 
 
@@ -122,6 +170,7 @@ class ModelConfig:
     max_position_embeddings: int = 163840
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
+    quantization_config: Fp8BlockScaling | None = None  # how the checkpoint stores weights; None: as they are
 
     # Keys read and checked but not kept: they must hold these values (or be absent).
     _FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
@@ -152,11 +201,8 @@ class ModelConfig:
         mt = raw.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             fail("model_type", mt, f"supported model types are {list(SUPPORTED_MODEL_TYPES)}")
-        if raw.get("quantization_config"):
-            q = raw["quantization_config"]
-            method = q.get("quant_method", q) if isinstance(q, dict) else q
-            fail("quantization_config", method, "quantized checkpoints (e.g. FP8 block-scaled) are not supported; "
-                  "use a bf16/fp16/fp32 checkpoint")
+        if raw.get("quantization_config") is not None:
+            raw["quantization_config"] = Fp8BlockScaling.parse(raw["quantization_config"])
         for key, want in cls._FIXED.items():
             if key in raw and raw[key] != want:
                 fail(key, raw[key], f"only {want!r} is supported")
@@ -197,6 +243,10 @@ class ModelConfig:
         """A ``config.json`` that transformers' DeepseekV3/V2 classes and this project both read."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d.pop("rope_scaling")
+        if d["quantization_config"] is None:
+            d.pop("quantization_config")
+        else:
+            d["quantization_config"] = self.quantization_config.to_hf()
         d["rope_parameters"] = self.rope_scaling.to_hf(self.rope_theta)
         arch = "DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"
         d.update(architectures=[arch], hidden_act="silu", attention_bias=False, num_key_value_heads=self.num_attention_heads,
@@ -308,8 +358,10 @@ class HelixConfig:
          "cp_config": {"cp_type": "HELIX", "tokens_per_block": 32},
          "kv_cache_config": {"tokens_per_block": 32, "max_tokens": 65536}}
 
-    ``max_tokens`` is the KV capacity per sequence slot summed over all ranks; ``moe_parallel`` picks expert
-    parallel ("ep", default) or tensor parallel ("tp") for routed experts.
+    ``max_tokens`` is the KV capacity per sequence slot summed over all ranks; ``kv_cache_config.dtype``
+    (TensorRT-LLM's key) is "auto" (the model's dtype, default) or "fp8" (e4m3 latent rows with a per-row scale,
+    helix/kv_cache.py); ``moe_parallel`` picks expert parallel ("ep", default) or tensor parallel ("tp") for
+    routed experts.
     """
 
     context_parallel_size: int = 2
@@ -318,6 +370,7 @@ class HelixConfig:
     max_tokens: int = 8192
     max_batch_size: int = 8
     moe_parallel: str = "ep"
+    kv_dtype: str = "auto"
 
     @classmethod
     def from_dict(cls, raw: dict, prefix: str = "") -> "HelixConfig":
@@ -332,8 +385,9 @@ class HelixConfig:
             if key not in ("cp_type", "tokens_per_block"):
                 fail(prefix + "cp_config." + key, cp[key], "unknown key; cp_config takes cp_type and tokens_per_block")
         for key in kv:
-            if key not in ("tokens_per_block", "max_tokens"):
-                fail(prefix + "kv_cache_config." + key, kv[key], "unknown key; kv_cache_config takes tokens_per_block and max_tokens")
+            if key not in ("tokens_per_block", "max_tokens", "dtype"):
+                fail(prefix + "kv_cache_config." + key, kv[key],
+                     "unknown key; kv_cache_config takes tokens_per_block, max_tokens and dtype")
         tp = raw.get("tensor_parallel_size", 1)
         if tp != 1:
             fail(prefix + "tensor_parallel_size", tp, "Helix MLA uses TPA = 1; the N context-parallel ranks are re-used as "
@@ -351,6 +405,7 @@ class HelixConfig:
             max_tokens=kv.get("max_tokens", cls.max_tokens),
             max_batch_size=raw.get("max_batch_size", cls.max_batch_size),
             moe_parallel=raw.get("moe_parallel", cls.moe_parallel),
+            kv_dtype=kv.get("dtype", cls.kv_dtype),
         )
         out.validate(prefix)
         return out
@@ -371,6 +426,9 @@ class HelixConfig:
             fail(prefix + "max_batch_size", self.max_batch_size, "must be a positive integer")
         if self.moe_parallel not in ("ep", "tp"):
             fail(prefix + "moe_parallel", self.moe_parallel, "must be 'ep' (expert parallel) or 'tp' (tensor parallel)")
+        if self.kv_dtype not in KV_DTYPES:
+            fail(prefix + "kv_cache_config.dtype", self.kv_dtype, "must be 'auto' (the model's dtype) or 'fp8' (e4m3 "
+                  "latent rows, one float32 scale per row)")
 
     def validate_for_model(self, model: ModelConfig, prefix: str = "") -> None:
         """Divisibility rules between the model and N (heads for the all-to-all, experts for EP, FFN widths for TP)."""
@@ -393,7 +451,8 @@ class HelixConfig:
         return {
             "context_parallel_size": self.context_parallel_size,
             "cp_config": {"cp_type": self.cp_type, "tokens_per_block": self.tokens_per_block},
-            "kv_cache_config": {"tokens_per_block": self.tokens_per_block, "max_tokens": self.max_tokens},
+            "kv_cache_config": {"tokens_per_block": self.tokens_per_block, "max_tokens": self.max_tokens,
+                                "dtype": self.kv_dtype},
             "max_batch_size": self.max_batch_size,
             "moe_parallel": self.moe_parallel,
         }

@@ -83,9 +83,10 @@ class _Active:
 
 class HelixEngine:
     def __init__(self, model: HelixModel, max_tokens: int, max_batch_size: int,
-                 stop_check: Callable[[Request, list[int]], bool] | None = None, cuda_graphs: bool = False):
+                 stop_check: Callable[[Request, list[int]], bool] | None = None, cuda_graphs: bool = False,
+                 kv_dtype: str = "auto"):
         self.model, self.max_batch_size, self.stop_check = model, max_batch_size, stop_check
-        self.cache = model.new_cache(max_tokens, max_batch_size)
+        self.cache = model.new_cache(max_tokens, max_batch_size, kv_dtype)
         self.active: dict[int, _Active] = {}
         self.steps = 0
         # CUDA graphs: one captured step per batch size, block tables padded to the cache's table_width.

@@ -42,7 +42,7 @@ def build_engine(spec: RunSpec, comm: Comm, device: torch.device,
     gen = spec.generation
     model = build_model(spec, HelixMapping(comm.rank, comm.world_size, gen.tokens_per_block), comm, device)
     return HelixEngine(model, gen.max_tokens, gen.max_batch_size, stop_check,
-                       cuda_graphs=spec.execution.cuda_graphs and device.type == "cuda")
+                       cuda_graphs=spec.execution.cuda_graphs and device.type == "cuda", kv_dtype=gen.kv_dtype)
 
 
 def context_mapping(spec: RunSpec) -> HelixMapping:

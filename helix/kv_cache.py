@@ -1,7 +1,11 @@
 """Paged latent KV cache of one rank, with Helix block ownership.
 
-Per layer the rank holds ``cache[layer]``: [num_blocks, tokens_per_block, Lkv + R] (c_kv then k_pe). A
-sequence's global block b lives on rank b mod N; on that rank it is local block b // N, placed in a physical
+Per layer the rank holds ``cache[layer]``: [num_blocks, tokens_per_block, Lkv + R] (c_kv then k_pe). With
+``kv_dtype`` "fp8" (``kv_cache_config.dtype: fp8``) the rows are float8_e4m3fn and ``scales[layer]`` [num_blocks,
+tokens_per_block] float32 holds one scale per row: a row is written as row / scale with scale = max|row| / 448
+(e4m3's largest value, so no row saturates and none needs calibrating) and read as e4m3 x scale inside
+``mla_decode``. 576 + 4 bytes per token and layer instead of bf16's 1152. A sequence's global block b lives on
+rank b mod N; on that rank it is local block b // N, placed in a physical
 block taken from this rank's free list. Physical block 0 is a scratch block that is never handed out: writes
 by non-owner ranks go there, so every rank runs the same kernels with the same shapes (CUDA-graph friendly).
 
@@ -15,9 +19,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from helix.config import KV_DTYPES
+from helix.fp8 import FP8, e4m3_scale, to_e4m3
 from helix.mapping import HelixMapping
 
 SCRATCH_BLOCK = 0
+
+
+def quantize_rows(entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, E] -> (e4m3 rows [T, E], float32 scales [T]): each row's largest magnitude maps to 448."""
+    scale = e4m3_scale(entries.abs().amax(-1))
+    return to_e4m3(entries, scale[:, None]), scale
 
 
 class CapacityError(RuntimeError):
@@ -33,22 +45,37 @@ class Sequence:
 
 class PagedKVCache:
     def __init__(self, mapping: HelixMapping, num_layers: int, entry_dim: int, max_tokens_per_seq: int,
-                 num_blocks: int, dtype: torch.dtype, device: torch.device | str):
+                 num_blocks: int, dtype: torch.dtype, device: torch.device | str, kv_dtype: str = "auto"):
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype={kv_dtype!r}: one of {KV_DTYPES}")
         self.mapping = mapping
         self.tpb = mapping.tokens_per_block
         self.max_tokens_per_seq = max_tokens_per_seq
         self.num_blocks = num_blocks
-        self.layers = [torch.zeros(num_blocks, self.tpb, entry_dim, dtype=dtype, device=device)
+        self.kv_dtype = kv_dtype
+        fp8 = kv_dtype == "fp8"
+        self.layers = [torch.zeros(num_blocks, self.tpb, entry_dim, dtype=FP8 if fp8 else dtype, device=device)
                        for _ in range(num_layers)]
+        self.scales = ([torch.zeros(num_blocks, self.tpb, dtype=torch.float32, device=device) for _ in range(num_layers)]
+                       if fp8 else None)
         self.free = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))  # pop() hands out low ids first
         self.seqs: dict[int, Sequence] = {}
 
     @classmethod
     def for_config(cls, mapping: HelixMapping, num_layers: int, entry_dim: int, max_tokens_per_seq: int,
-                   max_batch_size: int, dtype: torch.dtype, device) -> "PagedKVCache":
+                   max_batch_size: int, dtype: torch.dtype, device, kv_dtype: str = "auto") -> "PagedKVCache":
         """A pool with room for ``max_batch_size`` sequences of ``max_tokens_per_seq`` tokens each."""
         return cls(mapping, num_layers, entry_dim, max_tokens_per_seq,
-                   1 + mapping.max_local_blocks(max_tokens_per_seq) * max_batch_size, dtype, device)
+                   1 + mapping.max_local_blocks(max_tokens_per_seq) * max_batch_size, dtype, device, kv_dtype)
+
+    @staticmethod
+    def bytes_per_token(entry_dim: int, dtype: torch.dtype, kv_dtype: str = "auto") -> int:
+        """Bytes one token's row takes in one layer: E values of ``dtype``, or E e4m3 bytes plus a float32 scale."""
+        return entry_dim + 4 if kv_dtype == "fp8" else entry_dim * dtype.itemsize
+
+    def scale(self, layer: int) -> torch.Tensor | None:
+        """``mla_decode``'s kv_scale for ``layer``: the per-row scales of an FP8 cache, None otherwise."""
+        return None if self.scales is None else self.scales[layer]
 
     @property
     def table_width(self) -> int:
@@ -118,6 +145,38 @@ class PagedKVCache:
         return table, torch.tensor(local, dtype=torch.int32)
 
     def write(self, layer: int, slots: torch.Tensor, entries: torch.Tensor) -> None:
-        """Store [T, Lkv + R] entries at flat ``slots`` [T] (device tensor)."""
+        """Store [T, Lkv + R] entries at flat ``slots`` [T] (device tensor); FP8: quantized, with their scales."""
         flat = self.layers[layer].view(-1, self.layers[layer].shape[-1])
-        flat.index_copy_(0, slots, entries.to(flat.dtype))
+        if self.scales is None:
+            flat.index_copy_(0, slots, entries.to(flat.dtype))
+            return
+        rows, scale = quantize_rows(entries)
+        flat.view(torch.uint8).index_copy_(0, slots, rows.view(torch.uint8))  # as bytes: torch has no fp8 index_copy_
+        self.scales[layer].view(-1).index_copy_(0, slots, scale)
+
+    # ------------------------------------------------------------------ whole blocks (the KV hand-over)
+    def read_blocks(self, layer: int, phys: torch.Tensor) -> torch.Tensor:
+        """Physical blocks ``phys`` [n] of ``layer`` as one tensor: [n, T, E] rows, or for FP8 [n, T, E + 4] bytes,
+        each row's e4m3 values followed by its float32 scale, so that a block travels as one message."""
+        if self.scales is None:
+            return self.layers[layer].index_select(0, phys)
+        rows = self.layers[layer].view(torch.uint8).index_select(0, phys)
+        scale = self.scales[layer].index_select(0, phys)
+        return torch.cat([rows, scale[..., None].view(torch.uint8)], dim=-1)
+
+    def empty_blocks(self, n: int, device: torch.device | str) -> torch.Tensor:
+        """A receive buffer for ``n`` blocks in ``read_blocks``' form."""
+        shape, dtype = self.layers[0].shape[1:], self.layers[0].dtype
+        if self.scales is not None:
+            shape, dtype = (*shape[:-1], shape[-1] + 4), torch.uint8
+        return torch.empty((n, *shape), dtype=dtype, device=device)
+
+    def write_blocks(self, layer: int, phys: torch.Tensor, blocks: torch.Tensor) -> None:
+        """Store ``read_blocks``' form of ``len(phys)`` blocks into physical blocks ``phys``."""
+        blocks = blocks.to(self.layers[layer].device)
+        if self.scales is None:
+            self.layers[layer].index_copy_(0, phys, blocks)
+            return
+        entry = self.layers[layer].shape[-1]
+        self.layers[layer].view(torch.uint8).index_copy_(0, phys, blocks[..., :entry].contiguous())
+        self.scales[layer].index_copy_(0, phys, blocks[..., entry:].contiguous().view(torch.float32)[..., 0])

@@ -76,9 +76,10 @@ class HelixModel:
         self.shard_sizes = [hi - lo for lo, hi in (mapping.vocab_range(cfg.vocab_size, r)
                                                    for r in range(mapping.world_size))]
 
-    def new_cache(self, max_tokens_per_seq: int, max_batch_size: int) -> PagedKVCache:
+    def new_cache(self, max_tokens_per_seq: int, max_batch_size: int, kv_dtype: str = "auto") -> PagedKVCache:
+        """``kv_dtype``: "auto" (the model's dtype) or "fp8" (e4m3 rows with per-row scales, helix/kv_cache.py)."""
         return PagedKVCache.for_config(self.layout.cache, self.cfg.num_hidden_layers, self.cfg.kv_cache_dim,
-                                       max_tokens_per_seq, max_batch_size, self.dtype, self.device)
+                                       max_tokens_per_seq, max_batch_size, self.dtype, self.device, kv_dtype)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [T, D] -> float32 logits [T, V], the same on every rank (vocab-parallel head + all-gather)."""

@@ -8,6 +8,10 @@ extra rows are simply never produced by encoding.
 It is stored as the ``tokenizers`` library's ``tokenizer.json`` (GPT-2 style ByteLevel byte-to-character
 map, a BPE model with no merges) plus ``tokenizer_config.json``, which
 ``transformers.AutoTokenizer.from_pretrained(dir)`` loads with no network access.
+
+``tokenizer_config.json`` also carries a chat template (``CHAT_TEMPLATE``) shaped like DeepSeek's chat models':
+BOS, the system prompt, then "User: ..." and "Assistant: ..." turns, each assistant turn closed by EOS, and
+"Assistant:" to open the reply. It is what lm-eval's ``--apply_chat_template`` renders with (evals/README.md).
 """
 
 from __future__ import annotations
@@ -21,6 +25,18 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
 BYTE_VOCAB_SIZE = 259
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}User: {{ message['content'] }}\n\n"
+    "{% else %}Assistant: {{ message['content'] }}{{ eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -67,6 +83,7 @@ def write_byte_tokenizer(out: str | os.PathLike, model_max_length: int) -> None:
         "add_bos_token": True,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
+        "chat_template": CHAT_TEMPLATE,
     }
     with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=1)

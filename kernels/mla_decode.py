@@ -12,6 +12,10 @@ Token t of sequence b lives in cache block ``block_table[b, t // T]`` at offset 
 t < seq_lens[b] are read: cache slots past a sequence's end and block-table entries past its last block
 may hold anything (NaN, -1).
 
+FP8 cache (``kv_cache_config.dtype: fp8``): rows are float8_e4m3fn with one float32 scale per row,
+``kv_scale[block, offset]``; the row read is e4m3 -> float32 x its scale (then the query's dtype for the
+dots), and everything after the load is as above.
+
 Triton kernel (flash-decoding, two launches):
 
 1. ``_mla_split_kernel``, grid (head tiles, KV splits, B). Head tiles are the fastest grid axis, so the
@@ -47,15 +51,17 @@ from kernels.helix_combine import launch_lse_combine
 __all__ = ["mla_decode", "mla_decode_torch", "mla_decode_triton", "MLAConfig", "default_config"]
 
 LOG2E = 1.4426950408889634
+FP8 = torch.float8_e4m3fn
 
 
 # ----------------------------------------------------------------------------------------------------
 # Triton kernel
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _load_kv_tile(kv_ptr, c_desc, pe_desc, bt_row, n0, end, s_kv_blk, s_kv_tok,
+def _load_kv_tile(kv_ptr, ks_ptr, qp_ptr, c_desc, pe_desc, bt_row, n0, end, s_kv_blk, s_kv_tok, s_ks_blk, s_ks_tok,
                   LKV: tl.constexpr, TPB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_LKV: tl.constexpr,
-                  BLOCK_R: tl.constexpr, R: tl.constexpr, WHOLE: tl.constexpr, F32: tl.constexpr):
+                  BLOCK_R: tl.constexpr, R: tl.constexpr, WHOLE: tl.constexpr, F32: tl.constexpr,
+                  FP8: tl.constexpr):
     """The one place KV tiles are read: c_kv [BLOCK_N, BLOCK_LKV], k_pe [BLOCK_N, BLOCK_R] of tokens
     [n0, n0 + BLOCK_N), and the live-token mask.
 
@@ -63,7 +69,8 @@ def _load_kv_tile(kv_ptr, c_desc, pe_desc, bt_row, n0, end, s_kv_blk, s_kv_tok,
     tiles aligned to BLOCK_N), so one page lookup places it and the tensor-memory-accelerator descriptors
     copy it (rows [page * TPB + n0 % TPB, + BLOCK_N) of the cache viewed as [blocks * TPB, Lkv + R]).
     Otherwise a page lookup per token and masked loads with other=0: slots past the end may hold NaN,
-    and NaN * 0 is NaN."""
+    and NaN * 0 is NaN. FP8 (per-token path only): e4m3 rows, each converted to float32 and multiplied by its
+    kv_scale; the dots then run in float32 (F32) or the query's dtype (read from ``qp_ptr``)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if WHOLE:
         mask_n = offs_n < end  # all true
@@ -81,6 +88,13 @@ def _load_kv_tile(kv_ptr, c_desc, pe_desc, bt_row, n0, end, s_kv_blk, s_kv_tok,
         c = tl.load(rows[:, None] + offs_d[None, :], mask=mask_n[:, None] & (offs_d[None, :] < LKV), other=0.0)
         k_pe = tl.load(rows[:, None] + LKV + offs_r[None, :], mask=mask_n[:, None] & (offs_r[None, :] < R),
                        other=0.0)
+        if FP8:
+            ks = tl.load(ks_ptr + page * s_ks_blk + (offs_n % TPB).to(tl.int64) * s_ks_tok, mask=mask_n, other=0.0)
+            c = c.to(tl.float32) * ks[:, None]
+            k_pe = k_pe.to(tl.float32) * ks[:, None]
+            if not F32:  # to the query's dtype, which the dots run in
+                c = c.to(qp_ptr.dtype.element_ty)
+                k_pe = k_pe.to(qp_ptr.dtype.element_ty)
     if F32:
         c = c.to(tl.float32)
         k_pe = k_pe.to(tl.float32)
@@ -109,11 +123,12 @@ def _attend_tile(q_nope, q_pe, c, k_pe, mask_n, m_i, l_i, acc, qk_scale, IEEE: t
 
 @triton.jit
 def _mla_split_kernel(
-    qn_ptr, qp_ptr, kv_ptr, c_desc, pe_desc, bt_ptr, sl_ptr, o_ptr, lse_ptr,
+    qn_ptr, qp_ptr, kv_ptr, ks_ptr, c_desc, pe_desc, bt_ptr, sl_ptr, o_ptr, lse_ptr,
     qk_scale,                                  # scale * log2(e): the softmax runs in base 2
     H, NUM_SPLITS,
     s_qn_b, s_qn_h, s_qp_b, s_qp_h,            # q_nope_abs [B, H, LKV], q_pe [B, H, R]; last dims contiguous
     s_kv_blk, s_kv_tok,                        # kv_cache [num_blocks, TPB, LKV + R]; last dim contiguous
+    s_ks_blk, s_ks_tok,                        # kv_scale [num_blocks, TPB] float32 (FP8 cache only)
     s_bt_b,                                    # block_table [B, max_blocks]
     s_o_b, s_o_h, s_o_s,                       # o [B, H, NUM_SPLITS, LKV] (or [B, H, LKV] when direct)
     s_l_b, s_l_h, s_l_s,                       # lse [B, H, NUM_SPLITS] (or [B, H])
@@ -122,6 +137,7 @@ def _mla_split_kernel(
     TMA: tl.constexpr,                         # whole tiles through the descriptors (see _load_kv_tile)
     F32: tl.constexpr,                         # compute in float32 (interpreter, float32 inputs)
     IEEE: tl.constexpr,                        # float32 dots in full precision (no tf32)
+    FP8: tl.constexpr,                         # e4m3 cache rows, each times its kv_scale (no TMA)
 ):
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -158,12 +174,14 @@ def _mla_split_kernel(
     if TMA:
         whole_end = start + ((end - start) // BLOCK_N) * BLOCK_N
         for n0 in range(start, whole_end, BLOCK_N):
-            c, k_pe, mask_n = _load_kv_tile(kv_ptr, c_desc, pe_desc, bt_row, n0, end, s_kv_blk, s_kv_tok,
-                                            LKV, TPB, BLOCK_N, BLOCK_LKV, BLOCK_R, R, True, F32)
+            c, k_pe, mask_n = _load_kv_tile(kv_ptr, ks_ptr, qp_ptr, c_desc, pe_desc, bt_row, n0, end, s_kv_blk,
+                                            s_kv_tok, s_ks_blk, s_ks_tok,
+                                            LKV, TPB, BLOCK_N, BLOCK_LKV, BLOCK_R, R, True, F32, FP8)
             m_i, l_i, acc = _attend_tile(q_nope, q_pe, c, k_pe, mask_n, m_i, l_i, acc, qk_scale, IEEE)
     for n0 in range(whole_end, end, BLOCK_N):
-        c, k_pe, mask_n = _load_kv_tile(kv_ptr, c_desc, pe_desc, bt_row, n0, end, s_kv_blk, s_kv_tok,
-                                        LKV, TPB, BLOCK_N, BLOCK_LKV, BLOCK_R, R, False, F32)
+        c, k_pe, mask_n = _load_kv_tile(kv_ptr, ks_ptr, qp_ptr, c_desc, pe_desc, bt_row, n0, end, s_kv_blk, s_kv_tok,
+                                        s_ks_blk, s_ks_tok,
+                                        LKV, TPB, BLOCK_N, BLOCK_LKV, BLOCK_R, R, False, F32, FP8)
         m_i, l_i, acc = _attend_tile(q_nope, q_pe, c, k_pe, mask_n, m_i, l_i, acc, qk_scale, IEEE)
 
     nonempty = l_i > 0.0
@@ -224,7 +242,7 @@ def _choose_splits(cfg: MLAConfig, bsz: int, head_tiles: int, capacity: int, sms
 # ----------------------------------------------------------------------------------------------------
 # validation shared by both paths
 # ----------------------------------------------------------------------------------------------------
-def _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, float64_ok: bool) -> tuple[int, int, int, int]:
+def _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, kv_scale, float64_ok: bool) -> tuple[int, int, int, int]:
     if q_nope_abs.dim() != 3 or q_pe.dim() != 3 or kv_cache.dim() != 3:
         raise ValueError(f"expected q_nope_abs [B,H,Lkv], q_pe [B,H,R], kv_cache [blocks,T,Lkv+R]; got "
                          f"{tuple(q_nope_abs.shape)}, {tuple(q_pe.shape)}, {tuple(kv_cache.shape)}")
@@ -241,11 +259,17 @@ def _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, float64_ok: boo
     if block_table.dtype not in (torch.int32, torch.int64) or seq_lens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"block_table / seq_lens must be int32, got {block_table.dtype} / {seq_lens.dtype}")
     ok = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if float64_ok else ())
-    if kv_cache.dtype not in ok:
-        raise TypeError(f"kv_cache dtype {kv_cache.dtype} not supported (one of {ok})")
-    if q_nope_abs.dtype != kv_cache.dtype or q_pe.dtype != kv_cache.dtype:
+    if (kv_cache.dtype == FP8) != (kv_scale is not None):
+        raise TypeError(f"kv_cache {kv_cache.dtype} with kv_scale {None if kv_scale is None else 'given'}: an "
+                        f"{FP8} cache and only it comes with its per-row kv_scale")
+    if kv_scale is not None and (kv_scale.shape != kv_cache.shape[:2] or kv_scale.dtype != torch.float32):
+        raise ValueError(f"kv_scale must be float32 [num_blocks, tokens_per_block] = {tuple(kv_cache.shape[:2])}, got "
+                         f"{kv_scale.dtype} {tuple(kv_scale.shape)}")
+    if q_nope_abs.dtype not in ok:
+        raise TypeError(f"q_nope_abs dtype {q_nope_abs.dtype} not supported (one of {ok})")
+    if q_pe.dtype != q_nope_abs.dtype or kv_cache.dtype not in (q_nope_abs.dtype, FP8):
         raise TypeError(f"q_nope_abs {q_nope_abs.dtype}, q_pe {q_pe.dtype} and kv_cache {kv_cache.dtype} "
-                        "must share one dtype")
+                        f"must share one dtype (or the cache be {FP8})")
     devs = {t.device for t in (q_nope_abs, q_pe, kv_cache, block_table, seq_lens)}
     if len(devs) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devs))}")
@@ -256,12 +280,12 @@ def _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, float64_ok: boo
 # torch reference
 # ----------------------------------------------------------------------------------------------------
 def mla_decode_torch(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
-                     block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference of :func:`mla_decode`: gather each sequence's blocks, float32 math (float64 for
-    float64 inputs). Not graph-capturable (reads max(seq_lens) on the host)."""
-    bsz, heads, lkv, rope = _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, float64_ok=True)
-    cdt = torch.float64 if kv_cache.dtype == torch.float64 else torch.float32
+                     block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                     kv_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of :func:`mla_decode`: gather each sequence's blocks (an FP8 row times its scale), float32
+    math (float64 for float64 inputs). Not graph-capturable (reads max(seq_lens) on the host)."""
+    bsz, heads, lkv, rope = _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, kv_scale, float64_ok=True)
+    cdt = torch.float64 if q_nope_abs.dtype == torch.float64 else torch.float32
     dev = kv_cache.device
     tpb = kv_cache.shape[1]
     max_len = int(seq_lens.max()) if bsz else 0
@@ -273,6 +297,8 @@ def mla_decode_torch(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: tor
     blk_live = torch.arange(n_blk, device=dev)[None, :] * tpb < lens[:, None]  # [B, n_blk]
     table = torch.where(blk_live, block_table[:, :n_blk].to(torch.int64), torch.zeros((), dtype=torch.int64, device=dev))
     kv = kv_cache[table].reshape(bsz, n_blk * tpb, lkv + rope).to(cdt)         # [B, S, Lkv+R]
+    if kv_scale is not None:
+        kv = kv * kv_scale[table].reshape(bsz, n_blk * tpb, 1).to(cdt)
     kv = torch.where(live[..., None], kv, torch.zeros((), dtype=cdt, device=dev))  # NaN past the end -> 0
     c_kv, k_pe = kv[..., :lkv], kv[..., lkv:]
 
@@ -291,13 +317,13 @@ def mla_decode_torch(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: tor
 # ----------------------------------------------------------------------------------------------------
 def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                       block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                      config: MLAConfig | None = None, stats: dict | None = None
+                      kv_scale: torch.Tensor | None = None, config: MLAConfig | None = None, stats: dict | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton path of :func:`mla_decode` (CUDA, or CPU under the interpreter). No host sync: capturable
     in a CUDA graph. ``config`` overrides the launch shape (benchmarks, tests); a ``stats`` dict receives
     the launch shape and, when compiled, the split kernel's registers, spills, shared memory and whether
     it uses Hopper's wgmma."""
-    bsz, heads, lkv, rope = _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, float64_ok=False)
+    bsz, heads, lkv, rope = _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, kv_scale, float64_ok=False)
     dev = kv_cache.device
     o = torch.empty((bsz, heads, lkv), dtype=q_nope_abs.dtype, device=dev)
     lse = torch.empty((bsz, heads), dtype=torch.float32, device=dev)
@@ -313,15 +339,16 @@ def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
         raise ValueError("kv_cache must be contiguous in its last dimension")
 
     interpret = interpreting(kv_cache)
-    cfg = config or default_config(heads, lkv, kv_cache.dtype, interpret)
+    dtype = q_nope_abs.dtype  # the dots' dtype (an FP8 cache's rows are converted to it at load)
+    cfg = config or default_config(heads, lkv, dtype, interpret)
     block_lkv, block_r = max(16, next_pow2(lkv)), max(16, next_pow2(rope))
     block_h = max(16, next_pow2(cfg.block_h))
     head_tiles = triton.cdiv(heads, block_h)
     tpb = kv_cache.shape[1]
     splits = _choose_splits(cfg, bsz, head_tiles, block_table.shape[1] * tpb, num_sms(kv_cache))
-    f32 = interpret or kv_cache.dtype == torch.float32
-    ieee = kv_cache.dtype == torch.float32 and not interpret
-    tma = cfg.tma and _use_tma(kv_cache, cfg.block_n)
+    f32 = interpret or dtype == torch.float32
+    ieee = dtype == torch.float32 and not interpret
+    tma = cfg.tma and kv_scale is None and _use_tma(kv_cache, cfg.block_n)  # FP8 rows: per-token loads
     c_desc = pe_desc = None
     if tma:  # the cache as [blocks * T, Lkv + R] rows; boxes of BLOCK_N rows
         rows = kv_cache.view(-1, lkv + rope)
@@ -340,13 +367,15 @@ def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
 
     grid = (head_tiles, splits, bsz)
     compiled = launcher(_mla_split_kernel, interpret)[grid](
-        q_nope_abs, q_pe, kv_cache, c_desc, pe_desc, block_table, seq_lens, o_s, lse_s,
+        q_nope_abs, q_pe, kv_cache, kv_cache if kv_scale is None else kv_scale, c_desc, pe_desc, block_table,
+        seq_lens, o_s, lse_s,
         float(scale) * LOG2E, heads, splits,
         q_nope_abs.stride(0), q_nope_abs.stride(1), q_pe.stride(0), q_pe.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
+        kv_cache.stride(0), kv_cache.stride(1), *(kv_scale.stride() if kv_scale is not None else (0, 0)),
+        block_table.stride(0),
         *so, *sl,
         LKV=lkv, R=rope, TPB=tpb, BLOCK_H=block_h, BLOCK_N=cfg.block_n,
-        BLOCK_LKV=block_lkv, BLOCK_R=block_r, TMA=tma, F32=f32, IEEE=ieee,
+        BLOCK_LKV=block_lkv, BLOCK_R=block_r, TMA=tma, F32=f32, IEEE=ieee, FP8=kv_scale is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if stats is not None:
@@ -366,20 +395,21 @@ def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
 
 
 def mla_decode(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
-               block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float, path: str = "auto"
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+               kv_scale: torch.Tensor | None = None, path: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed-MLA decode attention of one new token per sequence over this rank's paged latent cache.
 
     Args:
         q_nope_abs: [B, H, Lkv], W_UK already absorbed (q_abs_h = W_UK_h^T q_nope_h). Any strides.
         q_pe: [B, H, R], rotated rope part of the query. Any strides.
         kv_cache: [num_blocks, tokens_per_block, Lkv + R], each row [c_kv | k_pe]; same dtype as q
-            (float16, bfloat16 or float32; float64 on the torch path).
+            (float16, bfloat16 or float32; float64 on the torch path), or float8_e4m3fn with ``kv_scale``.
         block_table: [B, max_blocks] int32; entry j of row b is the cache block holding local tokens
             [j*T, (j+1)*T) of sequence b. Entries past a sequence's last block are never read.
         seq_lens: [B] int32, this rank's local token count per sequence; 0 allowed; must not exceed
             max_blocks * tokens_per_block.
         scale: softmax scale applied to the raw score.
+        kv_scale: [num_blocks, tokens_per_block] float32, an FP8 cache's per-row scale: row = e4m3 x scale.
 
     Returns:
         o: [B, H, Lkv] in the input dtype, softmax over the local tokens applied to c_kv (normalised
@@ -392,8 +422,8 @@ def mla_decode(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Ten
     graph-capturable), the torch reference on CPU; triton (on CPU under the interpreter); torch.
     """
     if use_triton(kv_cache, path):
-        return mla_decode_triton(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale)
-    return mla_decode_torch(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale)
+        return mla_decode_triton(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale)
+    return mla_decode_torch(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale)
 
 
 def flops(bsz: int, heads: int, seq: int, lkv: int, rope: int) -> int:

@@ -67,6 +67,16 @@ def test_make_checkpoint_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert c.get("model.embed_tokens.weight").dtype == torch.float32
 
 
+def test_fp8_checkpoint_from_the_command_line_decodes_as_the_reference(tmp_path, capsys):
+    """As a new user would: make-checkpoint --dtype fp8, then generate with Helix CP 2 prints the reference's tokens."""
+    out = tmp_path / "fp8"
+    assert main(["make-checkpoint", "--preset", "deepseek-v3-lite-tiny", "--dtype", "fp8", "--out", str(out)]) == 0
+    assert "as fp8" in capsys.readouterr().out
+    assert main(["generate", "--model", str(out), "--prompt-ids", "256,1,2,3,300,383", "--max-new-tokens", "12",
+                 "--backend", "helix", "--cp", "2", "--json"]) == 0
+    assert last_json(capsys.readouterr().out)["token_ids"] == reference_tokens(out, [256, 1, 2, 3, 300, 383], 12)
+
+
 def test_make_checkpoint_dry_run_prints_the_formula_count(tmp_path, capsys):
     assert main(["make-checkpoint", "--preset", "deepseek-v3-lite", "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -22,8 +22,8 @@ def assert_names(err: pytest.ExceptionInfo, key: str, value, rule: str) -> None:
 # (preset, config.json overrides, key, value, a phrase of the rule)
 MODEL_RULES = [
     ("deepseek-v3-lite-tiny", {"model_type": "llama"}, "model_type", "llama", "supported model types"),
-    ("deepseek-v3-lite-tiny", {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}},
-     "quantization_config", "fp8", "not supported"),
+    ("deepseek-v3-lite-tiny", {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}},
+     "quantization_config.quant_method", "bitsandbytes", "only 'fp8'"),
     ("deepseek-v3-lite-tiny", {"hidden_act": "gelu"}, "hidden_act", "gelu", "only 'silu'"),
     ("deepseek-v3-lite-tiny", {"attention_bias": True}, "attention_bias", True, "only False"),
     ("deepseek-v3-lite-tiny", {"mlp_bias": True}, "mlp_bias", True, "only False"),
@@ -145,7 +145,8 @@ HELIX_RULES = [
     (helix(pipeline_parallel_size=2), "pipeline_parallel_size", 2, "unknown generation-server key"),
     (helix(cp_config__cp_anchor_size=4), "cp_config.cp_anchor_size", 4, "cp_config takes cp_type and tokens_per_block"),
     (helix(kv_cache_config__free_gpu_memory_fraction=0.9), "kv_cache_config.free_gpu_memory_fraction", 0.9,
-     "kv_cache_config takes tokens_per_block and max_tokens"),
+     "kv_cache_config takes tokens_per_block, max_tokens and dtype"),
+    (helix(kv_cache_config__dtype="int8"), "kv_cache_config.dtype", "int8", "must be 'auto' (the model's dtype) or 'fp8'"),
     (helix(tensor_parallel_size=2), "tensor_parallel_size", 2, "TPA = 1"),
     (helix(cp_config={"cp_type": "HELIX"}, kv_cache_config={}), "cp_config.tokens_per_block", None, "required"),
     (helix(cp_config__cp_type="ULYSSES"), "cp_config.cp_type", "ULYSSES", "must be 'HELIX'"),

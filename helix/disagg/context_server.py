@@ -27,7 +27,8 @@ class ContextServer:
     def __init__(self, dep: RunSpec, device: torch.device):
         self.dep = dep
         self.model = build_model(dep, context_mapping(dep), Comm(0, 1), device)
-        self.cache = self.model.new_cache(dep.context.max_tokens, max_batch_size=1)
+        # The generation server's KV dtype: an FP8 cache is written here and handed over as it is stored.
+        self.cache = self.model.new_cache(dep.context.max_tokens, max_batch_size=1, kv_dtype=dep.generation.kv_dtype)
 
     def prefill(self, req: Request) -> int:
         """Write the KV of prompt[:-1] into the cache as sequence ``req.req_id``; returns its token count."""

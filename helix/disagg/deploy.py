@@ -10,12 +10,12 @@ YAML or JSON, three sections (docs/design.md §4.3)::
       device: cuda                            # cpu (gloo) | cuda (nccl, one GPU per rank)
     context_servers:
       tensor_parallel_size: 1
-      kv_cache_config: {tokens_per_block: 32, max_tokens: 65536}
+      kv_cache_config: {tokens_per_block: 32, max_tokens: 65536}   # dtype: the generation server's
       colocate: false                         # true: share generation rank 0's GPU (KV hand-over via host)
     generation_servers:                       # the keys of TensorRT-LLM's Helix documentation
       context_parallel_size: 2
       cp_config: {cp_type: HELIX, tokens_per_block: 32}
-      kv_cache_config: {tokens_per_block: 32, max_tokens: 65536}
+      kv_cache_config: {tokens_per_block: 32, max_tokens: 65536, dtype: auto}   # dtype: auto | fp8
       max_batch_size: 8
 
 Rank layout: the context server's rank(s) come first, then the N generation ranks; on CUDA rank r uses GPU r,
@@ -91,9 +91,10 @@ def _int(key: str, value, minimum: int) -> int:
 
 def from_checkpoint(model: str, *, cp: int = 2, tokens_per_block: int = 32, dtype: str = "float32",
                     device: str = "cpu", max_tokens: int | None = None, colocate: bool = False,
-                    execution: Execution | None = None) -> RunSpec:
+                    kv_dtype: str = "auto", execution: Execution | None = None) -> RunSpec:
     """The deployment ``helix eval`` and the lm-eval adapter build from a checkpoint: context server 1 +
-    Helix generation server N = ``cp``, both holding ``max_tokens`` per sequence (None: the default), parsed
+    Helix generation server N = ``cp``, both holding ``max_tokens`` per sequence (None: the default) in a KV cache
+    of ``kv_dtype`` (auto: the model's, or fp8), parsed
     and validated as the same deployment file would be."""
     tpb = {"tokens_per_block": tokens_per_block}
     # At least one block: the servers' rule (a max_length shorter than a block still gets its whole block).
@@ -101,7 +102,7 @@ def from_checkpoint(model: str, *, cp: int = 2, tokens_per_block: int = 32, dtyp
     return parse({"model": {"path": model, "dtype": dtype, "device": device},
                   "context_servers": {"tensor_parallel_size": 1, "kv_cache_config": dict(kv), "colocate": colocate},
                   "generation_servers": {"context_parallel_size": cp, "cp_config": {"cp_type": "HELIX", **tpb},
-                                         "kv_cache_config": dict(kv)}}, execution=execution)
+                                         "kv_cache_config": {**kv, "dtype": kv_dtype}}}, execution=execution)
 
 
 def deployment_dict(spec: RunSpec) -> dict:
@@ -170,8 +171,13 @@ def _context_config(raw: dict, generation: HelixConfig) -> ContextServerConfig:
     if not isinstance(kv, dict):
         fail("context_servers.kv_cache_config", kv, "must be a mapping {tokens_per_block: T, max_tokens: M}")
     for key in kv:
-        if key not in ("tokens_per_block", "max_tokens"):
-            fail(f"context_servers.kv_cache_config.{key}", kv[key], "unknown key; takes tokens_per_block and max_tokens")
+        if key not in ("tokens_per_block", "max_tokens", "dtype"):
+            fail(f"context_servers.kv_cache_config.{key}", kv[key],
+                 "unknown key; takes tokens_per_block, max_tokens and dtype")
+    if kv.get("dtype", generation.kv_dtype) != generation.kv_dtype:
+        fail("context_servers.kv_cache_config.dtype", kv["dtype"],
+             f"must equal generation_servers.kv_cache_config.dtype={generation.kv_dtype!r}: the context server writes "
+             "the KV the generation server reads, and hands it over as stored")
     want = generation.tokens_per_block
     if "tokens_per_block" not in kv:
         fail("context_servers.kv_cache_config.tokens_per_block", None,

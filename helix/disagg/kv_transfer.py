@@ -4,7 +4,9 @@ A prompt's prefilled tokens [0, T) form global blocks b = 0 .. ceil(T / tokens_p
 may be partial (its tail rows are never read: decode overwrites them before local_lens reaches them).
 Block b belongs to generation rank b mod N (docs/design.md §3.4), where it is local block b // N. So generation rank g
 receives exactly the blocks g, g + N, g + 2N, ..., in that order, which is its local block order: one
-message per layer, [n_g, tokens_per_block, Lkv + R], straight from the context server to the owner. No
+message per layer, [n_g, tokens_per_block, Lkv + R], straight from the context server to the owner. An FP8 cache
+travels as it is stored (``PagedKVCache.read_blocks``): e4m3 rows with their float32 scales, [n_g,
+tokens_per_block, Lkv + R + 4] bytes, half of bf16's message. No
 generation rank ever holds another's blocks, and ranks with no block for a short prompt get no message.
 
 Message order on every (context rank, generation rank) pair is layer 0, 1, ..., L-1 for request after
@@ -27,13 +29,13 @@ def send_prompt_kv(cache: PagedKVCache, seq_id: int, num_tokens: int, gen_ranks:
     through host memory). Returns (work, staged tensor) pairs; keep them until the works are done."""
     seq, n = cache.seqs[seq_id], len(gen_ranks)
     pending = []
-    for layer in cache.layers:  # [num_blocks, tpb, E]
+    for layer in range(len(cache.layers)):
         for g, dst in enumerate(gen_ranks):
             blocks = HelixMapping(g, n, cache.tpb).owned_blocks(num_tokens)
             if not blocks:
                 continue
-            phys = torch.tensor([seq.blocks[b] for b in blocks], device=layer.device)
-            staged = layer.index_select(0, phys).to(wire)  # [n_g, tpb, E], contiguous
+            phys = torch.tensor([seq.blocks[b] for b in blocks], device=cache.layers[layer].device)
+            staged = cache.read_blocks(layer, phys).to(wire)  # [n_g, tpb, E] (FP8: E + 4 bytes), contiguous
             pending.append((dist.isend(staged, dst), staged))
     return pending
 
@@ -48,11 +50,11 @@ def recv_prompt_kv(cache: PagedKVCache, seq_id: int, num_tokens: int, src: int, 
     if len(local) != len(blocks):
         raise RuntimeError(f"sequence {seq_id}: {len(local)} reserved local blocks for {len(blocks)} owned blocks")
     phys = torch.tensor(local, device=cache.layers[0].device)
-    bufs = [torch.empty((len(blocks), *layer.shape[1:]), dtype=layer.dtype, device=wire) for layer in cache.layers]
+    bufs = [cache.empty_blocks(len(blocks), wire) for _ in cache.layers]
     works = [dist.irecv(buf, src) for buf in bufs]
-    for layer, buf, work in zip(cache.layers, bufs, works):
+    for layer, (buf, work) in enumerate(zip(bufs, works)):
         work.wait()
-        layer.index_copy_(0, phys, buf.to(layer.device))
+        cache.write_blocks(layer, phys, buf)
 
 
 def connect(rank: int, context_rank: int, gen_ranks: list[int], wire: str) -> None:

@@ -175,3 +175,44 @@ def test_helix_deployment_built_from_pretrained_args(tiny_checkpoint):
 def test_bad_model_args_are_refused_with_the_key(args, match):
     with pytest.raises(ConfigError, match=match):
         HelixLM.create_from_arg_string(args, {})
+
+
+# --------------------------------------------------------------------------------------------- chat templates
+
+
+def gsm8k_prompt(lm: HelixLM, data_dir: str, **chat) -> list[int]:
+    """The token ids of the one GSM8K prompt (2-shot) lm-eval hands the model, with lm-eval's chat settings."""
+    import lm_eval
+
+    from evals.task_data import task_dir, task_manager
+
+    spy = Spy(lm.backend)
+    lm.backend = spy
+    with task_dir(data_dir) as path:
+        lm_eval.simple_evaluate(model=lm, tasks=["gsm8k"], task_manager=task_manager(path), num_fewshot=2, limit=1,
+                                gen_kwargs={"max_gen_toks": 2}, bootstrap_iters=0, **chat)
+    (prompts, _), = spy.generate_calls
+    return prompts[0]
+
+
+@pytest.mark.parametrize("chat", ["multiturn", "one-turn", "off"])
+def test_chat_template_renders_the_prompt_the_model_gets(reference_backend, data_dir, chat):
+    tok = reference_backend.tokenizer
+    ids = gsm8k_prompt(HelixLM(reference_backend, max_length=4096), data_dir, apply_chat_template=chat != "off",
+                       fewshot_as_multiturn=chat == "multiturn")
+    text = tok.decode(ids)
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id  # the template's BOS, not a second one
+    if chat == "off":
+        assert text.startswith("<|bos|>Question: ") and "User: " not in text
+        return
+    assert text.startswith("<|bos|>User: Question: ") and text.endswith("\n\nAssistant:")
+    # multi-turn: each example a user turn and an assistant turn closed by EOS; else all in one user turn
+    assert (text.count("User: "), text.count("<|eos|>")) == ((3, 2) if chat == "multiturn" else (1, 0))
+
+
+def test_chat_template_is_refused_without_one(reference_backend):
+    lm = HelixLM(reference_backend, max_length=256)
+    assert lm.chat_template(True) == reference_backend.tokenizer.chat_template
+    lm.tokenizer = type("NoTemplate", (), {"chat_template": None, "name_or_path": "/ckpt"})()
+    with pytest.raises(ConfigError, match="apply_chat_template=True: the tokenizer of /ckpt has no chat_template"):
+        lm.chat_template(True)

@@ -63,8 +63,8 @@ def test_console_output_keeps_helix_warnings_and_errors_and_logs_everything(tmp_
         assert console is sys.stderr and root.handlers is handlers
 
 
-@pytest.mark.parametrize("case", ["limit-not-a-count", "limit-zero", "limit-unknown-task", "truncated-weights",
-                                  "nan-weight-helix"])
+@pytest.mark.parametrize("case", ["limit-not-a-count", "limit-zero", "limit-unknown-task", "multiturn-without-template",
+                                  "truncated-weights", "nan-weight-helix"])
 def test_bad_inputs_end_in_one_line(case, tiny_checkpoint, truncated_checkpoint, nan_checkpoint, tmp_path, capsys):
     needle = ["--tasks", "niah_restated", "--context-lengths", "512", "--depths", "50"]  # no data files needed
     args, expected = {
@@ -73,6 +73,9 @@ def test_bad_inputs_end_in_one_line(case, tiny_checkpoint, truncated_checkpoint,
         "limit-zero": (["--model", tiny_checkpoint, "--limit", "0"], "--limit='0': '0' is not a count"),
         "limit-unknown-task": (["--model", tiny_checkpoint, "--limit", "mmlu=2,mmlu_pro=3"],
                                "--limit='mmlu=2,mmlu_pro=3': unknown task(s) ['mmlu_pro']"),
+        "multiturn-without-template": (["--model", tiny_checkpoint, "--fewshot-as-multiturn"],
+                                       "--fewshot-as-multiturn: few-shot examples become chat turns only with "
+                                       "--apply-chat-template"),
         "truncated-weights": (["--model", str(truncated_checkpoint), *needle],
                               f"{truncated_checkpoint}/model.safetensors: not a valid safetensors file"),
         "nan-weight-helix": (["--model", str(nan_checkpoint), *needle],

@@ -97,6 +97,18 @@ def make_mla_case(lens, heads, lkv=64, rope=16, tpb=8, dtype=torch.float32, seed
                    torch.tensor(lens, dtype=torch.int32, device=device), scale)
 
 
+def fp8_mla_case(case: MLACase) -> tuple[MLACase, torch.Tensor, MLACase]:
+    """``case`` with its cache stored as an FP8 cache is: e4m3 rows, each scaled so its largest magnitude is 448,
+    and their float32 scales [num_blocks, T]. Returns (the FP8 case, kv_scale, the case whose float64 cache holds
+    the dequantized rows: the oracle's inputs). Poisoned slots stay NaN."""
+    rows = case.kv_cache.float()
+    scale = rows.abs().amax(-1) / 448.0
+    fp8 = (rows / scale[..., None]).to(torch.float8_e4m3fn)
+    dequantized = fp8.double() * scale.double()[..., None]
+    return (MLACase(case.q_nope_abs, case.q_pe, fp8, case.block_table, case.seq_lens, case.scale), scale,
+            MLACase(case.q_nope_abs, case.q_pe, dequantized, case.block_table, case.seq_lens, case.scale))
+
+
 def _rows(case: MLACase, b: int) -> torch.Tensor:
     tpb = case.kv_cache.shape[1]
     n = int(case.seq_lens[b])

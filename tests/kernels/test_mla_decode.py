@@ -13,7 +13,7 @@ import torch
 
 from kernels import mla_decode, mla_decode_torch, mla_decode_triton
 from kernels.mla_decode import MLAConfig
-from tests.kernels.cases import assert_path_selection, make_mla_case, mla_bf16_baseline, mla_oracle64
+from tests.kernels.cases import assert_path_selection, fp8_mla_case, make_mla_case, mla_bf16_baseline, mla_oracle64
 from tests.tolerance import assert_bf16_policy, assert_f32_parity
 
 triton = pytest.importorskip("triton", reason="triton not installed: the interpreted kernel tests need it")
@@ -147,6 +147,38 @@ def test_all_empty_and_zero_batch():
         assert o.shape == (0, 3, 64) and lse.shape == (0, 3)
 
 
+# ------------------------------------------------------------------------------------ FP8 cache
+@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("lens,heads,tpb", HOSTILE[2:5])
+def test_fp8_cache_reads_each_row_times_its_scale(path, lens, heads, tpb):
+    """An e4m3 cache with per-row scales: float32 parity with the oracle on the dequantized rows (the product of an
+    e4m3 value and a float32 scale is one rounding away from float64's)."""
+    fp8, kv_scale, dequantized = fp8_mla_case(make_mla_case(lens, heads, tpb=tpb, seed=31 + heads))
+    fn = mla_decode_torch if path == "torch" else mla_decode_triton
+    _check_f32(*fn(*fp8.args, kv_scale), dequantized, f"{path} fp8 cache, f32 queries")
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_fp8_cache_with_bf16_queries(path):
+    fp8, kv_scale, dequantized = fp8_mla_case(make_mla_case([0, 1, 37, 8], 5, tpb=8, dtype=torch.bfloat16, seed=9))
+    o, lse = (mla_decode_torch if path == "torch" else mla_decode_triton)(*fp8.args, kv_scale)
+    base = make_mla_case([0, 1, 37, 8], 5, tpb=8, dtype=torch.bfloat16, seed=9)
+    base.kv_cache = dequantized.kv_cache.to(torch.bfloat16)  # bf16 torch on the same (exactly bf16) rows
+    o_base, lse_base = mla_bf16_baseline(base)
+    o_ref, lse_ref = mla_oracle64(dequantized)
+    assert o.dtype == torch.bfloat16
+    assert_bf16_policy(o, o_ref, o_base, f"{path} fp8 cache bf16 o")
+    assert_bf16_policy(lse, lse_ref, lse_base, f"{path} fp8 cache bf16 lse")
+
+
+def test_fp8_cache_across_splits():
+    """Whole tiles over two splits, the block size a multiple of the tile: the shape where a bf16 cache on Hopper
+    takes the TMA descriptors; an FP8 cache's rows, scaled per token, take the per-token loads."""
+    fp8, kv_scale, dequantized = fp8_mla_case(make_mla_case([0, 1, 45, 64], 5, tpb=32, seed=21))
+    cfg = MLAConfig(block_h=32, block_n=32, num_splits=2, tma=True)
+    _check_f32(*mla_decode_triton(*fp8.args, kv_scale, config=cfg), dequantized, "triton fp8 across splits")
+
+
 # ------------------------------------------------------------------------------ path and validation
 def test_path_selection(monkeypatch):
     case = make_mla_case([5], 2, seed=2)
@@ -166,3 +198,15 @@ def test_validation(mutate, err):
     for fn in (mla_decode_torch, mla_decode_triton):
         with pytest.raises(err):
             fn(*mutate(case.args))
+
+
+def test_fp8_cache_and_kv_scale_come_together():
+    case = make_mla_case([5, 9], 2, seed=2)
+    fp8, kv_scale, _ = fp8_mla_case(case)
+    for fn in (mla_decode_torch, mla_decode_triton):
+        with pytest.raises(TypeError, match="only it comes with its per-row kv_scale"):
+            fn(*fp8.args)
+        with pytest.raises(TypeError, match="only it comes with its per-row kv_scale"):
+            fn(*case.args, kv_scale)
+        with pytest.raises(ValueError, match="kv_scale must be float32"):
+            fn(*fp8.args, kv_scale[:, :1])
