@@ -42,14 +42,15 @@ log = logging.getLogger(__name__)
 
 def _start_rank(ctx: RankContext, dep: RunSpec) -> None:
     if ctx.rank in dep.context_ranks:
-        ctx.state["server"] = ContextServer(dep, ctx.device)
+        ctx.state["server"] = ContextServer(dep, ctx.comm(ranks=dep.context_ranks), ctx.device)
     else:
         ctx.state["server"] = GenerationServer(dep, ctx.comm(ranks=dep.generation_ranks), ctx.device)
-    connect(ctx.rank, dep.context_ranks[0], dep.generation_ranks, dep.handoff_device)
+    connect(ctx.rank, dep.context_ranks, dep.generation_ranks, dep.handoff_device)
 
 
 def _serve_rank(ctx: RankContext, batch: int, requests: list[Request]) -> BatchReport | None:
-    return ctx.state["server"].serve(requests, Handoff(ctx.store, batch))
+    server = ctx.state["server"]
+    return server.serve(requests, Handoff(ctx.store, batch, len(server.dep.context_ranks)))
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -73,8 +74,9 @@ class Cluster:
                               f"{torch.cuda.device_count()} visible")
         self.tokenizer = load_source_tokenizer(dep.model)
         self._batches = 0
-        log.info("launching %s: context server on %s, Helix generation server N=%d on %s", dep.source or "deployment",
-                 dep.devices()[0], len(dep.generation_ranks), ", ".join(dep.devices()[1:]))
+        devices, t = dep.devices(), len(dep.context_ranks)
+        log.info("launching %s: context server TP=%d on %s, Helix generation server N=%d on %s",
+                 dep.source or "deployment", t, ", ".join(devices[:t]), len(dep.generation_ranks), ", ".join(devices[t:]))
         self.pool = RankPool(dep.world_size, dep.devices(), extra_groups=[dep.generation_ranks], role_of=dep.role_of,
                              collective_timeout_s=dep.execution.collective_timeout_s)
         try:
