@@ -63,11 +63,13 @@ def launch(config: "str | os.PathLike | dict | RunSpec") -> "Cluster":
 
 
 class Cluster:
-    def __init__(self, dep: RunSpec):
+    def __init__(self, dep: RunSpec, pool=None):
+        """``pool``: the deployment's ranks, already joined, with RankPool's ``run`` and ``close`` (world rank 0's
+        TorchrunPool under torchrun, helix/disagg/torchrun.py); None spawns a local RankPool."""
         self.dep = dep
         self.pool: RankPool | None = None
         gpus = len(set(dep.devices()))
-        if dep.device == "cuda" and torch.cuda.device_count() < gpus:
+        if pool is None and dep.device == "cuda" and torch.cuda.device_count() < gpus:
             raise ConfigError(f"model.device='cuda': the deployment needs {gpus} GPUs (context server "
                               f"{len(dep.context_ranks)}{' on GPU 0' if dep.context.colocate else ''} + "
                               f"generation_servers.context_parallel_size {len(dep.generation_ranks)}), "
@@ -77,8 +79,8 @@ class Cluster:
         devices, t = dep.devices(), len(dep.context_ranks)
         log.info("launching %s: context server TP=%d on %s, Helix generation server N=%d on %s",
                  dep.source or "deployment", t, ", ".join(devices[:t]), len(dep.generation_ranks), ", ".join(devices[t:]))
-        self.pool = RankPool(dep.world_size, dep.devices(), extra_groups=[dep.generation_ranks], role_of=dep.role_of,
-                             collective_timeout_s=dep.execution.collective_timeout_s)
+        self.pool = pool or RankPool(dep.world_size, dep.devices(), extra_groups=[dep.generation_ranks],
+                                     role_of=dep.role_of, collective_timeout_s=dep.execution.collective_timeout_s)
         try:
             self.pool.run(_start_rank, dep)
         except BaseException:

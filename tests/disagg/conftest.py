@@ -3,6 +3,8 @@ many blocks and ownership rotates often."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 TOKENS_PER_BLOCK = 4
@@ -18,6 +20,20 @@ def deployment(model_dir, n: int = 2, max_tokens: int = 128, max_batch_size: int
                                "cp_config": {"cp_type": "HELIX", "tokens_per_block": TOKENS_PER_BLOCK},
                                "kv_cache_config": dict(kv), "max_batch_size": max_batch_size},
     }
+
+
+def with_key(raw: dict, path: str, value) -> dict:
+    """A copy of ``raw`` with the dotted ``path`` set to ``value`` (deleted when value is ...)."""
+    out = copy.deepcopy(raw)
+    *parents, last = path.split(".")
+    node = out
+    for key in parents:
+        node = node[key]
+    if value is ...:
+        del node[last]
+    else:
+        node[last] = value
+    return out
 
 
 @pytest.fixture(scope="module", params=[(1, 2), (1, 3), (2, 3)], ids=lambda p: f"ctx{p[0]}+gen{p[1]}")

@@ -1,7 +1,6 @@
 """Every deployment-file rule fails before any process starts, with a message naming the key, the value and the
 rule; YAML and JSON files load to the same deployment."""
 
-import copy
 import json
 import shutil
 
@@ -9,26 +8,12 @@ import pytest
 
 from helix.config import ConfigError
 from helix.disagg import launch, load_deployment
-from tests.disagg.conftest import deployment
+from tests.disagg.conftest import deployment, with_key as _with
 
 
 @pytest.fixture(scope="module")
 def good(tiny_checkpoint) -> dict:
     return deployment(tiny_checkpoint, n=2)
-
-
-def _with(raw: dict, path: str, value) -> dict:
-    """A copy of ``raw`` with the dotted ``path`` set to ``value`` (deleted when value is ...)."""
-    out = copy.deepcopy(raw)
-    *parents, last = path.split(".")
-    node = out
-    for key in parents:
-        node = node[key]
-    if value is ...:
-        del node[last]
-    else:
-        node[last] = value
-    return out
 
 
 # (dotted path, new value, substrings of the message: key=value, rule)
