@@ -38,6 +38,7 @@ from helix.config import ConfigError
 from helix.disagg.cluster import Cluster
 from helix.disagg.deploy import load_deployment
 from helix.disagg.handoff import STORE_WAIT
+from helix.gpu_env import GPU_SAFE_ENV
 from helix.spec import RunSpec
 from helix.workers import RankContext, WorkerError
 
@@ -83,6 +84,7 @@ class TorchrunPool:
         if spec.colocated:
             raise ConfigError("context_servers.colocate=True: not under torchrun, which runs one process per GPU")
         self.rank, self.world_size, self.role_of = env.rank, env.world_size, spec.role_of
+        os.environ.update(GPU_SAFE_ENV)  # this process is a rank, as a RankPool's workers are (docs/design.md §5.3)
         device = torch.device(f"cuda:{env.local_rank}" if spec.device == "cuda" else "cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
