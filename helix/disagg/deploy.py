@@ -9,7 +9,7 @@ YAML or JSON, three sections (docs/design.md §4.3)::
       dtype: bfloat16                         # float32 | bfloat16
       device: cuda                            # cpu (gloo) | cuda (nccl, one GPU per rank)
     context_servers:
-      tensor_parallel_size: 1
+      tensor_parallel_size: 1                 # t ranks; prefill splits the heads over them
       kv_cache_config: {tokens_per_block: 32, max_tokens: 65536}
       colocate: false                         # true: share generation rank 0's GPU (KV hand-over via host)
     generation_servers:                       # the keys of TensorRT-LLM's Helix documentation
@@ -18,8 +18,9 @@ YAML or JSON, three sections (docs/design.md §4.3)::
       kv_cache_config: {tokens_per_block: 32, max_tokens: 65536}
       max_batch_size: 8
 
-Rank layout: the context server's rank(s) come first, then the N generation ranks; on CUDA rank r uses GPU r,
-or, with ``colocate``, the context server uses GPU 0 beside generation rank 0 (N GPUs in all).
+Rank layout: the context server's t ranks come first, then the N generation ranks; on CUDA rank r uses GPU r,
+or, with ``colocate`` (t = 1), the context server uses GPU 0 beside generation rank 0 (N GPUs in all).
+A file in TensorRT-LLM's own form (``trtllm-serve disaggregated -c``) is translated first (trtllm.py).
 Every error is a ``ConfigError`` naming the key, the value and the rule (and the file, when there is one).
 """
 

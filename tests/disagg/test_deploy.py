@@ -99,3 +99,17 @@ def test_rank_layout_on_gpus_and_the_colocated_context_server(good):
     assert together.devices() == ["cuda:0", "cuda:0", "cuda:1"] and together.handoff_device == "cpu"
     assert backend_for(apart.devices()) == "nccl" and backend_for(together.devices()) == "gloo"
     assert backend_for([together.devices()[r] for r in together.generation_ranks]) == "nccl"
+
+
+def test_rank_layout_of_a_tensor_parallel_context_server(good):
+    """Context TP 2 + Helix CP 2: context ranks 0-1, generation ranks 2-3, one GPU each; generation rank g gets its
+    blocks from context rank g mod 2."""
+    from helix.disagg.kv_transfer import kv_sender
+
+    spec = load_deployment(_with(_with(good, "model.device", "cuda"), "context_servers.tensor_parallel_size", 2))
+    assert (spec.context_ranks, spec.generation_ranks) == ([0, 1], [2, 3])
+    assert spec.devices() == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"] and spec.handoff_device == "cuda"
+    assert [kv_sender(g, spec.context_ranks) for g in range(2)] == [0, 1]
+    assert [kv_sender(g, [0, 1]) for g in range(3)] == [0, 1, 0]
+    assert spec.role_of(1) == "context server rank 1 (world rank 1)"
+    assert spec.role_of(2) == "generation server rank 0 (world rank 2)"
