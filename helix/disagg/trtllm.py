@@ -76,29 +76,24 @@ def _transceiver(v) -> str | None:
 NO_REUSE = ("this runtime prefills every prompt in full and keeps no prefix cache, so KV block reuse cannot be "
             "honoured")
 
-# LLM-API keys, at the top level (both sections inherit them) or in a section: key -> (check, what it does here).
-INERT: dict[str, tuple[Check, str]] = {
-    "backend": (_equals("pytorch", "this runtime is PyTorch; it builds no TensorRT engines"),
-                "the runtime is PyTorch"),
-    "free_gpu_memory_fraction": (_fraction, "KV capacity here is kv_cache_config.max_tokens per request slot"),
-    "disable_overlap_scheduler": (_boolean, "host scheduling overlap; a decode step's result is the same either way"),
-    "enable_chunked_prefill": (_equals(False, "the context server prefills each prompt in one pass"),
-                               "prompts are prefilled in one pass"),
-    "pipeline_parallel_size": (_equals(1, "this runtime has no pipeline parallelism"), "no pipeline stages"),
-    "cache_transceiver_config": (_transceiver, "the KV hand-over here is torch.distributed point-to-point "
-                                               "(gloo or NCCL), by block ownership"),
+# Inert keys and the values accepted; the comment says why they change nothing here (docs/design.md §4.5).
+# LLM-API keys, at the top level (both sections inherit them) or in a section:
+INERT: dict[str, Check] = {
+    "backend": _equals("pytorch", "this runtime is PyTorch; it builds no TensorRT engines"),
+    "free_gpu_memory_fraction": _fraction,  # KV capacity is kv_cache_config.max_tokens per slot x max_batch_size
+    "disable_overlap_scheduler": _boolean,  # host scheduling overlap: a step's result is the same either way
+    "enable_chunked_prefill": _equals(False, "the context server prefills each prompt in one pass"),
+    "pipeline_parallel_size": _equals(1, "this runtime has no pipeline parallelism"),
+    "cache_transceiver_config": _transceiver,  # the hand-over is torch.distributed point-to-point, by block owner
 }
-# kv_cache_config's keys besides the native tokens_per_block and max_tokens.
-INERT_KV: dict[str, tuple[Check, str]] = {
-    "enable_block_reuse": (_equals(False, NO_REUSE), "no prefix reuse"),
-    "enable_partial_reuse": (_equals(False, NO_REUSE), "no prefix reuse"),
-    "free_gpu_memory_fraction": (_fraction, "KV capacity here is kv_cache_config.max_tokens per request slot"),
+# kv_cache_config's keys besides the native tokens_per_block and max_tokens:
+INERT_KV: dict[str, Check] = {
+    "enable_block_reuse": _equals(False, NO_REUSE),
+    "enable_partial_reuse": _equals(False, NO_REUSE),
+    "free_gpu_memory_fraction": _fraction,
 }
-# The disaggregated server's own keys.
-INERT_TOP: dict[str, tuple[Check, str]] = {
-    "hostname": (_hostname, "the ranks meet through torch.distributed; no HTTP router is started"),
-    "port": (_port, "the ranks meet through torch.distributed; no HTTP router is started"),
-}
+# The disaggregated server's address: the ranks meet through torch.distributed; no HTTP router is started.
+INERT_TOP: dict[str, Check] = {"hostname": _hostname, "port": _port}
 
 
 def _instances(v) -> str | None:
@@ -113,13 +108,11 @@ def _urls(v) -> str | None:
     return None
 
 
-INERT_SECTION: dict[str, tuple[Check, str]] = {
-    "num_instances": (_instances, "one instance per role"),
-    "urls": (_urls, "the ranks meet through torch.distributed, not over HTTP"),
-}
+# A section's instances and their addresses (unused, as hostname and port):
+INERT_SECTION: dict[str, Check] = {"num_instances": _instances, "urls": _urls}
 
 
-def _take(node: dict, table: dict[str, tuple[Check, str]], prefix: str, accepted: list[str]) -> dict:
+def _take(node: dict, table: dict[str, Check], prefix: str, accepted: list[str]) -> dict:
     """``node`` without the keys of ``table``, each checked (refused naming key and rule) and listed in
     ``accepted`` as written."""
     out = {}
@@ -127,7 +120,7 @@ def _take(node: dict, table: dict[str, tuple[Check, str]], prefix: str, accepted
         if key not in table:
             out[key] = value
             continue
-        if (rule := table[key][0](value)) is not None:
+        if (rule := table[key](value)) is not None:
             fail(prefix + key, value, rule)
         accepted.append(f"{prefix}{key}={value!r}")
     return out
