@@ -2,8 +2,9 @@
 
 It loads as context server TP 2 + Helix CP 2, naming the keys that change nothing here in one INFO line; a value
 this runtime cannot honour, or a key it does not know, is refused naming the key and the rule; and the
-deployment produces the reference's greedy tokens and scores: in process, from ``helix generate --config`` on
-the file, and across two torchrun "nodes" on the loopback address.
+deployment produces the reference's greedy tokens and scores, in process and from ``helix generate --config`` on
+the file across two torchrun "nodes" on the loopback address. (``helix generate --config`` without torchrun runs
+the same parsed spec: tests/disagg/test_disagg_cli.py.)
 """
 
 from __future__ import annotations
@@ -146,21 +147,10 @@ def test_context_tp2_helix_cp2_generates_and_scores_as_the_reference(tiny_checkp
         assert greedy == want_greedy
 
 
-def test_helix_generate_on_the_file_prints_the_reference_tokens(tiny_checkpoint, tmp_path):
-    """As a new user would: the TensorRT-LLM file, `helix generate --config` on it."""
-    config = write_seed(tiny_checkpoint, tmp_path)
-    run = subprocess.run([sys.executable, "-m", "helix", "generate", "--config", str(config), "--prompt-ids",
-                          ",".join(map(str, PROMPTS[0])), "--max-new-tokens", str(NEW_TOKENS), "--json"],
-                         capture_output=True, text=True, env=_env(), timeout=180)
-    assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout.splitlines()[-1])["token_ids"] == reference_tokens(tiny_checkpoint, PROMPTS[0], NEW_TOKENS)
-    assert run.stderr.count("TensorRT-LLM keys accepted that change nothing here") == 1, run.stderr
-    assert "context server TP=2" in run.stderr
-
-
-def test_two_torchrun_nodes_generate_the_reference_tokens(tiny_checkpoint, tmp_path):
-    """Two torchrun "nodes" on the loopback address, two processes each: world ranks 0-1 the context server,
-    2-3 the generation server, roles from the file; world rank 0 prints once.
+def test_helix_generate_on_the_file_across_two_torchrun_nodes_prints_the_reference_tokens(tiny_checkpoint, tmp_path):
+    """As a new user would: the TensorRT-LLM file, `helix generate --config` on it, on two torchrun "nodes" on the
+    loopback address with two processes each: world ranks 0-1 the context server, 2-3 the generation server,
+    roles from the file; world rank 0 prints once, and each process names the inert keys in one line.
 
     The rendezvous store is this test's: a TCPStore on a port the OS picks, held for the test's life (as RankPool
     holds its store), which both agents join as clients (is_host=false). Picking a free port and handing it to
@@ -183,6 +173,7 @@ def test_two_torchrun_nodes_generate_the_reference_tokens(tiny_checkpoint, tmp_p
             node.kill()
     for node, (_, err) in zip(nodes, outs):
         assert node.returncode == 0, err
+        assert err.count("TensorRT-LLM keys accepted that change nothing here") == 2, err  # once per process
     printed = [line for out, _ in outs for line in out.splitlines() if line.startswith("{")]
     assert len(printed) == 1, outs  # world rank 0 alone prints
     assert json.loads(printed[0])["token_ids"] == reference_tokens(tiny_checkpoint, PROMPTS[0], NEW_TOKENS)
