@@ -25,7 +25,7 @@ Helix decode step of one layer, on every rank r (docs/design.md §3.3)::
     out           = all_reduce(o_v W_O[:, local heads]^T)                   row-parallel o_proj
 
 The all-to-all moves B H (Lkv + 1) values per rank, independent of S. Prefill (local prefill on the Helix
-ranks, or the context server with N = 1) splits heads instead: each rank attends causally over the whole
+ranks, or the context server's tensor-parallel ranks) splits heads instead: each rank attends causally over the whole
 prompt for its h heads (torch's fused scaled_dot_product_attention over the absorbed form: q = [q_abs | q_pe],
 k = v = the cache rows), writes only the KV blocks it owns, and shares the W_UV / o_proj tail.
 """

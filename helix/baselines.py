@@ -1,8 +1,9 @@
-"""The layout Helix replaces, for benchmarks: tensor-parallel attention (TPA = N, KVP = 1).
+"""The layout Helix replaces, for benchmarks, and the context server's: tensor-parallel attention (TPA = N, KVP = 1).
 
 Each of the N ranks owns H/N heads and keeps the **whole** latent cache (MLA has one KV head, so TP cannot
 split it); q_proj / W_UK / W_UV / o_proj are sliced by head, there is no all-to-all and no combine, and the
-o_proj all-reduce and the FFN are as in Helix. With N = 1 this is the single-GPU baseline.
+o_proj all-reduce and the FFN are as in Helix. With N = 1 this is the single-GPU baseline. A context server of t
+ranks prefills in this layout (helix/factory.py ``build_context_model``): heads split, every row in every cache.
 """
 
 from __future__ import annotations

@@ -83,13 +83,21 @@ def generate_helix(args: argparse.Namespace, model_dir: str, prompt_ids: list[in
 
 def generate_disagg(args: argparse.Namespace, model_dir: str, prompt_ids: list[int]) -> list[int]:
     """Disaggregated serving from the deployment file --config: a context server prefills, the Helix generation
-    server decodes (helix/disagg); model, dtype, device and N come from the file."""
+    server decodes (helix/disagg); model, dtype, device and N come from the file. Under torchrun (WORLD_SIZE set,
+    on one node or many) this process is one rank of the deployment and world rank 0 drives and prints."""
     from helix.disagg import launch
+    from helix.disagg.torchrun import TorchrunEnv, drive
     from helix.sampling import SamplingParams
 
     eos = tuple(ModelConfig.from_json(model_dir).eos_token_ids)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, stop_token_ids=eos)
+    if (env := TorchrunEnv.from_env(os.environ)) is not None:
+        ids = drive(args.config, env, lambda cluster: cluster.generate([prompt_ids], params)[0])
+        if ids is None:
+            sys.exit(0)  # the other ranks print nothing
+        return ids
     with launch(args.config) as cluster:
-        return cluster.generate([prompt_ids], SamplingParams(max_new_tokens=args.max_new_tokens, stop_token_ids=eos))[0]
+        return cluster.generate([prompt_ids], params)[0]
 
 
 BACKENDS: dict[str, Callable[[argparse.Namespace, str, list[int]], list[int]]] = {
@@ -110,7 +118,8 @@ def _backend_and_model(args: argparse.Namespace) -> tuple[str, str]:
     if args.backend not in (None, "disagg") or args.model is not None:
         raise ConfigError(f"--config={args.config!r}: the deployment file names the model and runs the disagg "
                           "backend; drop --model and --backend")
-    return "disagg", load_deployment(args.config).model
+    args.config = load_deployment(args.config)  # parsed once: the RunSpec the backend launches
+    return "disagg", args.config.model
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer, cfg: ModelConfig) -> list[int]:

@@ -432,20 +432,7 @@ class HelixConfig:
 
     def validate_for_model(self, model: ModelConfig, prefix: str = "") -> None:
         """Divisibility rules between the model and N (heads for the all-to-all, experts for EP, FFN widths for TP)."""
-        n = self.context_parallel_size
-        key = prefix + "context_parallel_size"
-        if model.num_attention_heads % n:
-            fail(key, n, f"must divide num_attention_heads={model.num_attention_heads} (the all-to-all splits heads)")
-        has_moe = any(model.is_moe_layer(i) for i in range(model.num_hidden_layers))
-        if has_moe and self.moe_parallel == "ep" and model.n_routed_experts % n:
-            fail(key, n, f"must divide n_routed_experts={model.n_routed_experts} for expert parallelism "
-                  "(or set moe_parallel 'tp')")
-        if has_moe and self.moe_parallel == "tp" and model.moe_intermediate_size % n:
-            fail(key, n, f"must divide moe_intermediate_size={model.moe_intermediate_size} for tensor-parallel experts")
-        if has_moe and (model.moe_intermediate_size * model.n_shared_experts) % n:
-            fail(key, n, f"must divide the shared-expert width {model.moe_intermediate_size * model.n_shared_experts}")
-        if model.first_k_dense_replace > 0 and model.intermediate_size % n:
-            fail(key, n, f"must divide intermediate_size={model.intermediate_size} (dense MLP is tensor parallel)")
+        check_split(model, self.context_parallel_size, self.moe_parallel, prefix + "context_parallel_size")
 
     def to_dict(self) -> dict:
         return {
@@ -456,3 +443,21 @@ class HelixConfig:
             "max_batch_size": self.max_batch_size,
             "moe_parallel": self.moe_parallel,
         }
+
+
+def check_split(model: ModelConfig, n: int, moe_parallel: str, key: str) -> None:
+    """``n`` ranks that split heads (attention after the all-to-all, or prefill) and share the FFN (``moe_parallel``
+    experts, TP dense and shared-expert MLPs) must each get whole heads and whole FFN shares; ``key`` names the
+    setting that chose ``n``."""
+    if model.num_attention_heads % n:
+        fail(key, n, f"must divide num_attention_heads={model.num_attention_heads} (each rank takes whole heads)")
+    has_moe = any(model.is_moe_layer(i) for i in range(model.num_hidden_layers))
+    if has_moe and moe_parallel == "ep" and model.n_routed_experts % n:
+        fail(key, n, f"must divide n_routed_experts={model.n_routed_experts} for expert parallelism "
+              "(or set moe_parallel 'tp')")
+    if has_moe and moe_parallel == "tp" and model.moe_intermediate_size % n:
+        fail(key, n, f"must divide moe_intermediate_size={model.moe_intermediate_size} for tensor-parallel experts")
+    if has_moe and (model.moe_intermediate_size * model.n_shared_experts) % n:
+        fail(key, n, f"must divide the shared-expert width {model.moe_intermediate_size * model.n_shared_experts}")
+    if model.first_k_dense_replace > 0 and model.intermediate_size % n:
+        fail(key, n, f"must divide intermediate_size={model.intermediate_size} (dense MLP is tensor parallel)")

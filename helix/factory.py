@@ -1,7 +1,8 @@
 """The one place a run's model and engine are built from its ``RunSpec``: every server and benchmark calls it.
 
     generation rank g of N:  build_engine(spec, comm, device)     HelixMapping(g, N, T), the spec's KV capacity
-    context server:          build_model(spec, context_mapping(spec), Comm(0, 1), device)   a world of one
+    context rank c of t:     build_context_model(spec, comm, device)  HelixMapping(c, t, T), heads split in
+                                                                       prefill, every token in every rank's cache
 
 The weights come from ``spec.model`` (a checkpoint directory or ``synthetic:PRESET``, helix/sources.py), each
 rank reading only its slices; ``source`` overrides that with an already opened checkpoint (a benchmark keeps one
@@ -10,11 +11,13 @@ across the variants it times).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import torch
 
 from helix.attention import HelixMLA
+from helix.baselines import TPAttentionMLA
 from helix.checkpoint import DTYPES, Checkpoint, SyntheticCheckpoint
 from helix.comm import Comm
 from helix.engine import HelixEngine, Request
@@ -45,6 +48,10 @@ def build_engine(spec: RunSpec, comm: Comm, device: torch.device,
                        cuda_graphs=spec.execution.cuda_graphs and device.type == "cuda", kv_dtype=gen.kv_dtype)
 
 
-def context_mapping(spec: RunSpec) -> HelixMapping:
-    """The context server is a world of one: every block is local."""
-    return HelixMapping(0, 1, spec.context.tokens_per_block)
+def build_context_model(spec: RunSpec, comm: Comm, device: torch.device) -> HelixModel:
+    """Context server rank ``comm.rank`` of its ``tensor_parallel_size`` t: tensor-parallel attention's layout
+    (helix/baselines.py), i.e. prefill with its H / t heads and its FFN share, and a cache that holds every token
+    (the latent rows are one projection every rank computes whole), so any context rank can hand any block over."""
+    mapping = HelixMapping(comm.rank, comm.world_size, spec.context.tokens_per_block)
+    prefill = replace(spec, execution=replace(spec.execution, microbatches=1))  # HOP-B is a decode-step overlap
+    return build_model(prefill, mapping, comm, device, attention=TPAttentionMLA)

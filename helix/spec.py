@@ -69,7 +69,7 @@ class Execution:
 class ContextServerConfig:
     """The context server's keys (docs/design.md §4.3)."""
 
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # t context ranks: prefill splits the heads over them, each caches every row
     tokens_per_block: int = 32
     max_tokens: int = 8192  # longest prompt it prefills (its KV capacity for one sequence)
     colocate: bool = False  # on CUDA: run on generation rank 0's GPU (N GPUs in all instead of N + 1)

@@ -42,14 +42,15 @@ log = logging.getLogger(__name__)
 
 def _start_rank(ctx: RankContext, dep: RunSpec) -> None:
     if ctx.rank in dep.context_ranks:
-        ctx.state["server"] = ContextServer(dep, ctx.device)
+        ctx.state["server"] = ContextServer(dep, ctx.comm(ranks=dep.context_ranks), ctx.device)
     else:
         ctx.state["server"] = GenerationServer(dep, ctx.comm(ranks=dep.generation_ranks), ctx.device)
-    connect(ctx.rank, dep.context_ranks[0], dep.generation_ranks, dep.handoff_device)
+    connect(ctx.rank, dep.context_ranks, dep.generation_ranks, dep.handoff_device)
 
 
 def _serve_rank(ctx: RankContext, batch: int, requests: list[Request]) -> BatchReport | None:
-    return ctx.state["server"].serve(requests, Handoff(ctx.store, batch))
+    server = ctx.state["server"]
+    return server.serve(requests, Handoff(ctx.store, batch, len(server.dep.context_ranks)))
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -62,21 +63,24 @@ def launch(config: "str | os.PathLike | dict | RunSpec") -> "Cluster":
 
 
 class Cluster:
-    def __init__(self, dep: RunSpec):
+    def __init__(self, dep: RunSpec, pool=None):
+        """``pool``: the deployment's ranks, already joined, with RankPool's ``run`` and ``close`` (world rank 0's
+        TorchrunPool under torchrun, helix/disagg/torchrun.py); None spawns a local RankPool."""
         self.dep = dep
         self.pool: RankPool | None = None
         gpus = len(set(dep.devices()))
-        if dep.device == "cuda" and torch.cuda.device_count() < gpus:
+        if pool is None and dep.device == "cuda" and torch.cuda.device_count() < gpus:
             raise ConfigError(f"model.device='cuda': the deployment needs {gpus} GPUs (context server "
                               f"{len(dep.context_ranks)}{' on GPU 0' if dep.context.colocate else ''} + "
                               f"generation_servers.context_parallel_size {len(dep.generation_ranks)}), "
                               f"{torch.cuda.device_count()} visible")
         self.tokenizer = load_source_tokenizer(dep.model)
         self._batches = 0
-        log.info("launching %s: context server on %s, Helix generation server N=%d on %s", dep.source or "deployment",
-                 dep.devices()[0], len(dep.generation_ranks), ", ".join(dep.devices()[1:]))
-        self.pool = RankPool(dep.world_size, dep.devices(), extra_groups=[dep.generation_ranks], role_of=dep.role_of,
-                             collective_timeout_s=dep.execution.collective_timeout_s)
+        devices, t = dep.devices(), len(dep.context_ranks)
+        log.info("launching %s: context server TP=%d on %s, Helix generation server N=%d on %s",
+                 dep.source or "deployment", t, ", ".join(devices[:t]), len(dep.generation_ranks), ", ".join(devices[t:]))
+        self.pool = pool or RankPool(dep.world_size, dep.devices(), extra_groups=[dep.generation_ranks],
+                                     role_of=dep.role_of, collective_timeout_s=dep.execution.collective_timeout_s)
         try:
             self.pool.run(_start_rank, dep)
         except BaseException:

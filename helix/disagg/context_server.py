@@ -1,9 +1,12 @@
 """The context server: prefills each request's prompt but its last token (docs/design.md §1.3) and hands the KV over.
 
-It is a HelixModel over a world of one (its own group: mapping HelixMapping(0, 1, T), so every block is
-local), with a cache for one sequence at a time. Per request: prefill, signal ``ready``, post one send per
-(layer, generation rank that owns blocks), free its cache blocks (the sends carry staged copies). It runs
-ahead of the generation server by at most ``max_batch_size`` requests, which bounds the staged copies.
+It runs on ``tensor_parallel_size`` t ranks (world ranks 0..t-1, their own group): each is a HelixModel with
+tensor-parallel attention's layout (helix/factory.py ``build_context_model``: H / t heads and an FFN share in
+prefill, one all-reduce per attention and FFN as in local prefill) and a cache of one sequence at a time that
+holds every block. Per request, on every context rank: prefill, signal ``ready`` (rank 0), post one send per
+(layer, generation rank this rank serves that owns blocks; generation rank g is served by context rank g mod t,
+kv_transfer.py), free its cache blocks (the sends carry staged copies). It runs ahead of the generation server
+by at most ``max_batch_size`` requests, which bounds the staged copies.
 """
 
 from __future__ import annotations
@@ -17,16 +20,17 @@ from helix.comm import Comm
 from helix.disagg.handoff import Handoff, handed_over
 from helix.disagg.kv_transfer import send_prompt_kv
 from helix.engine import Request
-from helix.factory import build_model, context_mapping
+from helix.factory import build_context_model
 from helix.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
 
 class ContextServer:
-    def __init__(self, dep: RunSpec, device: torch.device):
-        self.dep = dep
-        self.model = build_model(dep, context_mapping(dep), Comm(0, 1), device)
+    def __init__(self, dep: RunSpec, comm: Comm, device: torch.device):
+        """``comm``: the group of the context server's ranks (context rank c = world rank c)."""
+        self.dep, self.rank = dep, comm.rank
+        self.model = build_context_model(dep, comm, device)
         # The generation server's KV dtype: an FP8 cache is written here and handed over as it is stored.
         self.cache = self.model.new_cache(dep.context.max_tokens, max_batch_size=1, kv_dtype=dep.generation.kv_dtype)
 
@@ -44,9 +48,10 @@ class ContextServer:
         pending: deque[tuple[int, list]] = deque()
         for req in handed_over(requests, self.dep):
             n = self.prefill(req)
-            handoff.mark_ready(req.req_id)
-            pending.append((req.req_id, send_prompt_kv(self.cache, req.req_id, n, self.dep.generation_ranks,
-                                                           self.dep.handoff_device)))
+            if self.rank == 0:
+                handoff.mark_ready(req.req_id)
+            pending.append((req.req_id, send_prompt_kv(self.cache, req.req_id, n, self.rank, self.dep.context_ranks,
+                                                       self.dep.generation_ranks, self.dep.handoff_device)))
             self.cache.release(req.req_id)
             log.debug("context server: request %d prefilled (%d tokens), KV sent", req.req_id, n)
             while len(pending) > lookahead:
@@ -54,9 +59,8 @@ class ContextServer:
         while pending:
             self._finish(pending.popleft(), handoff)
 
-    @staticmethod
-    def _finish(entry: tuple[int, list], handoff: Handoff) -> None:
+    def _finish(self, entry: tuple[int, list], handoff: Handoff) -> None:
         req_id, sends = entry
-        handoff.wait_admitted(req_id)
+        handoff.wait_admitted(req_id, self.rank)
         for work, _ in sends:
             work.wait()

@@ -9,7 +9,7 @@ YAML or JSON, three sections (docs/design.md §4.3)::
       dtype: bfloat16                         # float32 | bfloat16
       device: cuda                            # cpu (gloo) | cuda (nccl, one GPU per rank)
     context_servers:
-      tensor_parallel_size: 1
+      tensor_parallel_size: 1                 # t ranks; prefill splits the heads over them
       kv_cache_config: {tokens_per_block: 32, max_tokens: 65536}   # dtype: the generation server's
       colocate: false                         # true: share generation rank 0's GPU (KV hand-over via host)
     generation_servers:                       # the keys of TensorRT-LLM's Helix documentation
@@ -18,17 +18,20 @@ YAML or JSON, three sections (docs/design.md §4.3)::
       kv_cache_config: {tokens_per_block: 32, max_tokens: 65536, dtype: auto}   # dtype: auto | fp8
       max_batch_size: 8
 
-Rank layout: the context server's rank(s) come first, then the N generation ranks; on CUDA rank r uses GPU r,
-or, with ``colocate``, the context server uses GPU 0 beside generation rank 0 (N GPUs in all).
+Rank layout: the context server's t ranks come first, then the N generation ranks; on CUDA rank r uses GPU r,
+or, with ``colocate`` (t = 1), the context server uses GPU 0 beside generation rank 0 (N GPUs in all).
+A file in TensorRT-LLM's own form (``trtllm-serve disaggregated -c``) is translated first (trtllm.py).
 Every error is a ``ConfigError`` naming the key, the value and the rule (and the file, when there is one).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 from helix.checkpoint import CheckpointError, check_checkpoint
-from helix.config import ConfigError, HelixConfig, ModelConfig, fail
+from helix.config import ConfigError, HelixConfig, ModelConfig, check_split, fail
+from helix.disagg.trtllm import translate
 from helix.sources import is_synthetic, synthetic_config
 from helix.spec import ContextServerConfig, Execution, RunSpec
 
@@ -36,6 +39,8 @@ SECTIONS = ("model", "context_servers", "generation_servers")
 MODEL_KEYS = ("path", "dtype", "device")
 CONTEXT_KEYS = ("tensor_parallel_size", "kv_cache_config", "colocate")
 RUNTIME_DTYPES = ("float32", "bfloat16")
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -116,7 +121,13 @@ def deployment_dict(spec: RunSpec) -> dict:
 
 
 def parse(raw: dict, source: str | None = None, execution: Execution | None = None) -> RunSpec:
-    """``execution`` None: the environment's defaults (``Execution.from_env``), read here, where the run starts."""
+    """``execution`` None: the environment's defaults (``Execution.from_env``), read here, where the run starts.
+    A file in TensorRT-LLM's form is translated first (helix/disagg/trtllm.py); the keys it holds that change
+    nothing here are listed in one INFO line."""
+    raw, inert = translate(raw)
+    if inert:
+        log.info("%s: TensorRT-LLM keys accepted that change nothing here (docs/design.md §4.5): %s",
+                 source or "deployment", ", ".join(inert))
     for key in raw:
         if key not in SECTIONS:
             fail(key, raw[key], f"unknown section; a deployment file has {list(SECTIONS)}")
@@ -137,7 +148,7 @@ def parse(raw: dict, source: str | None = None, execution: Execution | None = No
 
     generation = HelixConfig.from_dict(_section(raw, "generation_servers"), prefix="generation_servers.")
     generation.validate_for_model(model_cfg, prefix="generation_servers.")
-    context = _context_config(_section(raw, "context_servers"), generation)
+    context = _context_config(_section(raw, "context_servers"), generation, model_cfg)
     path = path if is_synthetic(path) else os.path.abspath(path)
     return RunSpec(model=path, dtype=dtype, device=device, generation=generation, context=context,
                    execution=execution or Execution.from_env(), source=source)
@@ -160,13 +171,12 @@ def _model_config(path) -> ModelConfig:
         raise ConfigError(f"model.path={path!r}: {e}") from None
 
 
-def _context_config(raw: dict, generation: HelixConfig) -> ContextServerConfig:
+def _context_config(raw: dict, generation: HelixConfig, model: ModelConfig) -> ContextServerConfig:
     for key in raw:
         if key not in CONTEXT_KEYS:
             fail(f"context_servers.{key}", raw[key], f"unknown key; context_servers takes {list(CONTEXT_KEYS)}")
-    tp = raw.get("tensor_parallel_size", 1)
-    if tp != 1:
-        fail("context_servers.tensor_parallel_size", tp, "must be 1: the context server runs on one rank")
+    tp = _int("context_servers.tensor_parallel_size", raw.get("tensor_parallel_size", 1), 1)
+    check_split(model, tp, generation.moe_parallel, "context_servers.tensor_parallel_size")  # prefill splits heads
     kv = raw.get("kv_cache_config") or {}
     if not isinstance(kv, dict):
         fail("context_servers.kv_cache_config", kv, "must be a mapping {tokens_per_block: T, max_tokens: M}")
@@ -191,4 +201,7 @@ def _context_config(raw: dict, generation: HelixConfig) -> ContextServerConfig:
     colocate = raw.get("colocate", False)
     if not isinstance(colocate, bool):
         fail("context_servers.colocate", colocate, "must be true or false")
+    if colocate and tp != 1:
+        fail("context_servers.colocate", colocate, f"needs tensor_parallel_size 1 (got {tp}): a colocated context "
+             "server is one rank on generation rank 0's GPU")
     return ContextServerConfig(tensor_parallel_size=tp, tokens_per_block=tpb, max_tokens=max_tokens, colocate=colocate)

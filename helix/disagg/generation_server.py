@@ -19,7 +19,7 @@ import torch
 
 from helix.comm import Comm
 from helix.disagg.handoff import Handoff, admission_error, handed_over
-from helix.disagg.kv_transfer import recv_prompt_kv
+from helix.disagg.kv_transfer import kv_sender, recv_prompt_kv
 from helix.engine import Request, Result
 from helix.factory import build_engine
 from helix.sampling import first_stop
@@ -40,7 +40,7 @@ class GenerationServer:
     def __init__(self, dep: RunSpec, comm: Comm, device: torch.device):
         self.dep, self.comm = dep, comm
         self.g, self.n = comm.rank, comm.world_size
-        self.context_rank = dep.context_ranks[0]
+        self.context_rank = kv_sender(self.g, dep.context_ranks)  # the context rank that sends this rank its blocks
         self.engine = build_engine(dep, comm, device, self._stopped)
         self._tokenizer = None
 

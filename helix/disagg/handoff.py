@@ -10,8 +10,10 @@ and request:
 
 * ``ready/k``: the context server has prefilled request k and is posting its KV sends. The generation
   leader polls it between decode steps (a non-blocking key check: gloo receives cannot be polled).
-* ``admitted/k``: the generation ranks have posted the receives for request k. The context server waits for
-  it before waiting on its sends, so a send never sits in a transport timeout while request k queues.
+* ``admitted/k/c``: the generation ranks have posted the receives for request k. Context rank c (of the
+  context server's tensor-parallel ranks) waits for it before waiting on its sends, so a send never sits in a
+  transport timeout while request k queues. ``ready/k`` comes from context rank 0: the t ranks prefill in
+  lockstep (their collectives), and a receive waits for its send anyway.
 """
 
 from __future__ import annotations
@@ -48,10 +50,11 @@ def handed_over(requests: list[Request], dep: RunSpec) -> list[Request]:
 
 
 class Handoff:
-    """The signals of one batch (keys are namespaced by the batch number, deleted once consumed)."""
+    """The signals of one batch (keys are namespaced by the batch number, deleted once consumed) between a
+    context server of ``context_tp`` ranks and the generation server."""
 
-    def __init__(self, store: dist.Store, batch: int):
-        self.store, self.prefix = store, f"handoff/batch{batch}/"
+    def __init__(self, store: dist.Store, batch: int, context_tp: int = 1):
+        self.store, self.prefix, self.context_tp = store, f"handoff/batch{batch}/", context_tp
 
     def _key(self, what: str, req_id: int) -> str:
         return f"{self.prefix}{what}/{req_id}"
@@ -60,8 +63,8 @@ class Handoff:
     def mark_ready(self, req_id: int) -> None:
         self.store.set(self._key("ready", req_id), b"1")
 
-    def wait_admitted(self, req_id: int) -> None:
-        key = self._key("admitted", req_id)
+    def wait_admitted(self, req_id: int, context_rank: int) -> None:
+        key = f"{self._key('admitted', req_id)}/{context_rank}"
         self.store.wait([key], STORE_WAIT)
         self.store.delete_key(key)
 
@@ -74,4 +77,5 @@ class Handoff:
 
     def mark_admitted(self, req_id: int) -> None:
         self.store.delete_key(self._key("ready", req_id))
-        self.store.set(self._key("admitted", req_id), b"1")
+        for c in range(self.context_tp):
+            self.store.set(f"{self._key('admitted', req_id)}/{c}", b"1")

@@ -9,7 +9,11 @@ travels as it is stored (``PagedKVCache.read_blocks``): e4m3 rows with their flo
 tokens_per_block, Lkv + R + 4] bytes, half of bf16's message. No
 generation rank ever holds another's blocks, and ranks with no block for a short prompt get no message.
 
-Message order on every (context rank, generation rank) pair is layer 0, 1, ..., L-1 for request after
+A context server of t tensor-parallel ranks holds every block on every rank (prefill splits heads; the latent
+rows are one projection each rank computes whole), so the sends are shared out, not repeated: generation rank
+g gets all its blocks from context rank g mod t (``kv_sender``), and each block still travels once.
+
+Message order on every (sending context rank, generation rank) pair is layer 0, 1, ..., L-1 for request after
 request in hand-over order, on both sides, so sends and receives pair up under gloo (matched by order and
 tag) and NCCL (matched by order alone).
 """
@@ -23,16 +27,23 @@ from helix.kv_cache import PagedKVCache
 from helix.mapping import HelixMapping
 
 
-def send_prompt_kv(cache: PagedKVCache, seq_id: int, num_tokens: int, gen_ranks: list[int], wire: str) -> list:
-    """Post the sends of a prefilled sequence's blocks (the context server's cache holds every block: its
-    local order is the global order), staged on ``wire`` (the cache's device, or "cpu" when the hand-over goes
-    through host memory). Returns (work, staged tensor) pairs; keep them until the works are done."""
+def kv_sender(g: int, context_ranks: list[int]) -> int:
+    """The world rank of the context rank that hands generation rank ``g`` its blocks."""
+    return context_ranks[g % len(context_ranks)]
+
+
+def send_prompt_kv(cache: PagedKVCache, seq_id: int, num_tokens: int, rank: int, context_ranks: list[int],
+                   gen_ranks: list[int], wire: str) -> list:
+    """Post context rank ``rank``'s sends of a prefilled sequence's blocks (its cache holds every block: its
+    local order is the global order) to the generation ranks it serves, staged on ``wire`` (the cache's device,
+    or "cpu" when the hand-over goes through host memory). Returns (work, staged tensor) pairs; keep them until
+    the works are done."""
     seq, n = cache.seqs[seq_id], len(gen_ranks)
     pending = []
     for layer in range(len(cache.layers)):
         for g, dst in enumerate(gen_ranks):
             blocks = HelixMapping(g, n, cache.tpb).owned_blocks(num_tokens)
-            if not blocks:
+            if not blocks or kv_sender(g, context_ranks) != rank:
                 continue
             phys = torch.tensor([seq.blocks[b] for b in blocks], device=cache.layers[layer].device)
             staged = cache.read_blocks(layer, phys).to(wire)  # [n_g, tpb, E] (FP8: E + 4 bytes), contiguous
@@ -57,14 +68,17 @@ def recv_prompt_kv(cache: PagedKVCache, seq_id: int, num_tokens: int, src: int, 
         cache.write_blocks(layer, phys, buf)
 
 
-def connect(rank: int, context_rank: int, gen_ranks: list[int], wire: str) -> None:
-    """One small message per (context, generation) pair at start-up, on ``wire``: proves the path and, on NCCL,
-    creates the pair's communicator before the first request (its creation blocks until both sides join)."""
-    if rank == context_rank:
-        for dst in gen_ranks:
-            dist.send(torch.tensor([dst], device=wire), dst)
+def connect(rank: int, context_ranks: list[int], gen_ranks: list[int], wire: str) -> None:
+    """One small message per (sending context rank, generation rank) pair at start-up, on ``wire``: proves the
+    path and, on NCCL, creates the pair's communicator before the first request (its creation blocks until both
+    sides join)."""
+    if rank in context_ranks:
+        for g, dst in enumerate(gen_ranks):
+            if kv_sender(g, context_ranks) == rank:
+                dist.send(torch.tensor([dst], device=wire), dst)
     else:
+        src = kv_sender(gen_ranks.index(rank), context_ranks)
         buf = torch.zeros(1, dtype=torch.long, device=wire)
-        dist.recv(buf, context_rank)
+        dist.recv(buf, src)
         if int(buf) != rank:
-            raise RuntimeError(f"KV path check: rank {rank} received {int(buf)} from the context server")
+            raise RuntimeError(f"KV path check: rank {rank} received {int(buf)} from context rank {src}")

@@ -1,7 +1,6 @@
 """Every deployment-file rule fails before any process starts, with a message naming the key, the value and the
 rule; YAML and JSON files load to the same deployment."""
 
-import copy
 import json
 import shutil
 
@@ -9,26 +8,12 @@ import pytest
 
 from helix.config import ConfigError
 from helix.disagg import launch, load_deployment
-from tests.disagg.conftest import deployment
+from tests.disagg.conftest import deployment, with_key as _with
 
 
 @pytest.fixture(scope="module")
 def good(tiny_checkpoint) -> dict:
     return deployment(tiny_checkpoint, n=2)
-
-
-def _with(raw: dict, path: str, value) -> dict:
-    """A copy of ``raw`` with the dotted ``path`` set to ``value`` (deleted when value is ...)."""
-    out = copy.deepcopy(raw)
-    *parents, last = path.split(".")
-    node = out
-    for key in parents:
-        node = node[key]
-    if value is ...:
-        del node[last]
-    else:
-        node[last] = value
-    return out
 
 
 # (dotted path, new value, substrings of the message: key=value, rule)
@@ -43,7 +28,9 @@ RULES = [
      ["context_servers.kv_cache_config.tokens_per_block=None", "required, and must equal"]),
     ("generation_servers.context_parallel_size", 5,
      ["generation_servers.context_parallel_size=5", "must divide num_attention_heads=12"]),
-    ("context_servers.tensor_parallel_size", 2, ["context_servers.tensor_parallel_size=2", "must be 1"]),
+    ("context_servers.tensor_parallel_size", 5,
+     ["context_servers.tensor_parallel_size=5", "must divide num_attention_heads=12"]),
+    ("context_servers.tensor_parallel_size", 0, ["context_servers.tensor_parallel_size=0", "integer >= 1"]),
     ("generation_servers.kv_cache_config.max_tokens", 2,
      ["generation_servers.kv_cache_config.max_tokens=2", "must be an integer >= tokens_per_block=4"]),
     ("model.path", "/nonexistent/ckpt", ["model.path='/nonexistent/ckpt'", "no such directory", "helix make-checkpoint"]),
@@ -112,3 +99,17 @@ def test_rank_layout_on_gpus_and_the_colocated_context_server(good):
     assert together.devices() == ["cuda:0", "cuda:0", "cuda:1"] and together.handoff_device == "cpu"
     assert backend_for(apart.devices()) == "nccl" and backend_for(together.devices()) == "gloo"
     assert backend_for([together.devices()[r] for r in together.generation_ranks]) == "nccl"
+
+
+def test_rank_layout_of_a_tensor_parallel_context_server(good):
+    """Context TP 2 + Helix CP 2: context ranks 0-1, generation ranks 2-3, one GPU each; generation rank g gets its
+    blocks from context rank g mod 2."""
+    from helix.disagg.kv_transfer import kv_sender
+
+    spec = load_deployment(_with(_with(good, "model.device", "cuda"), "context_servers.tensor_parallel_size", 2))
+    assert (spec.context_ranks, spec.generation_ranks) == ([0, 1], [2, 3])
+    assert spec.devices() == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"] and spec.handoff_device == "cuda"
+    assert [kv_sender(g, spec.context_ranks) for g in range(2)] == [0, 1]
+    assert [kv_sender(g, [0, 1]) for g in range(3)] == [0, 1, 0]
+    assert spec.role_of(1) == "context server rank 1 (world rank 1)"
+    assert spec.role_of(2) == "generation server rank 0 (world rank 2)"

@@ -1,0 +1,179 @@
+"""A deployment under torchrun, on one node or many (docs/design.md §5.4).
+
+    every node i of K:  torchrun --nnodes K --node-rank i --nproc-per-node P_i --rdzv-backend c10d \\
+                                 --rdzv-endpoint HOST:PORT -m helix generate --config deploy.yaml ...
+
+torch.distributed's own rendezvous gives each process its RANK in a world of WORLD_SIZE, which must be the
+deployment's: its role comes from the deployment file (world ranks 0..t-1 the context server, then the N
+generation ranks; on CUDA each process takes GPU LOCAL_RANK of its node). The store torchrun sets up for the
+world (MASTER_ADDR:MASTER_PORT) is the control plane, as a RankPool's store is locally.
+
+``TorchrunPool`` is RankPool's interface (``run(fn, *args, ranks=)``, ``store``, ``close``) over that world:
+world rank 0 is the driver, which publishes each command in the store, runs its own share in a thread and
+collects the other ranks' results (a rank that raises sends its traceback, and the call raises
+``WorkerError`` naming it); every other rank runs ``serve_commands`` until the driver closes the pool. So a
+``Cluster`` works unchanged on world rank 0 (``drive``), and ``helix serve`` can put its front end there the
+same way. A rank that dies without a word is noticed through its peers: their collectives fail after
+``collective_timeout_s`` and they report it; when world rank 0's process ends, torchrun ends its node's
+processes and the others lose the store.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from helix.comm import backend_for, destroy, init_process_group
+from helix.config import ConfigError
+from helix.disagg.cluster import Cluster
+from helix.disagg.deploy import load_deployment
+from helix.disagg.handoff import STORE_WAIT
+from helix.gpu_env import GPU_SAFE_ENV
+from helix.spec import RunSpec
+from helix.workers import RankContext, WorkerError
+
+T = TypeVar("T")
+
+POLL_S = 0.01  # how often the driver looks for the other ranks' results
+
+
+@dataclass(frozen=True)
+class TorchrunEnv:
+    """What torchrun tells a process, read once where the command starts."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    agent_store: bool  # the agent hosts the world's store (torchrun's default); else world rank 0 hosts it
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "TorchrunEnv | None":
+        """None unless this process is one rank of a torchrun world of more than one."""
+        if int(env.get("WORLD_SIZE", "1")) <= 1:
+            return None
+        return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")), env["MASTER_ADDR"],
+                   int(env["MASTER_PORT"]), env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+
+
+def _call(fn: Callable, ctx: RankContext, args: tuple, kwargs: dict) -> tuple[str, Any]:
+    try:
+        return "ok", fn(ctx, *args, **kwargs)
+    except BaseException:
+        return "err", traceback.format_exc()
+
+
+class TorchrunPool:
+    def __init__(self, spec: RunSpec, env: TorchrunEnv):
+        """Join the torchrun world as the rank ``env.rank`` of ``spec``'s layout."""
+        if env.world_size != spec.world_size:
+            raise ConfigError(f"WORLD_SIZE={env.world_size}: must equal the deployment's ranks "
+                              f"({len(spec.context_ranks)} context + {len(spec.generation_ranks)} generation = "
+                              f"{spec.world_size}): make torchrun's --nnodes x --nproc-per-node add up to it")
+        if spec.colocated:
+            raise ConfigError("context_servers.colocate=True: not under torchrun, which runs one process per GPU")
+        self.rank, self.world_size, self.role_of = env.rank, env.world_size, spec.role_of
+        os.environ.update(GPU_SAFE_ENV)  # this process is a rank, as a RankPool's workers are (docs/design.md §5.3)
+        device = torch.device(f"cuda:{env.local_rank}" if spec.device == "cuda" else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        timeout = datetime.timedelta(seconds=spec.execution.collective_timeout_s)
+
+        def client(host: bool) -> dist.Store:
+            return dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=host,
+                                 wait_for_workers=False, timeout=timeout)
+
+        base = client(env.rank == 0 and not env.agent_store)
+        self.store = dist.PrefixStore("helix", base)
+        devices = spec.devices()
+        init_process_group(env.rank, env.world_size, device, store=dist.PrefixStore("helix-pg", base),
+                           timeout_s=spec.execution.collective_timeout_s, backend=backend_for(devices))
+        self.ctx = RankContext(env.rank, env.world_size, device, self.store)
+        for key in (tuple(spec.context_ranks), tuple(spec.generation_ranks)):  # every rank creates every group
+            group = dist.new_group(list(key), backend=backend_for([devices[r] for r in key]))
+            if env.rank in key:
+                self.ctx.groups[key] = group
+        # The driver's own connection for polling results while its share of a command runs in a thread.
+        self._results = dist.PrefixStore("helix", client(False)) if env.rank == 0 else None
+        self._next, self._closed = 0, False
+
+    # ------------------------------------------------------------------ world rank 0: the driver
+    def run(self, fn: Callable, *args, ranks: list[int] | None = None, n: int | None = None,
+            timeout_s: float | None = None, **kwargs) -> list[Any]:
+        """fn(ctx, *args, **kwargs) on ``ranks`` (default: the world); results in rank order. ``timeout_s`` is
+        RankPool's signature; a torchrun world's waits are bounded by its collective timeout instead."""
+        if self.rank != 0 or self._closed:
+            raise RuntimeError("TorchrunPool.run: only world rank 0 drives, while the pool is open")
+        ranks = ranks if ranks is not None else list(range(n or self.world_size))
+        k, self._next = self._next, self._next + 1
+        self.store.set(f"cmd/{k}", pickle.dumps((fn, args, kwargs, ranks)))
+        own: dict[int, tuple[str, Any]] = {}
+        thread = None
+        if 0 in ranks:
+            thread = threading.Thread(target=lambda: own.update({0: _call(fn, self.ctx, args, kwargs)}), daemon=True)
+            thread.start()
+        pending, got = {r: f"res/{k}/{r}" for r in ranks if r != 0}, {}
+        while pending or (thread is not None and 0 not in got):
+            new = {r: key for r, key in pending.items() if self._results.check([key])}
+            for r, key in new.items():
+                got[r] = pickle.loads(self._results.get(key))
+                self._results.delete_key(key)
+                del pending[r]
+            if thread is not None and 0 not in got and not thread.is_alive():
+                got[0] = own[0]
+            for r, (status, payload) in got.items():
+                if status == "err":
+                    self.close()
+                    raise WorkerError(r, payload, self.role_of(r))
+            if not new:
+                time.sleep(POLL_S)
+        return [got[r][1] for r in ranks]
+
+    def close(self) -> None:
+        """Tell every other rank to stop serving commands (a rank stuck in a collective with a failed peer sees it
+        once its collective times out)."""
+        if self.rank == 0 and not self._closed:
+            self._closed = True
+            self.store.set(f"cmd/{self._next}", pickle.dumps(None))
+
+    # ------------------------------------------------------------------ every other rank
+    def serve_commands(self) -> None:
+        """Run the driver's commands on this rank, in order, until it closes the pool."""
+        k = 0
+        while True:
+            key = f"cmd/{k}"
+            self.store.wait([key], STORE_WAIT)
+            msg = pickle.loads(self.store.get(key))
+            if msg is None:
+                return
+            fn, args, kwargs, ranks = msg
+            if self.rank in ranks:
+                self.store.set(f"res/{k}/{self.rank}", pickle.dumps(_call(fn, self.ctx, args, kwargs)))
+            k += 1
+
+
+def drive(config: "str | os.PathLike | dict | RunSpec", env: TorchrunEnv, driver: Callable[[Cluster], T]) -> T | None:
+    """Every process of the torchrun world calls this with the same deployment: world rank 0 starts the
+    deployment's ``Cluster`` over the world and returns ``driver(cluster)``, then shuts it down; every other rank
+    serves the cluster's commands and returns None once it is shut down."""
+    spec = load_deployment(config)
+    pool = TorchrunPool(spec, env)
+    if env.rank != 0:
+        pool.serve_commands()
+        out = None
+    else:
+        with Cluster(spec, pool=pool) as cluster:
+            out = driver(cluster)
+    destroy()  # after a failure the process just ends: a rank may still sit in a collective with the failed one
+    return out
