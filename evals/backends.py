@@ -28,7 +28,7 @@ from helix.checkpoint import DTYPES
 from helix.config import ConfigError
 from helix.disagg.deploy import load_deployment, read_file
 from helix.engine import Request
-from helix.sampling import SamplingParams, check_finite, first_stop, per_prompt, select_token
+from helix.sampling import SamplingParams, check_finite, first_stop, per_prompt, score_rows, select_token
 
 BACKENDS = ("helix", "reference")
 
@@ -119,9 +119,8 @@ def group_by_input(requests: list[tuple[list[int], list[int]]]) -> dict[tuple[in
 
 def read_scores(rows: torch.Tensor, continuation: list[int]) -> tuple[list[float], list[bool]]:
     """rows [len(continuation), V]: row k holds the logits that predict continuation[k]."""
-    target = torch.tensor(continuation, dtype=torch.long, device=rows.device)
-    logp = rows.double().log_softmax(-1).gather(1, target[:, None])[:, 0]
-    return logp.tolist(), (rows.argmax(-1) == target).tolist()
+    logprobs, greedy, _ = score_rows(rows, continuation)
+    return logprobs, greedy
 
 
 class HelixBackend:

@@ -1,9 +1,11 @@
 """The context server: prefills each request's prompt but its last token (docs/design.md §1.3) and hands the KV over.
 
 It is a HelixModel over a world of one (its own group: mapping HelixMapping(0, 1, T), so every block is
-local), with a cache for one sequence at a time. Per request: prefill, signal ``ready``, post one send per
-(layer, generation rank that owns blocks), free its cache blocks (the sends carry staged copies). It runs
-ahead of the generation server by at most ``max_batch_size`` requests, which bounds the staged copies.
+local), with a cache for one sequence at a time. It reads the serving loop's request log in order (handoff.py).
+Per request: prefill (scoring the prompt's tokens when the request asks for them: ``prompt/k``), signal
+``ready``, post one send per (layer, generation rank that owns blocks), free its cache blocks (the sends carry
+staged copies). It runs ahead of the generation server by at most ``max_batch_size`` requests, which bounds the
+staged copies, and completes hand-overs while no new request is waiting.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import torch
 from helix.checkpoint import DTYPES
 from helix.comm import Comm
 from helix.disagg.deploy import Deployment
-from helix.disagg.handoff import Handoff, handed_over
+from helix.disagg.handoff import Handoff, PromptScores
 from helix.disagg.kv_transfer import send_prompt_kv
 from helix.engine import Request
 from helix.mapping import HelixMapping
 from helix.model import HelixModel
+from helix.sampling import score_rows
 from helix.sources import open_source
 
 log = logging.getLogger(__name__)
@@ -35,23 +38,41 @@ class ContextServer:
         ckpt.close()
         self.cache = self.model.new_cache(dep.context.max_tokens, max_batch_size=1)
 
-    def prefill(self, req: Request) -> int:
-        """Write the KV of prompt[:-1] into the cache as sequence ``req.req_id``; returns its token count."""
+    def prefill(self, req: Request) -> tuple[int, PromptScores | None]:
+        """Write the KV of prompt[:-1] into the cache as sequence ``req.req_id``; returns its token count and, when
+        the request asks, the log-probs of prompt[1:] (row t of the prefill predicts token t + 1)."""
         n = len(req.prompt) - 1
         self.cache.add(req.req_id)
         slots = self.cache.append(req.req_id, n).to(self.model.device)
-        if n:
-            self.model.prefill(torch.tensor(req.prompt[:-1], device=self.model.device), slots, self.cache)
-        return n
+        if not n:
+            return n, ([], []) if req.prompt_logprobs else None
+        tokens = torch.tensor(req.prompt[:-1], device=self.model.device)
+        rows = self.model.prefill(tokens, slots, self.cache, logits_from=0 if req.prompt_logprobs else None)
+        if rows is None:
+            return n, None
+        logprobs, _, top = score_rows(rows.cpu(), req.prompt[1:], req.top_logprobs)
+        return n, (logprobs, top)
 
-    def serve(self, requests: list[Request], handoff: Handoff) -> None:
+    def serve(self, handoff: Handoff) -> None:
+        """Prefill the log's requests in order until it closes."""
         lookahead = self.dep.generation.max_batch_size
         pending: deque[tuple[int, list]] = deque()
-        for req in handed_over(requests, self.dep):
-            n = self.prefill(req)
+        k = 0
+        while True:
+            if pending and not handoff.has(k):  # nothing new: complete a hand-over meanwhile
+                self._finish(pending.popleft(), handoff)
+                continue
+            handoff.wait_request(k)
+            req = handoff.request(k)
+            if req is None:
+                break
+            k += 1
+            n, scores = self.prefill(req)
+            if scores is not None:
+                handoff.put_prompt_scores(req.req_id, scores)
             handoff.mark_ready(req.req_id)
             pending.append((req.req_id, send_prompt_kv(self.cache, req.req_id, n, self.dep.generation_ranks,
-                                                           self.dep.handoff_device)))
+                                                       self.dep.handoff_device)))
             self.cache.release(req.req_id)
             log.debug("context server: request %d prefilled (%d tokens), KV sent", req.req_id, n)
             while len(pending) > lookahead:
