@@ -26,7 +26,7 @@ import torch
 
 from helix.checkpoint import DTYPES
 from helix.config import ConfigError
-from helix.disagg.deploy import load_deployment, read_file
+from helix.disagg.deploy import deployment_for, load_deployment, read_file
 from helix.engine import Request
 from helix.sampling import SamplingParams, check_finite, first_stop, per_prompt, score_rows, select_token
 
@@ -71,13 +71,8 @@ class BackendSpec:
         ``model``."""
         if self.config is not None:
             return read_file(self.config)
-        tpb = {"tokens_per_block": self.tokens_per_block}
-        # At least one block: the servers' rule (a max_length shorter than a block still gets its whole block).
-        kv = tpb if self.max_tokens is None else {**tpb, "max_tokens": max(int(self.max_tokens), self.tokens_per_block)}
-        return {"model": {"path": self.model, "dtype": self.dtype, "device": self.device},
-                "context_servers": {"tensor_parallel_size": 1, "kv_cache_config": dict(kv), "colocate": self.colocate},
-                "generation_servers": {"context_parallel_size": self.cp,
-                                       "cp_config": {"cp_type": "HELIX", **tpb}, "kv_cache_config": dict(kv)}}
+        return deployment_for(self.model, self.cp, self.tokens_per_block, self.dtype, self.device, self.max_tokens,
+                              colocate=self.colocate)
 
     def capacity(self) -> int | None:
         """What a deployment file holds per sequence (the smaller of its servers' KV capacities); None for the

@@ -5,6 +5,8 @@
     helix generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3) --max-new-tokens N
                    --backend reference [--dtype float32|bfloat16|float64] [--device cpu|cuda] [--json]
     helix generate --config DEPLOY.yaml (--prompt TEXT | --prompt-ids 1,2,3) --max-new-tokens N [--json]
+    helix serve [--config DEPLOY.yaml | --model DIR --cp N ...] [--host 127.0.0.1] [--port 8000]
+    helix bench-serve [--config DEPLOY.yaml | --model DIR --cp N ...] [--requests 64] [--clients 8]
 
 Each subcommand is one ``add_<name>(subparsers)`` function that registers its flags and handler. A generate
 backend is one entry of ``BACKENDS``: ``(args, model_dir, prompt_ids) -> generated ids``; its own flags go
@@ -204,6 +206,54 @@ def add_eval(sub) -> None:
     p.set_defaults(func=eval_run.main)
 
 
+# --------------------------------------------------------------------------------------------- serve
+
+
+def deployment_from_args(args: argparse.Namespace):
+    """--config, or context 1 + Helix generation CP --cp on --model (default: the embedded tiny checkpoint)."""
+    from helix.disagg.deploy import deployment_for
+
+    if args.config is not None:
+        if args.model is not None:
+            raise ConfigError(f"--config={args.config!r}: the deployment file names the model; drop --model")
+        return args.config
+    return deployment_for(args.model or ensure_checkpoint(DEFAULT_PRESET), args.cp, args.tokens_per_block, args.dtype,
+                          args.device, args.max_tokens, args.max_batch_size)
+
+
+def add_deployment_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="deployment file (YAML or JSON): context server + Helix generation server")
+    p.add_argument("--model", help="without --config: HF checkpoint directory (default: the embedded tiny synthetic "
+                                   "checkpoint), served by context server 1 + Helix generation server --cp")
+    p.add_argument("--cp", type=int, default=2, help="without --config: generation context_parallel_size N (default 2)")
+    p.add_argument("--tokens-per-block", type=int, default=32, help="without --config: KV block size (default 32)")
+    p.add_argument("--max-tokens", type=int, help="without --config: KV capacity per sequence (default 8192)")
+    p.add_argument("--max-batch-size", type=int, help="without --config: decode batch slots (default 8)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from helix.serve.server import serve
+
+    serve(deployment_from_args(args), args.host, args.port, args.served_model_name,
+          announce=lambda line: print(line, flush=True))
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible completions endpoint over the disaggregated deployment",
+                       description="POST /v1/completions (text or token-id prompts, max_tokens, temperature, top_p, "
+                                   "seed, stop, echo, logprobs, stream), GET /v1/models, GET /health. Concurrent "
+                                   "requests join the running decode batch. Without --config or --model, serves the "
+                                   f"embedded default: the {DEFAULT_PRESET} synthetic checkpoint, context server 1 + "
+                                   "Helix generation server N=2 on CPU.")
+    add_deployment_flags(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0: a free port, printed at start")
+    p.add_argument("--served-model-name", help="the model's name in the API (default: the model path)")
+    p.set_defaults(func=run_serve)
+
+
 # --------------------------------------------------------------------------------------------- bench
 
 
@@ -249,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_make_checkpoint(sub)
     add_eval(sub)
+    add_serve(sub)
     add_bench(sub)
     return parser
 

@@ -137,7 +137,7 @@ class Cluster:
             raise ValueError(f"submit: {error or f'request {req.req_id}: no output asked'}")
         with self._lock:
             if self.pool is None or self._closing:
-                raise ClusterDown("the cluster is shut down" + (f": {_headline(self._failure)}" if self._failure else ""))
+                raise ClusterDown("the cluster is shut down" + (f": {failure_headline(self._failure)}" if self._failure else ""))
             if self._handoff is None:
                 self._start_loop()
             k, self._next = self._next, self._next + 1
@@ -185,7 +185,7 @@ class Cluster:
         if thread is not None:
             thread.join()
         if self._failure is not None:
-            raise ClusterDown(f"the cluster is shut down: {_headline(self._failure)}")
+            raise ClusterDown(f"the cluster is shut down: {failure_headline(self._failure)}")
 
     def on_ranks(self, fn: Callable, *args, ranks: list[int] | None = None) -> list[Any]:
         """``pool.run(fn, *args, ranks=ranks)`` between serving loops (tests plant faults this way): waits for the
@@ -286,8 +286,9 @@ class Cluster:
             self.shutdown()
 
 
-def _headline(error: BaseException) -> str:
-    """The first lines of a rank's failure (who failed, and how), without the traceback."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return " ".join(lines[:1] + [line.strip() for line in lines[1:] if not line.startswith(" ")][-1:])
+def failure_headline(error: BaseException) -> str:
+    """A rank's failure in one line: who failed and how (its message's first and last unindented lines; the
+    traceback between them is dropped)."""
+    lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith(" ")]
+    return " ".join(lines[:1] + lines[1:][-1:])
 

@@ -93,6 +93,21 @@ class Deployment:
         return self.generation.tokens_per_block
 
 
+def deployment_for(model: str, cp: int, tokens_per_block: int = 32, dtype: str = "float32", device: str = "cpu",
+                   max_tokens: int | None = None, max_batch_size: int | None = None, colocate: bool = False) -> dict:
+    """The deployment file's content for a checkpoint without one: context server 1 + Helix generation server
+    with context_parallel_size ``cp``, both with KV capacity ``max_tokens`` per sequence (at least one block;
+    None: HelixConfig's default)."""
+    tpb = {"tokens_per_block": tokens_per_block}
+    kv = tpb if max_tokens is None else {**tpb, "max_tokens": max(int(max_tokens), tokens_per_block)}
+    generation = {"context_parallel_size": cp, "cp_config": {"cp_type": "HELIX", **tpb}, "kv_cache_config": dict(kv)}
+    if max_batch_size is not None:
+        generation["max_batch_size"] = max_batch_size
+    return {"model": {"path": model, "dtype": dtype, "device": device},
+            "context_servers": {"tensor_parallel_size": 1, "kv_cache_config": dict(kv), "colocate": colocate},
+            "generation_servers": generation}
+
+
 # --------------------------------------------------------------------------------------------- parsing
 
 
