@@ -166,7 +166,7 @@ class RankPool:
             if status == "err":
                 # A rank's death often reaches its peers first (a closed connection): name the dead rank.
                 self._raise_if_dead(DEATH_GRACE_S)
-                self.close()
+                self.close(grace_s=0)  # its peers may wait on it forever: end them now
                 raise WorkerError(rank, payload, self.role_of(rank))
             if status == "event":
                 on_event(rank, payload)
@@ -179,7 +179,7 @@ class RankPool:
         while True:
             for r, p in enumerate(self.procs):
                 if not p.is_alive():
-                    self.close()
+                    self.close(grace_s=0)  # its peers may wait on it forever: end them now
                     raise WorkerError(r, f"process exited with code {p.exitcode} without reporting an error",
                                       self.role_of(r))
             if time.monotonic() >= deadline:
@@ -203,12 +203,13 @@ class RankPool:
         got = self._collect(ranks, timeout_s, on_event)
         return [got[r] for r in ranks]
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 5.0) -> None:
+        """Ask every rank to exit; kill those still running after ``grace_s``."""
         procs, self.procs = self.procs, []
         for p, q in zip(procs, self.commands):
             if p.is_alive():
                 q.put(None)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + grace_s
         for p in procs:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
         for p in procs:
