@@ -1,6 +1,7 @@
-"""What the lm-eval adapter talks to: the disaggregated Helix cluster, or the single-device reference.
+"""What the lm-eval adapter talks to: the disaggregated Helix cluster, the single-device reference, or any
+OpenAI-compatible completions endpoint (``helix serve``, vLLM, trtllm-serve, SGLang).
 
-Both offer the driver interface of ``helix.disagg.launch(...)``:
+All offer the driver interface of ``helix.disagg.launch(...)``:
 
 * ``tokenizer``: the checkpoint's transformers tokenizer;
 * ``generate(prompts, sampling) -> list[list[int]]``: generated ids only, per prompt; ``sampling`` is one
@@ -19,8 +20,11 @@ pass on the reference and one Helix request (one context-server prefill, one dec
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -29,21 +33,27 @@ from helix.config import ConfigError
 from helix.disagg.deploy import deployment_for, load_deployment, read_file
 from helix.engine import Request
 from helix.sampling import SamplingParams, check_finite, first_stop, per_prompt, score_rows, select_token
+from helix.sources import source_config
+from helix.tokenizer import load_tokenizer
 
-BACKENDS = ("helix", "reference")
+BACKENDS = ("helix", "reference", "endpoint")
 
 
 @dataclass
 class BackendSpec:
-    """Which backend, on which weights. ``config`` (a deployment file) or ``model`` (a checkpoint dir) is set.
+    """Which backend, on which weights: ``config`` (a deployment file) or ``model`` (a checkpoint dir) for the
+    helix and reference backends; ``url`` (an OpenAI-compatible server's base URL, e.g. http://host:8000/v1) and
+    ``tokenizer`` (a directory with the served model's tokenizer) for the endpoint backend.
 
     ``max_tokens``: the KV capacity per sequence of the deployment built from ``model`` (context and generation
     servers), so that every prompt the adapter lets in (its ``max_length``) is served; None keeps the
-    deployment's default. A deployment file states its own capacity."""
+    deployment's default. A deployment file states its own capacity, an endpoint its ``max_model_len``."""
 
     backend: str = "helix"
     model: str | None = None
     config: str | None = None
+    url: str | None = None
+    tokenizer: str | None = None
     cp: int = 2
     tokens_per_block: int = 32
     dtype: str = "float32"
@@ -55,7 +65,11 @@ class BackendSpec:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend={self.backend!r}: choose one of {list(BACKENDS)}")
-        if (self.model is None) == (self.config is None):
+        if self.backend == "endpoint":
+            if self.url is None or self.tokenizer is None or self.model is not None or self.config is not None:
+                raise ConfigError(f"url={self.url!r}, tokenizer={self.tokenizer!r}: the endpoint backend needs both "
+                                  "(the server's base URL, the served model's tokenizer directory) and no model/config")
+        elif (self.model is None) == (self.config is None) or self.url is not None:
             raise ConfigError(f"model={self.model!r}, config={self.config!r}: give exactly one of them "
                               "(a checkpoint directory, or a deployment file)")
         if self.dtype not in DTYPES:
@@ -75,12 +89,34 @@ class BackendSpec:
                               colocate=self.colocate)
 
     def capacity(self) -> int | None:
-        """What a deployment file holds per sequence (the smaller of its servers' KV capacities); None for the
-        deployment built from ``model``, which is sized to ``max_tokens``."""
+        """What a deployment file holds per sequence (the smaller of its servers' KV capacities), or an endpoint
+        (its ``max_model_len``, when it reports one); None for the deployment built from ``model``, which is
+        sized to ``max_tokens``."""
+        if self.url is not None:
+            return endpoint_model(self.url)[1]
         if self.config is None:
             return None
         dep = load_deployment(self.config)
         return min(dep.context.max_tokens, dep.generation.max_tokens)
+
+    def max_position(self) -> int:
+        """The longest sequence the model takes: its checkpoint's max_position_embeddings; an endpoint's
+        max_model_len, else its tokenizer's model_max_length."""
+        if self.url is None:
+            return source_config(self.model_dir()).max_position_embeddings
+        reported = self.capacity()
+        return reported if reported is not None else load_tokenizer(self.tokenizer).model_max_length
+
+    def name(self) -> str:
+        """What the report calls the model: the checkpoint directory, or the endpoint's served model and URL."""
+        return self.model_dir() if self.url is None else f"{endpoint_model(self.url)[0]} at {self.url}"
+
+    def model_name(self) -> str:
+        """The model's last path component (golden/accuracy matches published figures by it)."""
+        return os.path.basename(os.path.normpath(self.model_dir() if self.url is None else endpoint_model(self.url)[0]))
+
+    def tokenizer_dir(self) -> str:
+        return self.tokenizer if self.url is not None else self.model_dir()
 
     def model_dir(self) -> str:
         if self.model is not None:
@@ -93,12 +129,28 @@ class BackendSpec:
 
 
 def make_backend(spec: BackendSpec):
-    """The Helix cluster (``helix.disagg.launch``) or the single-device reference, both used as context managers."""
+    """The Helix cluster (``helix.disagg.launch``), the single-device reference or an endpoint, all used as
+    context managers."""
     if spec.backend == "helix":
         from helix.disagg import launch  # the driver API of the disaggregated deployment
 
         return HelixBackend(launch(spec.deployment()))
+    if spec.backend == "endpoint":
+        return EndpointBackend(spec.url, spec.tokenizer)
     return ReferenceBackend(spec.model_dir(), dtype=spec.dtype, device=spec.device, attention=spec.attention)
+
+
+def endpoint_model(url: str) -> tuple[str, int | None]:
+    """The first model an OpenAI-compatible server lists at ``url``/models: its id and, if reported (vLLM,
+    helix serve), its max_model_len."""
+    import openai
+
+    try:
+        first = openai.OpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), max_retries=2,
+                              timeout=60).models.list().data[0]
+    except (openai.APIError, IndexError) as e:
+        raise ConfigError(f"url={url!r}: no model listed at {url}/models ({' '.join(str(e).split())})") from None
+    return first.id, (first.model_extra or {}).get("max_model_len")
 
 
 def group_by_input(requests: list[tuple[list[int], list[int]]]) -> dict[tuple[int, ...], list[int]]:
@@ -217,3 +269,64 @@ class ReferenceBackend:
                 check_finite(logits[len(context) - 1:], "reference", i)
                 results[i] = read_scores(logits[len(context) - 1:], continuation)
         return results
+
+
+class EndpointBackend:
+    """The driver interface on an OpenAI-compatible completions endpoint: one HTTP request per prompt, ``CONCURRENCY``
+    in flight (the server batches them), token-id prompts (the tokenizer here only measures and decodes).
+
+    ``score`` sends context + continuation with ``echo``, ``logprobs=1`` and ``max_tokens=1``, as lm-eval's
+    ``local-completions`` does, and reads the continuation's prompt log-probs; a token is greedy when its log-prob
+    is the largest of its top alternatives. The server must support echo with logprobs (helix serve and vLLM do).
+    ``generate`` asks for greedy or seeded sampling with the stop strings; the server stops at its EOS tokens.
+    The returned ids are the completion's text re-encoded, which decodes back to that text."""
+
+    CONCURRENCY = 32
+
+    def __init__(self, url: str, tokenizer_dir: str):
+        import openai
+
+        self.model = endpoint_model(url)[0]
+        self.client = openai.OpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), max_retries=2,
+                                    timeout=3600)
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+
+    def __enter__(self) -> "EndpointBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        self.client.close()
+
+    def _map(self, fn, items: list) -> list:
+        with ThreadPoolExecutor(self.CONCURRENCY) as pool:
+            return list(pool.map(fn, items))
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        def one(job: tuple[list[int], SamplingParams]) -> list[int]:
+            prompt, params = job
+            if params.max_new_tokens == 0:
+                return []
+            r = self.client.completions.create(model=self.model, prompt=prompt, max_tokens=params.max_new_tokens,
+                                               temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+                                               stop=list(params.stop_strings) or None)
+            return self.tokenizer.encode(r.choices[0].text, add_special_tokens=False)
+
+        return self._map(one, list(zip(prompts, per_prompt(sampling, len(prompts)))))
+
+    def score(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[list[float], list[bool]]]:
+        group_by_input(requests)  # the same checks as the other backends
+
+        def one(request: tuple[list[int], list[int]]) -> tuple[list[float], list[bool]]:
+            context, continuation = request
+            r = self.client.completions.create(model=self.model, prompt=context + continuation, max_tokens=1,
+                                               temperature=0, logprobs=1, echo=True)
+            lp = r.choices[0].logprobs
+            span = slice(len(context), len(context) + len(continuation))
+            logprobs = lp.token_logprobs[span]
+            return logprobs, [x == max(top.values()) for x, top in zip(logprobs, lp.top_logprobs[span])]
+
+        return self._map(one, requests)
+
