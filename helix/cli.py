@@ -254,6 +254,28 @@ def add_serve(sub) -> None:
     p.set_defaults(func=run_serve)
 
 
+def run_bench_serve(args: argparse.Namespace) -> None:
+    from helix.bench_serve import markdown, run_bench_serve
+
+    result = run_bench_serve(deployment_from_args(args), args.out, args.requests, args.clients, args.max_prompt,
+                             args.max_new)
+    print(markdown(result))
+
+
+def add_bench_serve(sub) -> None:
+    p = sub.add_parser("bench-serve", help="requests/s and latency of helix serve: 1 client vs K concurrent clients",
+                       description="Starts the deployment behind helix serve on a loopback port and sends the same "
+                                   "seeded greedy workload one request at a time, then from --clients threads at once "
+                                   "(continuous batching); JSON and markdown in --out.")
+    add_deployment_flags(p)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--max-prompt", type=int, default=256, help="prompts of 16..N tokens")
+    p.add_argument("--max-new", type=int, default=32, help="8..N new tokens per request")
+    p.add_argument("--out", default="golden/perf")
+    p.set_defaults(func=run_bench_serve)
+
+
 # --------------------------------------------------------------------------------------------- bench
 
 
@@ -301,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval(sub)
     add_serve(sub)
     add_bench(sub)
+    add_bench_serve(sub)
     return parser
 
 
