@@ -170,7 +170,17 @@ def read_scores(rows: torch.Tensor, continuation: list[int]) -> tuple[list[float
     return logprobs, greedy
 
 
-class HelixBackend:
+class Backend:
+    """A context manager that shuts the backend down on leaving."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+class HelixBackend(Backend):
     """The driver interface on a disaggregated cluster (``helix.disagg.launch``), with grouped scoring.
 
     A group of requests with the same input tokens becomes one teacher-forced Helix request that starts after
@@ -180,12 +190,6 @@ class HelixBackend:
     def __init__(self, cluster):
         self.cluster = cluster
         self.tokenizer = cluster.tokenizer
-
-    def __enter__(self) -> "HelixBackend":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
 
     def shutdown(self) -> None:
         self.cluster.shutdown()
@@ -217,7 +221,7 @@ class HelixBackend:
         return out
 
 
-class ReferenceBackend:
+class ReferenceBackend(Backend):
     """The driver interface on the single-device oracle (``helix.reference.ReferenceModel``), one request at a time."""
 
     def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu", attention: str = "plain"):
@@ -227,12 +231,6 @@ class ReferenceBackend:
 
         self.model = ReferenceModel.from_checkpoint(model_dir, dtype=DTYPES[dtype], device=device, attention=attention)
         self.tokenizer = load_source_tokenizer(model_dir)
-
-    def __enter__(self) -> "ReferenceBackend":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
 
     def shutdown(self) -> None:
         """Nothing runs in the background; kept for the driver interface."""
@@ -271,7 +269,7 @@ class ReferenceBackend:
         return results
 
 
-class EndpointBackend:
+class EndpointBackend(Backend):
     """The driver interface on an OpenAI-compatible completions endpoint: one HTTP request per prompt, ``CONCURRENCY``
     in flight (the server batches them), token-id prompts (the tokenizer here only measures and decodes).
 
@@ -290,12 +288,6 @@ class EndpointBackend:
         self.client = openai.OpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), max_retries=2,
                                     timeout=3600)
         self.tokenizer = load_tokenizer(tokenizer_dir)
-
-    def __enter__(self) -> "EndpointBackend":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
 
     def shutdown(self) -> None:
         self.client.close()

@@ -101,17 +101,23 @@ def _check(i: int, error: str | None) -> None:
         raise APIError(500, f"prompt {i} failed: {error}")
 
 
-async def _complete(body: CompletionRequest, model: Model, requests: list[Request], events: asyncio.Queue) -> dict:
-    results, scores = [None] * len(requests), [None] * len(requests)
-    remaining = len(requests)
-    while remaining:
+async def _until_done(events: asyncio.Queue, n: int) -> AsyncIterator[tuple[int, str, object]]:
+    """The events of n submitted prompts until each is done; a failed cluster raises the 503."""
+    while n:
         i, kind, payload = await events.get()
         if kind == "failed":
             raise _failed(payload)
+        n -= kind == "done"
+        yield i, kind, payload
+
+
+async def _complete(body: CompletionRequest, model: Model, requests: list[Request], events: asyncio.Queue) -> dict:
+    results, scores = [None] * len(requests), [None] * len(requests)
+    async for i, kind, payload in _until_done(events, len(requests)):
         if kind == "prompt":
             scores[i] = payload
         elif kind == "done":
-            results[i], remaining = payload[0], remaining - 1
+            results[i] = payload[0]
     choices = []
     for req, res, prompt_scores in zip(requests, results, scores):
         _check(req.req_id, res.error)
@@ -186,18 +192,13 @@ async def _stream(body: CompletionRequest, model: Model, requests: list[Request]
         if body.echo and body.logprobs is None:
             for c in choices:
                 yield sse(c.echo(None))
-        remaining = len(requests)
-        while remaining:
-            i, kind, payload = await events.get()
-            if kind == "failed":
-                raise _failed(payload)
+        async for i, kind, payload in _until_done(events, len(requests)):
             if kind == "prompt":
                 yield sse(choices[i].echo(payload))
             elif kind == "tokens":
                 if (chunk := choices[i].tokens(*payload)) is not None:
                     yield sse(chunk)
             elif kind == "done":
-                remaining -= 1
                 yield sse(choices[i].done(payload[0]))
     except APIError as e:
         yield f"data: {json.dumps(e.body())}\n\n"
