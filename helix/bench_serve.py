@@ -84,6 +84,7 @@ def run_bench_serve(config, out_dir: str, requests_n: int = 64, clients: int = 8
             server.stop()
             thread.join()
     result = {"machine": machine() if dep.device == "cpu" else torch.cuda.get_device_name(0),
+              "load_average_1min": os.getloadavg()[0],  # a shared host: what else ran meanwhile
               "model": dep.model_path, "dtype": dep.dtype, "device": dep.device,
               "context_parallel_size": dep.generation.context_parallel_size,
               "max_batch_size": dep.generation.max_batch_size, "max_prompt": max_prompt, "max_new": max_new,
@@ -102,7 +103,9 @@ def markdown(result: dict) -> str:
              f"`{os.path.basename(result['model'])}` in {result['dtype']} on {result['device']}, context server 1 + "
              f"Helix generation server N={result['context_parallel_size']}, max_batch_size {result['max_batch_size']}; "
              f"{result['passes'][0]['requests']} greedy requests, prompts 16..{result['max_prompt']} tokens, "
-             f"8..{result['max_new']} new tokens, over HTTP on loopback.", "",
+             f"8..{result['max_new']} new tokens, over HTTP on loopback. Host load average "
+             f"{result['load_average_1min']:.1f} at the end (other work shared the cores: compare the two rows, "
+             "measured in the same run, more than either with another run).", "",
              "| clients | requests/s | completion tokens/s | p50 latency s | p99 latency s | wall s |",
              "|---:|---:|---:|---:|---:|---:|"]
     for p in result["passes"]:
