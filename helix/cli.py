@@ -233,8 +233,17 @@ def add_deployment_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
 
 
+def import_serve():
+    """helix/serve's server module; its web stack is the optional `serve` extra."""
+    try:
+        from helix.serve import server
+    except ImportError as e:
+        raise ConfigError(f"helix serve needs FastAPI and uvicorn ({e}): pip install 'helix-decode[serve]'") from None
+    return server
+
+
 def run_serve(args: argparse.Namespace) -> None:
-    from helix.serve.server import serve
+    serve = import_serve().serve
 
     serve(deployment_from_args(args), args.host, args.port, args.served_model_name,
           announce=lambda line: print(line, flush=True))
@@ -255,6 +264,7 @@ def add_serve(sub) -> None:
 
 
 def run_bench_serve(args: argparse.Namespace) -> None:
+    import_serve()
     from helix.bench_serve import markdown, run_bench_serve
 
     result = run_bench_serve(deployment_from_args(args), args.out, args.requests, args.clients, args.max_prompt,
