@@ -82,7 +82,10 @@ def _submit(cluster: Cluster, requests: list[Request]) -> asyncio.Queue:
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
     def sink(i: int):
-        return lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (i, kind, payload))
+        def on_event(kind: str, payload) -> None:  # on the cluster's dispatcher thread
+            if not loop.is_closed():  # a server stopped meanwhile: nobody waits for it
+                loop.call_soon_threadsafe(events.put_nowait, (i, kind, payload))
+        return on_event
 
     try:
         for req in requests:
