@@ -30,10 +30,11 @@ import torch
 
 from helix.checkpoint import DTYPES
 from helix.config import ConfigError
-from helix.disagg.deploy import deployment_for, load_deployment, read_file
+from helix.disagg.deploy import from_checkpoint, load_deployment
 from helix.engine import Request
 from helix.sampling import SamplingParams, check_finite, first_stop, per_prompt, score_rows, select_token
 from helix.sources import source_config
+from helix.spec import RunSpec
 from helix.tokenizer import load_tokenizer
 
 BACKENDS = ("helix", "reference", "endpoint")
@@ -41,9 +42,10 @@ BACKENDS = ("helix", "reference", "endpoint")
 
 @dataclass
 class BackendSpec:
-    """Which backend, on which weights: ``config`` (a deployment file) or ``model`` (a checkpoint dir) for the
-    helix and reference backends; ``url`` (an OpenAI-compatible server's base URL, e.g. http://host:8000/v1) and
-    ``tokenizer`` (a directory with the served model's tokenizer) for the endpoint backend.
+    """The adapter's model_args: which backend, and what it serves: for the helix and reference backends the
+    deployment file ``config``, or, from the checkpoint ``model``, context server 1 + Helix generation server
+    N = ``cp`` (helix.disagg.from_checkpoint; ``run_spec``); for the endpoint backend ``url`` (an OpenAI-compatible
+    server's base URL, e.g. http://host:8000/v1) and ``tokenizer`` (a directory with the served model's tokenizer).
 
     ``max_tokens``: the KV capacity per sequence of the deployment built from ``model`` (context and generation
     servers), so that every prompt the adapter lets in (its ``max_length``) is served; None keeps the
@@ -80,13 +82,12 @@ class BackendSpec:
                 raise ConfigError(f"colocate={self.colocate!r}: must be true or false")
             self.colocate = self.colocate.lower() == "true"
 
-    def deployment(self) -> dict:
-        """The deployment (docs/design.md §4.3): the given file, or context 1 + Helix generation CP ``cp`` on
-        ``model``."""
+    def run_spec(self) -> RunSpec:
+        """The run (docs/design.md §4.4) the helix backend launches."""
         if self.config is not None:
-            return read_file(self.config)
-        return deployment_for(self.model, self.cp, self.tokens_per_block, self.dtype, self.device, self.max_tokens,
-                              colocate=self.colocate)
+            return load_deployment(self.config)
+        return from_checkpoint(self.model, cp=self.cp, tokens_per_block=self.tokens_per_block, dtype=self.dtype,
+                               device=self.device, max_tokens=self.max_tokens, colocate=self.colocate)
 
     def capacity(self) -> int | None:
         """What a deployment file holds per sequence (the smaller of its servers' KV capacities), or an endpoint
@@ -119,22 +120,17 @@ class BackendSpec:
         return self.tokenizer if self.url is not None else self.model_dir()
 
     def model_dir(self) -> str:
-        if self.model is not None:
-            return self.model
-        model = self.deployment().get("model")
-        path = model.get("path") if isinstance(model, dict) else model
-        if not isinstance(path, str):
-            raise ConfigError(f"model={model!r} in {self.config}: expected a checkpoint path or {{path: DIR}}")
-        return path
+        return self.model if self.model is not None else load_deployment(self.config).model
 
 
 def make_backend(spec: BackendSpec):
     """The Helix cluster (``helix.disagg.launch``), the single-device reference or an endpoint, all used as
-    context managers."""
+    context managers. The reference runs the same weights, dtype and device as the deployment would (its dtype
+    may also be float64, the oracle's)."""
     if spec.backend == "helix":
         from helix.disagg import launch  # the driver API of the disaggregated deployment
 
-        return HelixBackend(launch(spec.deployment()))
+        return HelixBackend(launch(spec.run_spec()))
     if spec.backend == "endpoint":
         return EndpointBackend(spec.url, spec.tokenizer)
     return ReferenceBackend(spec.model_dir(), dtype=spec.dtype, device=spec.device, attention=spec.attention)

@@ -44,6 +44,7 @@ from helix.fusion import fused_on_cuda
 from helix.kv_cache import PagedKVCache
 from helix.mapping import HelixMapping
 from helix.rope import Rope
+from helix.spec import Execution
 from kernels import helix_combine, mla_decode
 
 
@@ -52,7 +53,6 @@ from kernels import helix_combine, mla_decode
 LATENT_NORM_EPS = 1e-6
 
 
-@fused_on_cuda
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm in float32, cast back before the weight (as transformers does)."""
     xf = x.float()
@@ -115,9 +115,10 @@ class HelixMLA:
         return AttentionLayout((0, num_heads), mapping, microbatches)
 
     def __init__(self, cfg: ModelConfig, layer: int, ckpt: Checkpoint, mapping: HelixMapping, comm: Comm,
-                 rope: Rope, dtype: torch.dtype, device, layout: AttentionLayout):
+                 rope: Rope, dtype: torch.dtype, device, layout: AttentionLayout, execution: Execution = Execution()):
         self.cfg, self.layer, self.mapping, self.comm, self.rope = cfg, layer, mapping, comm, rope
-        self.layout = layout
+        self.layout, self.kernels = layout, execution.kernels  # kernels: the path rule of kernels/_triton.py
+        self.norm = fused_on_cuda(rms_norm, execution.fuse)
         p = f"model.layers.{layer}.self_attn."
         H, P, V, L, qk = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.qk_head_dim
         a0, a1 = layout.heads
@@ -145,7 +146,7 @@ class HelixMLA:
         """x [T, D] -> q_abs [T, a, Lkv], q_pe [T, a, R] (roped) for the layout's a attended heads."""
         cfg = self.cfg
         if cfg.q_lora_rank:
-            q = F.linear(rms_norm(F.linear(x, self.q_a), self.q_a_norm, LATENT_NORM_EPS), self.q_b)
+            q = F.linear(self.norm(F.linear(x, self.q_a), self.q_a_norm, LATENT_NORM_EPS), self.q_b)
         else:
             q = F.linear(x, self.q_proj)
         q = q.view(x.shape[0], self.layout.num_heads, cfg.qk_head_dim)
@@ -156,7 +157,7 @@ class HelixMLA:
     def kv_entries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> cache rows [T, Lkv + R] = [RMSNorm(c_kv) | RoPE(k_pe)]."""
         c_kv, k_pe = F.linear(x, self.kv_a).split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
-        return torch.cat([rms_norm(c_kv, self.kv_a_norm, LATENT_NORM_EPS), self.rope.apply(k_pe, cos, sin)], -1)
+        return torch.cat([self.norm(c_kv, self.kv_a_norm, LATENT_NORM_EPS), self.rope.apply(k_pe, cos, sin)], -1)
 
     def output(self, o_lat: torch.Tensor) -> torch.Tensor:
         """o_lat [T, h, Lkv] of the local heads -> W_UV -> row-parallel o_proj -> all-reduce -> [T, D]."""
@@ -179,7 +180,7 @@ class HelixMLA:
         for part in torch.arange(x.shape[0]).tensor_split(min(self.layout.microbatches, x.shape[0])):
             sl = slice(int(part[0]), int(part[-1]) + 1)
             o, lse = mla_decode(q_abs[sl], q_pe[sl], cache.layers[self.layer], meta.block_table[sl],
-                                meta.local_lens[sl], cfg.softmax_scale)
+                                meta.local_lens[sl], cfg.softmax_scale, path=self.kernels)
             # [b, H, *] -> [N, b, h, *]: slice j of the send buffer holds the heads rank j combines.
             send = pack_lse(o, lse).view(o.shape[0], n, H // n, -1).transpose(0, 1)
             in_flight.append(self.comm.all_to_all(send, async_op=True))
@@ -188,7 +189,7 @@ class HelixMLA:
             if work is not None:
                 work.wait()  # stream-ordered on CUDA: no host sync
             o_parts, lse_parts = unpack_lse(recv, L)  # [N, b, h, Lkv], [N, b, h]
-            o_lat.append(helix_combine(o_parts, lse_parts)[0])
+            o_lat.append(helix_combine(o_parts, lse_parts, path=self.kernels)[0])
         return self.output(torch.cat(o_lat))
 
     # ------------------------------------------------------------------ prefill (heads split, whole prompt)

@@ -28,5 +28,5 @@ class TPAttentionMLA(HelixMLA):
         cache.write(self.layer, meta.slots, self.kv_entries(x, meta.cos, meta.sin))
         q_abs, q_pe = self.queries(x, meta.cos, meta.sin)  # [B, h, *] local heads only
         o, _ = mla_decode(q_abs, q_pe, cache.layers[self.layer], meta.block_table, meta.local_lens,
-                          self.cfg.softmax_scale)
+                          self.cfg.softmax_scale, path=self.kernels)
         return self.output(o)

@@ -9,8 +9,9 @@ One run on one machine measures, on the same synthetic DeepSeek-V3-Lite-shaped w
 
 Each configuration times the whole decode step (all layers, one CUDA graph): the median of ``iters`` graph
 replays after warm-up, CUDA events, random cache contents. The floor of a step is
-max(bytes / copy bandwidth, attention FLOPs / matmul rate) + collectives x in-graph collective latency, all
-measured in the same run (bytes: this rank's KV shard plus the weights a step must read).
+max(bytes read / read bandwidth, attention FLOPs / matmul rate) + collectives x in-graph collective latency, all
+measured in the same run (bytes: this rank's KV shard plus the weights a step must read; read bandwidth: the
+best read-only stream of ``kernels.bench.measure_read_bandwidth``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import logging
 import os
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -27,11 +28,13 @@ import torch.distributed as dist
 from helix.attention import HelixMLA
 from helix.baselines import TPAttentionMLA
 from helix.checkpoint import SyntheticCheckpoint
-from helix.config import ModelConfig
+from helix.config import HelixConfig, ModelConfig
 from helix.cuda_graph import GraphedDecodeStep
+from helix.factory import build_model
 from helix.mapping import HelixMapping
 from helix.model import HelixModel
 from helix.presets import get_preset
+from helix.spec import Execution, RunSpec
 from helix.workers import RankContext, RankPool
 from kernels import bench as kernel_bench
 from kernels.mla_decode import flops as mla_flops
@@ -77,7 +80,8 @@ def _time_replays(replay, iters: int, device, warmup: int = 5) -> list[float]:
 
 
 def measure_ceilings(device) -> dict:
-    """Copy bandwidth (read + write) and bf16 matmul rate of this GPU: the kernel benchmark's measurement."""
+    """Read bandwidth, copy bandwidth (read + write) and bf16 matmul rate of this GPU: the kernel benchmark's
+    measurement."""
     with torch.cuda.device(device):
         return {**kernel_bench.measure_ceilings(), "device": torch.cuda.get_device_name(device)}
 
@@ -138,10 +142,12 @@ def collectives_per_step(mode: str, n: int, layers: int) -> tuple[int, int]:
 
 
 def rank_bench(ctx: RankContext, preset: str, layers: int, mode: str, n: int, batches: list[int],
-               contexts: list[int], tpb: int, iters: int, ceilings: dict, profile: bool = False,
-               moe_mode: str = "ep") -> list[dict] | None:
+               contexts: list[int], tpb: int, iters: int, ceilings: dict, execution: Execution, profile: bool = False,
+               moe_parallel: str = "ep") -> list[dict] | None:
     cfg = get_preset(preset, num_hidden_layers=layers)
-    src = SyntheticCheckpoint(cfg, seed=0, device=ctx.device)
+    src = SyntheticCheckpoint(cfg, seed=0, device=ctx.device)  # `layers` of the preset, kept across variants
+    spec = RunSpec(model=f"synthetic:{preset}", dtype="bfloat16", device="cuda", execution=execution,
+                   generation=HelixConfig(context_parallel_size=n, tokens_per_block=tpb, moe_parallel=moe_parallel))
     mapping = HelixMapping(ctx.rank, n, tpb)
     comm = ctx.comm(n)
     attention = TPAttentionMLA if mode in ("tp", "single") else HelixMLA
@@ -152,8 +158,8 @@ def rank_bench(ctx: RankContext, preset: str, layers: int, mode: str, n: int, ba
         if microbatches not in built:
             built.clear()
             torch.cuda.empty_cache()
-            built[microbatches] = HelixModel(src, mapping, comm, torch.bfloat16, ctx.device, moe_mode=moe_mode,
-                                             attention=attention, microbatches=microbatches)
+            variant = replace(spec, execution=replace(execution, microbatches=microbatches))
+            built[microbatches] = build_model(variant, mapping, comm, ctx.device, attention, source=src)
         return built[microbatches]
 
     max_s, max_b = max(contexts) + 1, max(batches)
@@ -197,10 +203,9 @@ def _time_point(ctx, model, cache, graph, comm, coll, ceilings, name, mode, n, l
     times = _time_replays(lambda: graph(tokens, positions, slots, table, lens), iters, ctx.device)
     kv, w, flops = step_bytes_and_flops(model, batch, context)
     a2a, other = collectives_per_step(mode, n, layers)
-    t_mem = (kv + w) / (ceilings["copy_GBps"] * 1e9) * 1e3
-    t_flop = flops / (ceilings["matmul_TFLOPs"] * 1e12) * 1e3
+    t_roof, t_mem, t_flop = (x * 1e3 for x in kernel_bench.floor_s(kv + w, flops, ceilings))
     t_coll = (a2a * coll["all_to_all_us"] + other * coll["all_reduce_us"]) * 1e-3
-    floor = max(t_mem, t_flop) + t_coll
+    floor = t_roof + t_coll
     med = statistics.median(times)
     q = statistics.quantiles(times, n=10)
     log.info("%s N=%d B=%d S=%d: %.3f ms (floor %.3f)", name, n, batch, context, med, floor)
@@ -251,23 +256,24 @@ def resident_weight_bytes(cfg: ModelConfig, mode: str, n: int) -> int:
 
 def run_bench(out_dir: str, preset: str = "deepseek-v3-lite", layers: int = 4, gpus: int | None = None,
               batches=(1, 8), contexts=(65536, 131072, 524288, 1048576), tpb: int = 64, iters: int = 60,
-              configs: list[tuple[str, int]] | None = None, profile: bool = False, moe_mode: str = "ep") -> dict:
+              configs: list[tuple[str, int]] | None = None, profile: bool = False, moe_parallel: str = "ep",
+              execution: Execution = Execution()) -> dict:
     gpus = gpus or torch.cuda.device_count()
     configs = configs or [("single", 1)] + [(m, k) for k in (2, 4) if k <= gpus for m in ("tp", "helix")]
     os.makedirs(out_dir, exist_ok=True)
     ceilings = measure_ceilings("cuda:0")
     log.info("ceilings: %s", ceilings)
     rows = []
-    with RankPool(gpus, [f"cuda:{i}" for i in range(gpus)]) as pool:
+    with RankPool(gpus, [f"cuda:{i}" for i in range(gpus)], collective_timeout_s=execution.collective_timeout_s) as pool:
         for mode, n in configs:
             rows += pool.run(rank_bench, preset, layers, mode, n, list(batches), list(contexts), tpb, iters, ceilings,
-                             profile, moe_mode, n=n)[0]
+                             execution, profile, moe_parallel, n=n)[0]
     full_cfg = get_preset(preset)
     gpu_mem = torch.cuda.get_device_properties(0).total_memory
     capacity = {f"{m}-x{n}": kv_capacity(full_cfg, m, n, gpu_mem, resident_weight_bytes(full_cfg, m, n))
                 for m, n in configs}
     card = ceilings["device"]
-    result = {"card": card, "gpus": gpus, "preset": preset, "layers": layers, "tokens_per_block": tpb, "moe": moe_mode,
+    result = {"card": card, "gpus": gpus, "preset": preset, "layers": layers, "tokens_per_block": tpb, "moe": moe_parallel,
               "ceilings": ceilings, "kv_capacity_tokens": capacity,
               "kv_capacity_layers": full_cfg.num_hidden_layers, "rows": rows}
     base = os.path.join(out_dir, f"{kernel_bench.card_tag(card)}-x{gpus}")
@@ -301,8 +307,10 @@ def label(row: dict) -> str:
 def markdown_table(result: dict) -> str:
     c = result["ceilings"]
     lines = [f"# Decode latency: {result['card']} x{result['gpus']}, {result['preset']} ({result['layers']} layers)",
-             "", f"Measured in the same run: copy {c['copy_GBps']:.0f} GB/s (read + write), bf16 matmul "
-             f"{c['matmul_TFLOPs']:.0f} TFLOP/s. Median of CUDA-graph replays.", "",
+             "", f"Measured in the same run: read {c['read_GBps']:.0f} GB/s (best read-only stream), copy "
+             f"{c['copy_GBps']:.0f} GB/s (read + write, not used in the floor), bf16 matmul {c['matmul_TFLOPs']:.0f} "
+             "TFLOP/s; floor = max(bytes read / read, attention FLOPs / matmul) + collectives x in-graph latency. "
+             "Median of CUDA-graph replays.", "",
              "| config | B | context | ms/token | tok/s/user | KV GB/rank | weights GB/rank | floor ms | x floor | collectives ms |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

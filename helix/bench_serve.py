@@ -85,7 +85,7 @@ def run_bench_serve(config, out_dir: str, requests_n: int = 64, clients: int = 8
             thread.join()
     result = {"machine": machine() if dep.device == "cpu" else torch.cuda.get_device_name(0),
               "load_average_1min": os.getloadavg()[0],  # a shared host: what else ran meanwhile
-              "model": dep.model_path, "dtype": dep.dtype, "device": dep.device,
+              "model": dep.model, "dtype": dep.dtype, "device": dep.device,
               "context_parallel_size": dep.generation.context_parallel_size,
               "max_batch_size": dep.generation.max_batch_size, "max_prompt": max_prompt, "max_new": max_new,
               "passes": passes}

@@ -2,13 +2,16 @@
 
     helix make-checkpoint --preset NAME --out DIR [--seed S] [--dtype D] [--dry-run]
     helix eval [--tasks mmlu,gsm8k] [--limit N] [--model DIR | --config DEPLOY] [--cp N] ...   (evals/run.py)
+    helix bench [--layers L] [--batch 1 8] [--context ...] [--configs singlex1 helixx2 ...]   (helix/bench.py)
     helix generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3) --max-new-tokens N
                    --backend reference [--dtype float32|bfloat16|float64] [--device cpu|cuda] [--json]
     helix generate --config DEPLOY.yaml (--prompt TEXT | --prompt-ids 1,2,3) --max-new-tokens N [--json]
     helix serve [--config DEPLOY.yaml | --model DIR --cp N ...] [--host 127.0.0.1] [--port 8000]
     helix bench-serve [--config DEPLOY.yaml | --model DIR --cp N ...] [--requests 64] [--clients 8]
 
-Each subcommand is one ``add_<name>(subparsers)`` function that registers its flags and handler. A generate
+Each subcommand is one ``add_<name>(subparsers)`` function that registers its flags and handler. This module
+holds the runtime's (``python -m helix``); the accuracy suite sits above the runtime, so ``eval`` is added by
+evals/cli.py, which is the installed ``helix`` command (``python -m evals`` without installing). A generate
 backend is one entry of ``BACKENDS``: ``(args, model_dir, prompt_ids) -> generated ids``; its own flags go
 into ``add_generate``. Invalid settings or inputs (``ConfigError``, ``CheckpointError``) and failed requests
 (``RequestError``, ``NonFiniteLogits``: e.g. NaN logits) end the command with a one-line message on stderr and
@@ -22,7 +25,7 @@ import json
 import logging
 import os
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -54,21 +57,20 @@ def generate_helix(args: argparse.Namespace, model_dir: str, prompt_ids: list[in
     one rank when started by torchrun (WORLD_SIZE set); then only rank 0 prints."""
     from helix.config import HelixConfig
     from helix.engine import Request
-    from helix.runner import HelixSpec, helix_generate, torchrun_generate
+    from helix.runner import helix_generate, torchrun_generate
     from helix.sampling import SamplingParams
+    from helix.spec import Execution, RunSpec
 
     cfg = check_checkpoint(model_dir)  # here, not in a rank: a damaged checkpoint ends the command in one line
-    helix_cfg = HelixConfig.from_dict({"context_parallel_size": args.cp,
-                                       "cp_config": {"cp_type": "HELIX", "tokens_per_block": args.tokens_per_block},
-                                       "kv_cache_config": {"tokens_per_block": args.tokens_per_block,
-                                                           "max_tokens": max(len(prompt_ids) + args.max_new_tokens,
-                                                                             args.tokens_per_block)}})
+    helix_cfg = HelixConfig(context_parallel_size=args.cp, tokens_per_block=args.tokens_per_block, max_batch_size=1,
+                            max_tokens=max(len(prompt_ids) + args.max_new_tokens, args.tokens_per_block))
+    helix_cfg.validate()
     helix_cfg.validate_for_model(cfg)
     if args.dtype == "float64":
         raise ConfigError("--dtype='float64': the Helix runtime computes in float32 or bfloat16 "
                           "(float64 is for the reference oracle)")
-    spec = HelixSpec(model_dir, args.cp, args.tokens_per_block, args.dtype, args.device,
-                     max_tokens=helix_cfg.max_tokens, max_batch_size=1, cuda_graphs=args.device == "cuda")
+    spec = RunSpec(model=model_dir, dtype=args.dtype, device=args.device,
+                   generation=helix_cfg, execution=Execution.from_env())
     request = Request(0, prompt_ids, SamplingParams(max_new_tokens=args.max_new_tokens,
                                                     stop_token_ids=tuple(cfg.eos_token_ids)))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -110,7 +112,7 @@ def _backend_and_model(args: argparse.Namespace) -> tuple[str, str]:
     if args.backend not in (None, "disagg") or args.model is not None:
         raise ConfigError(f"--config={args.config!r}: the deployment file names the model and runs the disagg "
                           "backend; drop --model and --backend")
-    return "disagg", load_deployment(args.config).model_path
+    return "disagg", load_deployment(args.config).model
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer, cfg: ModelConfig) -> list[int]:
@@ -194,31 +196,20 @@ def add_make_checkpoint(sub) -> None:
     p.set_defaults(func=run_make_checkpoint)
 
 
-# --------------------------------------------------------------------------------------------- eval
-
-
-def add_eval(sub) -> None:
-    from evals import run as eval_run  # the accuracy suite (evals/run.py) owns its flags
-
-    p = sub.add_parser("eval", help="MMLU / GSM8K / needle tasks on the Helix deployment vs the single-device reference",
-                       description=eval_run.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    eval_run.add_arguments(p)
-    p.set_defaults(func=eval_run.main)
-
-
 # --------------------------------------------------------------------------------------------- serve
 
 
 def deployment_from_args(args: argparse.Namespace):
     """--config, or context 1 + Helix generation CP --cp on --model (default: the embedded tiny checkpoint)."""
-    from helix.disagg.deploy import deployment_for
+    from helix.disagg import from_checkpoint
 
     if args.config is not None:
         if args.model is not None:
             raise ConfigError(f"--config={args.config!r}: the deployment file names the model; drop --model")
         return args.config
-    return deployment_for(args.model or ensure_checkpoint(DEFAULT_PRESET), args.cp, args.tokens_per_block, args.dtype,
-                          args.device, args.max_tokens, args.max_batch_size)
+    return from_checkpoint(args.model or ensure_checkpoint(DEFAULT_PRESET), cp=args.cp,
+                           tokens_per_block=args.tokens_per_block, dtype=args.dtype, device=args.device,
+                           max_tokens=args.max_tokens, max_batch_size=args.max_batch_size)
 
 
 def add_deployment_flags(p: argparse.ArgumentParser) -> None:
@@ -293,10 +284,11 @@ def run_bench_cmd(args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
         raise ConfigError("bench: no CUDA device is visible to torch; the decode benchmark needs GPUs")
     from helix.bench import markdown_table, profile_text, run_bench
+    from helix.spec import Execution
 
     configs = [(c.rsplit("x", 1)[0], int(c.rsplit("x", 1)[1])) for c in args.configs] if args.configs else None
     result = run_bench(args.out, args.preset, args.layers, args.gpus, args.batch, args.context, args.tokens_per_block,
-                       args.iters, configs, args.profile, args.moe)
+                       args.iters, configs, args.profile, args.moe_parallel, Execution.from_env())
     print(markdown_table(result))
     if args.profile:
         print(profile_text(result))
@@ -317,28 +309,29 @@ def add_bench(sub) -> None:
     p.add_argument("--configs", nargs="+", help="e.g. singlex1 tpx4 helixx2 helixx4 (default: all that fit --gpus)")
     p.add_argument("--out", default="golden/perf")
     p.add_argument("--profile", action="store_true", help="also list each step's GPU kernels by time (torch.profiler)")
-    p.add_argument("--moe", choices=["ep", "tp"], default="ep", help="routed experts expert- or tensor-parallel")
+    p.add_argument("--moe-parallel", choices=["ep", "tp"], default="ep",
+                   help="routed experts expert- (ep) or tensor-parallel (tp), as moe_parallel in a deployment file")
     p.set_defaults(func=run_bench_cmd)
 
 
 # --------------------------------------------------------------------------------------------- entry point
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = (add_generate, add_make_checkpoint, add_serve, add_bench, add_bench_serve)
+
+
+def build_parser(commands: Sequence[Callable] = COMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="helix", description="Helix context-parallel decode for DeepSeek-V3-style models")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
-    add_generate(sub)
-    add_make_checkpoint(sub)
-    add_eval(sub)
-    add_serve(sub)
-    add_bench(sub)
-    add_bench_serve(sub)
+    for add in commands:
+        add(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, commands: Sequence[Callable] = COMMANDS) -> int:
+    """The runtime's subcommands; the installed ``helix`` command (evals/cli.py) adds ``eval`` above them."""
+    parser = build_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "make-checkpoint" and not args.dry_run and not args.out:
         parser.error("make-checkpoint: --out is required unless --dry-run")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-DEFAULT_TIMEOUT_S = float(os.environ.get("HELIX_COLLECTIVE_TIMEOUT_S", "60"))
+DEFAULT_TIMEOUT_S = 60.0  # a run's Execution.collective_timeout_s (default: HELIX_COLLECTIVE_TIMEOUT_S)
 
 
 def backend_for(devices: list[torch.device | str]) -> str:

@@ -300,7 +300,7 @@ _MODEL_TYPE_DEFAULTS = {
 # --------------------------------------------------------------------------------------------- Helix
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class HelixConfig:
     """Generation-server keys (docs/design.md §4.2), as in TensorRT-LLM's Helix documentation::
 
@@ -315,7 +315,6 @@ class HelixConfig:
     context_parallel_size: int = 2
     cp_type: str = "HELIX"
     tokens_per_block: int = 32
-    kv_tokens_per_block: int = 32
     max_tokens: int = 8192
     max_batch_size: int = 8
     moe_parallel: str = "ep"
@@ -342,11 +341,13 @@ class HelixConfig:
         if "tokens_per_block" not in cp and "tokens_per_block" not in kv:
             fail(prefix + "cp_config.tokens_per_block", None, "required (and must equal kv_cache_config.tokens_per_block)")
         tpb = cp.get("tokens_per_block", kv.get("tokens_per_block"))
+        if kv.get("tokens_per_block", tpb) != tpb:
+            fail(prefix + "kv_cache_config.tokens_per_block", kv["tokens_per_block"],
+                 f"must equal cp_config.tokens_per_block={tpb}: Helix ownership is decided per KV-cache block")
         out = cls(
             context_parallel_size=raw.get("context_parallel_size", cls.context_parallel_size),
             cp_type=cp.get("cp_type", "HELIX"),
             tokens_per_block=tpb,
-            kv_tokens_per_block=kv.get("tokens_per_block", tpb),
             max_tokens=kv.get("max_tokens", cls.max_tokens),
             max_batch_size=raw.get("max_batch_size", cls.max_batch_size),
             moe_parallel=raw.get("moe_parallel", cls.moe_parallel),
@@ -364,9 +365,6 @@ class HelixConfig:
         t = self.tokens_per_block
         if not isinstance(t, int) or t < 1:
             fail(prefix + "cp_config.tokens_per_block", t, "must be a positive integer")
-        if self.kv_tokens_per_block != t:
-            fail(prefix + "kv_cache_config.tokens_per_block", self.kv_tokens_per_block,
-                  f"must equal cp_config.tokens_per_block={t}: Helix ownership is decided per KV-cache block")
         if not isinstance(self.max_tokens, int) or self.max_tokens < t:
             fail(prefix + "kv_cache_config.max_tokens", self.max_tokens, f"must be an integer >= tokens_per_block={t}")
         if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
@@ -395,7 +393,7 @@ class HelixConfig:
         return {
             "context_parallel_size": self.context_parallel_size,
             "cp_config": {"cp_type": self.cp_type, "tokens_per_block": self.tokens_per_block},
-            "kv_cache_config": {"tokens_per_block": self.kv_tokens_per_block, "max_tokens": self.max_tokens},
+            "kv_cache_config": {"tokens_per_block": self.tokens_per_block, "max_tokens": self.max_tokens},
             "max_batch_size": self.max_batch_size,
             "moe_parallel": self.moe_parallel,
         }

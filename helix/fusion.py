@@ -1,31 +1,36 @@
 """Fusing the decode step's small elementwise chains on CUDA.
 
 A decode step at batch 1-8 is short matrix-vector work, and the many little kernels between the GEMVs
-(RMSNorm: six, RoPE: ten, routing: fifteen) cost as much as the arithmetic. ``fused_on_cuda`` runs a
-function through torch.compile (inductor) when its first tensor argument is a CUDA tensor of at most 64 rows,
-so each chain becomes one or two kernels; anything else (CPU, prefill-sized inputs) runs the plain function,
-which stays the definition of the math. ``HELIX_FUSE=0`` turns it off.
+(RMSNorm: six, RoPE: ten, routing: fifteen) cost as much as the arithmetic. ``fused_on_cuda(fn, enabled)``
+gives the function a module calls: with ``enabled`` (the run's ``Execution.fuse``), fn runs through torch.compile
+(inductor) when its first tensor argument is a CUDA tensor of at most 64 rows, so each chain becomes one or two
+kernels; anything else (CPU, prefill-sized inputs, ``enabled`` False) runs the plain function, which stays the
+definition of the math.
 """
 
 from __future__ import annotations
 
 import functools
-import os
+from typing import Callable
 
 import torch
 
 MAX_ROWS = 64
 
 
-def fused_on_cuda(fn):
+@functools.cache  # one compiled wrapper per function, shared by every module and model of the process
+def _on_cuda(fn: Callable) -> Callable:
     compiled = torch.compile(fn, fullgraph=True)  # compiles lazily, on the first CUDA call
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        if (first is not None and first.is_cuda and first.shape[0] <= MAX_ROWS
-                and os.environ.get("HELIX_FUSE", "1") != "0"):
+        if first is not None and first.is_cuda and first.shape[0] <= MAX_ROWS:
             return compiled(*args, **kwargs)
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def fused_on_cuda(fn: Callable, enabled: bool) -> Callable:
+    return _on_cuda(fn) if enabled else fn

@@ -18,51 +18,57 @@ from helix.attention import AttentionLayout, HelixMLA, StepMeta, rms_norm
 from helix.checkpoint import Checkpoint
 from helix.comm import Comm
 from helix.config import ModelConfig
+from helix.fusion import fused_on_cuda
 from helix.kv_cache import PagedKVCache
 from helix.mapping import HelixMapping
 from helix.moe import GatedMLP, MoE
 from helix.rope import Rope
+from helix.spec import Execution
 
 
 class HelixDecoderLayer:
     def __init__(self, cfg: ModelConfig, layer: int, ckpt: Checkpoint, mapping: HelixMapping, comm: Comm,
-                 rope: Rope, moe_mode: str, dtype: torch.dtype, device, attention: type, layout: AttentionLayout):
+                 rope: Rope, moe_parallel: str, dtype: torch.dtype, device, attention: type, layout: AttentionLayout,
+                 execution: Execution):
         p = f"model.layers.{layer}."
         self.eps, self.comm = cfg.rms_norm_eps, comm
+        self.norm = fused_on_cuda(rms_norm, execution.fuse)
         self.input_norm = ckpt.get(p + "input_layernorm.weight", dtype=dtype, device=device)
         self.post_norm = ckpt.get(p + "post_attention_layernorm.weight", dtype=dtype, device=device)
-        self.attn = attention(cfg, layer, ckpt, mapping, comm, rope, dtype, device, layout)
+        self.attn = attention(cfg, layer, ckpt, mapping, comm, rope, dtype, device, layout, execution)
         if cfg.is_moe_layer(layer):
-            self.ffn = MoE(cfg, ckpt, p + "mlp.", mapping, moe_mode, dtype, device)
+            self.ffn = MoE(cfg, ckpt, p + "mlp.", mapping, moe_parallel, dtype, device, execution)
         else:
             self.ffn = GatedMLP(ckpt, p + "mlp.", cfg.intermediate_size, mapping, dtype, device)
 
     def _ffn(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.comm.all_reduce(self.ffn(rms_norm(h, self.post_norm, self.eps)))
+        return h + self.comm.all_reduce(self.ffn(self.norm(h, self.post_norm, self.eps)))
 
     def decode(self, x: torch.Tensor, meta: StepMeta, cache: PagedKVCache) -> torch.Tensor:
-        return self._ffn(x + self.attn.decode(rms_norm(x, self.input_norm, self.eps), meta, cache))
+        return self._ffn(x + self.attn.decode(self.norm(x, self.input_norm, self.eps), meta, cache))
 
     def prefill(self, x, cos, sin, slots, cache) -> torch.Tensor:
-        return self._ffn(x + self.attn.prefill(rms_norm(x, self.input_norm, self.eps), cos, sin, slots, cache))
+        return self._ffn(x + self.attn.prefill(self.norm(x, self.input_norm, self.eps), cos, sin, slots, cache))
 
 
 class HelixModel:
-    def __init__(self, ckpt: Checkpoint, mapping: HelixMapping, comm: Comm, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", moe_mode: str = "ep", attention: type = HelixMLA,
-                 microbatches: int = 1):
-        """``attention`` swaps the attention module (benchmarks use it for the TP-attention baseline);
-        ``microbatches`` > 1 splits each decode batch into that many micro-batches whose all-to-alls overlap
-        the next micro-batch's attention (HOP-B). Both fix ``self.layout`` (``attention.layout_for``: the heads
-        each rank attends with, the tokens its cache holds, the micro-batches), built once here and shared by
-        every layer and the cache."""
+    def __init__(self, ckpt: Checkpoint, mapping: HelixMapping, comm: Comm, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", moe_parallel: str = "ep", execution: Execution = Execution(),
+                 attention: type = HelixMLA):
+        """Built by helix/factory.py from a run's spec. ``attention`` swaps the attention module (benchmarks use
+        it for the TP-attention baseline); ``execution.microbatches`` > 1 splits each decode batch into that many
+        micro-batches whose all-to-alls overlap the next micro-batch's attention (HOP-B). Both fix
+        ``self.layout`` (``attention.layout_for``: the heads each rank attends with, the tokens its cache holds,
+        the micro-batches), built once here and shared by every layer and the cache. ``execution`` also gives
+        the kernel path and fusion every module uses."""
         cfg = self.cfg = ckpt.config
         self.mapping, self.comm, self.dtype, self.device = mapping, comm, dtype, torch.device(device)
-        self.layout = attention.layout_for(mapping, cfg.num_attention_heads, microbatches)
-        self.rope = Rope(cfg, self.device)
+        self.layout = attention.layout_for(mapping, cfg.num_attention_heads, execution.microbatches)
+        self.rope = Rope(cfg, self.device, execution.fuse)
+        self.norm_fn = fused_on_cuda(rms_norm, execution.fuse)
         self.embed = ckpt.get("model.embed_tokens.weight", dtype=dtype, device=device)  # [V, D] replicated lookup
-        self.layers = [HelixDecoderLayer(cfg, i, ckpt, mapping, comm, self.rope, moe_mode, dtype, device, attention,
-                                         self.layout) for i in range(cfg.num_hidden_layers)]
+        self.layers = [HelixDecoderLayer(cfg, i, ckpt, mapping, comm, self.rope, moe_parallel, dtype, device, attention,
+                                         self.layout, execution) for i in range(cfg.num_hidden_layers)]
         self.norm = ckpt.get("model.norm.weight", dtype=dtype, device=device)
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         self.v0, self.v1 = mapping.vocab_range(cfg.vocab_size)
@@ -76,7 +82,7 @@ class HelixModel:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [T, D] -> float32 logits [T, V], the same on every rank (vocab-parallel head + all-gather)."""
-        local = F.linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()
+        local = F.linear(self.norm_fn(h, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()
         local = F.pad(local, (0, max(self.shard_sizes) - local.shape[1]))  # all-gather needs equal shards
         parts = self.comm.all_gather(local)  # [N, T, ceil(V/N)]
         return torch.cat([parts[r, :, :size] for r, size in enumerate(self.shard_sizes)], dim=-1)

@@ -21,6 +21,7 @@ from helix.checkpoint import Checkpoint
 from helix.config import ModelConfig
 from helix.fusion import fused_on_cuda
 from helix.mapping import HelixMapping
+from helix.spec import Execution
 from kernels import moe_decode
 from kernels._triton import use_triton
 
@@ -44,7 +45,6 @@ class GatedMLP:
         return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
 
 
-@fused_on_cuda
 def route(cfg: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 router logits [T, E] -> (expert ids [T, k], weights [T, k] float32).
 
@@ -83,14 +83,15 @@ def route(cfg: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None) -> 
 class MoE:
     """Routed experts are stacked per rank: gate/up [E_r, I_r, D], down [E_r, D, I_r] (E_r local experts)."""
 
-    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, prefix: str, mapping: HelixMapping, mode: str,
-                 dtype: torch.dtype, device):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, prefix: str, mapping: HelixMapping, moe_parallel: str,
+                 dtype: torch.dtype, device, execution: Execution = Execution()):
+        self.cfg, self.kernels = cfg, execution.kernels  # kernels: the path rule of kernels/_triton.py
+        self.route = fused_on_cuda(route, execution.fuse)
         self.gate = ckpt.get(prefix + "gate.weight", dtype=torch.float32, device=device)  # [E, D], replicated
         self.bias = (ckpt.get(prefix + "gate.e_score_correction_bias", dtype=torch.float32, device=device)
                      if cfg.scoring_func == "sigmoid" else None)
         width = cfg.moe_intermediate_size
-        if mode == "ep":
+        if moe_parallel == "ep":
             self.first, last = mapping.expert_range(cfg.n_routed_experts)
             experts = [GatedMLP(ckpt, f"{prefix}experts.{j}.", width, None, dtype, device)
                        for j in range(self.first, last)]
@@ -105,14 +106,14 @@ class MoE:
                        if cfg.n_shared_experts else None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        ids, weights = route(self.cfg, F.linear(x.float(), self.gate), self.bias)
+        ids, weights = self.route(self.cfg, F.linear(x.float(), self.gate), self.bias)
         out = self.shared(x) if self.shared is not None else torch.zeros_like(x)
         local = ids - self.first  # [T, k]; in [0, E_r) for this rank's experts, out of range for the others
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        if capturing or (use_triton(x) and x.shape[0] <= DECODE_TOKENS):
-            # decode (on CUDA, or HELIX_KERNELS=triton): no host sync, so CUDA graphs can capture it, and
+        if capturing or (use_triton(x, self.kernels) and x.shape[0] <= DECODE_TOKENS):
+            # decode (on CUDA, or kernels 'triton'): no host sync, so CUDA graphs can capture it, and
             # only the chosen local experts are read; eager and captured decode steps run the same kernels
-            return out + moe_decode(x, self.w_gate, self.w_up, self.w_down, local, weights)
+            return out + moe_decode(x, self.w_gate, self.w_up, self.w_down, local, weights, path=self.kernels)
         return out + grouped_experts(x, self.w_gate, self.w_up, self.w_down, local, weights)
 
 

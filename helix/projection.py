@@ -4,7 +4,7 @@ A projection, not a measurement. For each Helix (or TP-attention) point measured
 
     weights per rank  w(N) = replicated + sharded / N       (solved from the N/2 and N rows)
     KV per rank       Helix: kv(N) / 2 per doubling;  TP attention: unchanged (whole cache on every GPU)
-    memory time       (kv + w) / measured copy bandwidth
+    memory time       (kv + w) / measured read bandwidth (the floor's rate, kernels.bench.floor_s)
     collectives       same count per step; each collective's latency grows by the factor measured
                       from N/2 to N
     the rest          measured time - memory time - collectives at N (kernel inefficiency, skew between
@@ -22,7 +22,10 @@ import sys
 
 def project(result: dict, target: int) -> list[dict]:
     rows = result["rows"]
-    bw = result["ceilings"]["copy_GBps"] * 1e9
+    if "read_GBps" not in result["ceilings"]:
+        raise ValueError("projection: the result has no measured read bandwidth (ceilings.read_GBps); it predates "
+                         "read-bandwidth floors: rerun `helix bench` to get one")
+    bw = result["ceilings"]["read_GBps"] * 1e9
     by_key = {(r["mode"], r["gpus"], r["batch"], r["context"]): r for r in rows}
     out = []
     for (mode, n, batch, context), r in sorted(by_key.items()):

@@ -37,26 +37,35 @@ def inverse_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     return inv_freq, yarn_mscale(rs.factor, rs.mscale) / yarn_mscale(rs.factor, rs.mscale_all_dim)
 
 
+def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [T] int64 -> cos, sin [T, R/2] float32."""
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """x [T, ..., R] with cos/sin [T, R/2] -> rotated x, same dtype."""
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
+    cos, sin = cos.view(shape), sin.view(shape)
+    xf = x.float()
+    if interleave:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
 class Rope:
-    def __init__(self, cfg: ModelConfig, device: torch.device | str):
+    """The model's rope: its frequencies on ``device``; ``fuse`` runs both functions fused on CUDA (helix/fusion.py)."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | str, fuse: bool = True):
         inv_freq, self.attention_factor = inverse_frequencies(cfg)
         self.inv_freq = inv_freq.to(device)
         self.interleave = cfg.rope_interleave or cfg.model_type == "deepseek_v2"  # V2 always rotates adjacent pairs
+        self._cos_sin, self._rotate = fused_on_cuda(cos_sin, fuse), fused_on_cuda(rotate, fuse)
 
-    @fused_on_cuda
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] int64 -> cos, sin [T, R/2] float32."""
-        angles = positions.float()[:, None] * self.inv_freq[None, :]
-        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+        return self._cos_sin(positions, self.inv_freq, self.attention_factor)
 
-    @fused_on_cuda
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, ..., R] with cos/sin [T, R/2] -> rotated x, same dtype."""
-        shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
-        cos, sin = cos.view(shape), sin.view(shape)
-        xf = x.float()
-        if self.interleave:
-            x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        else:
-            x1, x2 = xf.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        return self._rotate(x, cos, sin, self.interleave)

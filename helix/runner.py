@@ -1,80 +1,58 @@
-"""Run the Helix engine on N ranks: from a local RankPool (the embedded default: gloo on CPU, one GPU per
-rank on CUDA) or under torchrun (one process per GPU, ``env://``)."""
+"""Run the Helix engine on N ranks that prefill their own prompts (a ``RunSpec`` without a context server): from
+a local RankPool (the embedded default: gloo on CPU, one GPU per rank on CUDA) or under torchrun (one process per
+GPU, ``env://``)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
-from helix.checkpoint import DTYPES, Checkpoint
-from helix.comm import Comm, init_process_group
+from helix.comm import init_process_group
 from helix.engine import HelixEngine, Request, Result
-from helix.mapping import HelixMapping
-from helix.model import HelixModel
+from helix.factory import build_engine
+from helix.spec import RunSpec
 from helix.workers import RankContext, RankPool
 
 
-@dataclass(frozen=True)
-class HelixSpec:
-    """What a generation server runs: the checkpoint and the Helix keys of docs/design.md §4.2."""
-
-    model: str
-    cp: int
-    tokens_per_block: int = 32
-    dtype: str = "float32"
-    device: str = "cpu"
-    max_tokens: int = 8192
-    max_batch_size: int = 8
-    moe_mode: str = "ep"
-    cuda_graphs: bool = False  # capture the decode step (CUDA only)
-    microbatches: int = 1  # HOP-B: micro-batches whose all-to-all overlaps the next one's attention
-
-    def devices(self, first_gpu: int = 0) -> list[str]:
-        if self.device == "cpu":
-            return ["cpu"] * self.cp
-        return [f"cuda:{first_gpu + r}" for r in range(self.cp)]
+def local_spec(spec: RunSpec) -> RunSpec:
+    if spec.context is not None:
+        raise ValueError("spec.context: a run with a context server is a deployment; launch it with "
+                         "helix.disagg.launch")
+    return spec
 
 
-def build_engine(spec: HelixSpec, rank: int, comm: Comm, device: torch.device) -> HelixEngine:
-    ckpt = Checkpoint(spec.model)
-    mapping = HelixMapping(rank, spec.cp, spec.tokens_per_block)
-    model = HelixModel(ckpt, mapping, comm, DTYPES[spec.dtype], device, spec.moe_mode,
-                       microbatches=spec.microbatches)
-    ckpt.close()
-    return HelixEngine(model, spec.max_tokens, spec.max_batch_size, cuda_graphs=spec.cuda_graphs and device.type == "cuda")
-
-
-def rank_engine(ctx: RankContext, spec: HelixSpec) -> HelixEngine:
+def rank_engine(ctx: RankContext, spec: RunSpec) -> HelixEngine:
     """The engine of ``spec`` on this rank, built once and kept in the rank's state."""
     key = ("engine", spec)
     if key not in ctx.state:
-        ctx.state[key] = build_engine(spec, ctx.rank, ctx.comm(spec.cp), ctx.device)
+        ctx.state[key] = build_engine(spec, ctx.comm(spec.world_size), ctx.device)
     return ctx.state[key]
 
 
-def rank_generate(ctx: RankContext, spec: HelixSpec, requests: list[Request]) -> list[Result] | None:
+def rank_generate(ctx: RankContext, spec: RunSpec, requests: list[Request]) -> list[Result] | None:
     results = rank_engine(ctx, spec).run(requests)
     return results if ctx.rank == 0 else None
 
 
-def helix_generate(spec: HelixSpec, requests: list[Request], pool: RankPool | None = None) -> list[Result]:
-    """Serve ``requests`` on ``spec.cp`` Helix ranks; spawns (and closes) a pool unless one is given."""
+def helix_generate(spec: RunSpec, requests: list[Request], pool: RankPool | None = None) -> list[Result]:
+    """Serve ``requests`` on the spec's N Helix ranks; spawns (and closes) a pool unless one is given."""
+    spec = local_spec(spec)
     if pool is not None:
-        return pool.run(rank_generate, spec, requests, n=spec.cp)[0]
-    with RankPool(spec.cp, spec.devices()) as own:
+        return pool.run(rank_generate, spec, requests, n=spec.world_size)[0]
+    with RankPool(spec.world_size, spec.devices(), collective_timeout_s=spec.execution.collective_timeout_s) as own:
         return own.run(rank_generate, spec, requests)[0]
 
 
-def torchrun_generate(spec: HelixSpec, requests: list[Request]) -> list[Result] | None:
+def torchrun_generate(spec: RunSpec, requests: list[Request]) -> list[Result] | None:
     """Inside torchrun: this process is one Helix rank (LOCAL_RANK picks its GPU). Rank 0 gets the results."""
+    spec = local_spec(spec)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world != spec.cp:
-        raise ValueError(f"--cp={spec.cp}: must equal torchrun's WORLD_SIZE={world}")
+    if world != spec.world_size:
+        raise ValueError(f"--cp={spec.world_size}: must equal torchrun's WORLD_SIZE={world}")
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', rank)}") if spec.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    comm = init_process_group(rank, world, device, "env://")
-    results = build_engine(spec, rank, comm, device).run(requests)
+    comm = init_process_group(rank, world, device, "env://", timeout_s=spec.execution.collective_timeout_s)
+    results = build_engine(spec, comm, device).run(requests)
     return results if rank == 0 else None

@@ -85,17 +85,17 @@ class RankContext:
 
 
 def _worker(rank: int, world: int, devices: list[str], store_port: int, extra_groups: list[tuple[int, ...]],
-            commands, results, env: dict) -> None:
+            commands, results, env: dict, threads: int, timeout_s: float) -> None:
     os.environ.update(env)
     device = torch.device(devices[rank])
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(int(os.environ.get("HELIX_THREADS_PER_RANK", "1")))
+        torch.set_num_threads(threads)
     try:
         store = dist.TCPStore(STORE_HOST, store_port, world, is_master=False,
-                              timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
-        init_process_group(rank, world, device, store=store, backend=backend_for(devices))
+                              timeout=datetime.timedelta(seconds=timeout_s))
+        init_process_group(rank, world, device, store=store, backend=backend_for(devices), timeout_s=timeout_s)
         ctx = RankContext(rank, world, device, store, results)
         for key in [tuple(range(n)) for n in range(1, world + 1)] + list(extra_groups):
             backend = backend_for([devices[r] for r in key])
@@ -121,7 +121,9 @@ def _worker(rank: int, world: int, devices: list[str], store_port: int, extra_gr
 class RankPool:
     def __init__(self, world_size: int, devices: list[str] | None = None,
                  extra_groups: list[list[int]] | None = None, role_of: Callable[[int], str] | None = None,
-                 start_timeout_s: float = 120.0):
+                 start_timeout_s: float = 120.0, collective_timeout_s: float = DEFAULT_TIMEOUT_S):
+        """``collective_timeout_s`` bounds every collective and store wait of the ranks (a run's
+        ``Execution.collective_timeout_s``); CPU ranks use ``HELIX_THREADS_PER_RANK`` torch threads (default 1)."""
         self.world_size = world_size
         self.devices = devices or ["cpu"] * world_size
         self.role_of = role_of or (lambda r: f"rank {r}")
@@ -131,12 +133,13 @@ class RankPool:
         # The driver owns the rendezvous store on a port the OS picks and holds for the pool's life: choosing a
         # free port and handing it to rank 0 to bind would race with every other socket on the host.
         self._store = dist.TCPStore(STORE_HOST, 0, world_size, is_master=True, wait_for_workers=False,
-                                    timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
+                                    timeout=datetime.timedelta(seconds=collective_timeout_s))
         env = dict(GPU_SAFE_ENV)
+        threads = int(os.environ.get("HELIX_THREADS_PER_RANK", "1"))
         groups = [tuple(g) for g in extra_groups or []]
         self.procs = [ctx.Process(target=_worker, daemon=True,
                                   args=(r, world_size, self.devices, self._store.port, groups,
-                                        self.commands[r], self.results, env))
+                                        self.commands[r], self.results, env, threads, collective_timeout_s))
                       for r in range(world_size)]
         with children_ignore_ctrl_c():  # the driver's KeyboardInterrupt closes the pool
             for p in self.procs:

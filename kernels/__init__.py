@@ -4,8 +4,9 @@
 * :func:`helix_combine` - the exact log-sum-exp merge of per-rank partials (Helix step 4);
 * :func:`moe_decode` - the routed experts of a decode batch, reading only the chosen local experts.
 
-Triton runs on CUDA tensors, the torch reference on CPU; ``HELIX_KERNELS=triton|torch`` overrides
-(Triton on CPU tensors runs under Triton's interpreter).
+Each takes ``path`` (kernels/_triton.py): ``auto`` runs Triton on CUDA tensors and the torch reference on CPU;
+``triton`` or ``torch`` forces one (Triton on CPU tensors runs under Triton's interpreter). A run's path is its
+``Execution.kernels`` (helix/spec.py), whose default is ``HELIX_KERNELS``.
 """
 
 from kernels.helix_combine import helix_combine, helix_combine_torch, helix_combine_triton

@@ -1,10 +1,11 @@
 """Triton import, path selection and the CPU interpreter hook shared by the kernels.
 
-Path rule (one for every kernel in this package):
+Path rule (one for every kernel in this package; each kernel takes ``path``, a run's ``Execution.kernels``,
+whose default the command reads from ``HELIX_KERNELS``):
 
-* ``HELIX_KERNELS=torch``  -> the torch reference, whatever the device;
-* ``HELIX_KERNELS=triton`` -> the Triton kernel; on CPU tensors it runs under Triton's interpreter;
-* ``HELIX_KERNELS=auto`` (default) -> Triton on CUDA tensors, the torch reference otherwise.
+* ``torch``  -> the torch reference, whatever the device;
+* ``triton`` -> the Triton kernel; on CPU tensors it runs under Triton's interpreter;
+* ``auto`` (default) -> Triton on CUDA tensors, the torch reference otherwise.
 
 The interpreter is chosen per call (CPU tensors, or ``TRITON_INTERPRET=1`` in the environment), not at
 import time: ``triton.jit`` decides interpret-vs-compile when the module is imported, and under pytest
@@ -35,25 +36,26 @@ except ImportError:  # a CPU-only install without triton: the torch references s
 
     triton = tl = _Missing()  # type: ignore[assignment]
 
-ENV_VAR = "HELIX_KERNELS"
-_MODES = ("auto", "triton", "torch")
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    HAS_TENSOR_DESCRIPTOR = True
+except ImportError:
+    TensorDescriptor = None
+    HAS_TENSOR_DESCRIPTOR = False
+
+PATHS = ("auto", "triton", "torch")
 
 
-def kernel_mode() -> str:
-    mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if mode not in _MODES:
-        raise ValueError(f"{ENV_VAR}={mode!r}: expected one of {', '.join(_MODES)}")
-    return mode
-
-
-def use_triton(t: torch.Tensor) -> bool:
+def use_triton(t: torch.Tensor, path: str = "auto") -> bool:
     """Whether a call on tensors living where ``t`` lives takes the Triton path."""
-    mode = kernel_mode()
-    if mode == "torch":
+    if path not in PATHS:
+        raise ValueError(f"path={path!r}: expected one of {', '.join(PATHS)}")
+    if path == "torch":
         return False
-    if mode == "triton":
+    if path == "triton":
         if not HAS_TRITON:
-            raise RuntimeError(f"{ENV_VAR}=triton but triton is not installed")
+            raise RuntimeError("path='triton' but triton is not installed")
         return True
     return t.is_cuda and HAS_TRITON
 

@@ -8,8 +8,9 @@ shuffled block table) it times
   [B, S, Lkv + R] tensor (the gather is not timed), softmax in float32,
 
 each as the median of CUDA-graph replays timed with CUDA events, and reports KV bytes read, FLOPs =
-2*B*H*S*(2*Lkv + R), GB/s, TFLOP/s and time / floor, where floor = max(KV bytes / copy bandwidth, FLOPs /
-bf16 matmul rate), both ceilings measured in the same run (copy counted as bytes read + written). It also
+2*B*H*S*(2*Lkv + R), GB/s, TFLOP/s and time / floor, where floor = max(KV bytes / read bandwidth, FLOPs /
+bf16 matmul rate), both ceilings measured in the same run (read bandwidth: the best read-only stream over a
+few kernels and sizes; the device-to-device copy, read + write, is reported beside it). It also
 times ``helix_combine`` at B in {1, 32}, h in {16, 128}, N in {2, 4, 8}, and with ``--sweep`` a few launch
 shapes of the split kernel at S = 1M, B = 1. Writes kernels-<card>.json and .md into --out.
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 from kernels import helix_combine, mla_decode
+from kernels._triton import tl, triton
 from kernels.mla_decode import MLAConfig, default_config, flops, kv_bytes, mla_decode_triton
 
 LKV, R, TPB = 512, 64, 64
@@ -74,7 +76,58 @@ def time_graph_batched(fn, inner: int = 20, replays: int = 20) -> float:
     return time_graph(many, replays=replays) / inner
 
 
+@triton.jit
+def _read_sum_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
+    """Read-only stream: each program sums UNROLL * BLOCK consecutive elements (UNROLL independent 16-byte
+    loads per thread in flight) and writes one float."""
+    base = tl.program_id(0).to(tl.int64) * BLOCK * UNROLL
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i in tl.static_range(UNROLL):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+READ_GIB = (1, 2, 4)                  # buffer sizes, several times the 50-60 MB L2
+READ_SHAPES = ((2048, 8, 8), (4096, 4, 8), (2048, 16, 16))  # (BLOCK, UNROLL, num_warps) of the Triton stream
+
+
+def measure_read_bandwidth() -> dict:
+    """Best read-only rate (bytes read / s) over buffer sizes and read kernels: the Triton stream above
+    at a few shapes and torch's float32-accumulated sum. Each kernel's sum is checked against a float64
+    sum of the same buffer, so a kernel that skipped bytes cannot report a rate."""
+    rates = {}
+    for gib in READ_GIB:
+        n = gib << 29  # bf16 elements
+        x = torch.empty(n, device="cuda", dtype=DT).normal_()
+        want = float(x.sum(dtype=torch.float64))
+        tol = 1e-2 * math.sqrt(n)  # a sum of n normals is ~sqrt(n): skipping even 1% of them moves it more
+        runs = {"torch.sum": lambda: x.sum(dtype=torch.float32)}
+        for block, unroll, warps in READ_SHAPES:
+            parts = torch.empty(triton.cdiv(n, block * unroll), device="cuda", dtype=torch.float32)
+            grid = (parts.numel(),)
+
+            def stream(parts=parts, grid=grid, block=block, unroll=unroll, warps=warps):
+                _read_sum_kernel[grid](x, parts, n, BLOCK=block, UNROLL=unroll, num_warps=warps)
+                return parts
+
+            runs[f"triton b{block}/u{unroll}/w{warps}"] = stream
+        for name, fn in runs.items():
+            got = float(fn().double().sum())
+            if abs(got - want) > tol:
+                raise RuntimeError(f"read kernel {name} summed {got}, expected {want}: it skipped bytes")
+            rates[f"{name} {gib} GiB"] = n * 2 / time_graph(fn, replays=20)
+        del x
+        torch.cuda.empty_cache()
+    best = max(rates, key=rates.get)
+    return {"read_GBps": rates[best] / 1e9, "read_best": best,
+            "read_rates_GBps": {k: round(v / 1e9, 1) for k, v in rates.items()}}
+
+
 def measure_ceilings() -> dict:
+    """The card's ceilings, measured now: read bandwidth (best read-only kernel, the floor's rate for
+    bytes read), device-to-device copy counted as read + write (reference only), bf16 matmul rate."""
+    out = measure_read_bandwidth()
     n = 1 << 30  # 2 GiB of bf16 each way
     src = torch.randn(n, device="cuda", dtype=torch.float32).to(DT)
     dst = torch.empty_like(src)
@@ -89,7 +142,15 @@ def measure_ceilings() -> dict:
     mm = 2 * m ** 3 / t_mm
     del a, b, c
     torch.cuda.empty_cache()
-    return {"copy_GBps": copy_bw / 1e9, "matmul_TFLOPs": mm / 1e12, "copy_s": t_copy, "matmul_s": t_mm}
+    return {**out, "copy_GBps": copy_bw / 1e9, "matmul_TFLOPs": mm / 1e12, "copy_s": t_copy, "matmul_s": t_mm}
+
+
+def floor_s(read_bytes: float, flops: float, ceilings: dict) -> tuple[float, float, float]:
+    """(floor, bytes term, FLOPs term) in seconds: max(bytes read / read bandwidth, FLOPs / bf16 matmul
+    rate). Decode writes are a few KB per call (o, lse) and are not counted."""
+    t_bytes = read_bytes / (ceilings["read_GBps"] * 1e9)
+    t_flops = flops / (ceilings["matmul_TFLOPs"] * 1e12)
+    return max(t_bytes, t_flops), t_bytes, t_flops
 
 
 # -------------------------------------------------------------------------------------- decode setup
@@ -130,28 +191,27 @@ def rel_err(a, b) -> float:
 
 def figures(t, bsz, heads, seq, ceil) -> dict:
     by, fl = kv_bytes(bsz, seq, LKV, R, 2), flops(bsz, heads, seq, LKV, R)
-    t_bw, t_fl = by / (ceil["copy_GBps"] * 1e9), fl / (ceil["matmul_TFLOPs"] * 1e12)
-    floor = max(t_bw, t_fl)
+    floor, t_bw, t_fl = floor_s(by, fl, ceil)
     return {"us": t * 1e6, "GBps": by / t / 1e9, "TFLOPs": fl / t / 1e12, "floor_us": floor * 1e6,
             "floor_bytes_us": t_bw * 1e6, "floor_flops_us": t_fl * 1e6, "x_floor": t / floor,
-            "pct_copy_bw": 100 * by / t / 1e9 / ceil["copy_GBps"],
+            "pct_read_bw": 100 * by / t / 1e9 / ceil["read_GBps"],
             "pct_matmul": 100 * fl / t / 1e12 / ceil["matmul_TFLOPs"]}
 
 
-def _c(h, n, w, st, p, slack=0.0):
-    return MLAConfig(block_h=h, block_n=n, num_warps=w, num_stages=st, programs_per_sm=p, rescale_slack=slack)
+def _c(h, n, w, st, p, tma=True):
+    return MLAConfig(block_h=h, block_n=n, num_warps=w, num_stages=st, programs_per_sm=p, tma=tma)
 
 
-SWEEP = {  # the first entry of each list is the default of kernels.mla_decode.default_config
-    16: [_c(16, 64, 4, 2, 2), _c(16, 64, 4, 2, 2, 8.0), _c(16, 32, 4, 3, 2, 8.0)],
-    32: [_c(32, 32, 4, 3, 2), _c(32, 32, 4, 3, 2, 8.0), _c(32, 64, 8, 2, 2, 8.0)],
-    128: [_c(64, 64, 8, 2, 1), _c(64, 64, 8, 2, 1, 8.0), _c(64, 32, 8, 3, 1, 8.0), _c(64, 64, 8, 2, 2, 8.0)],
+SWEEP = {  # the first entry of each list is the default of kernels.mla_decode.default_config; the last is
+    # the default before TMA tiles (issue 15), timed in the same run as the before/after baseline
+    16: [_c(16, 32, 4, 3, 2), _c(16, 64, 4, 2, 2), _c(64, 64, 8, 2, 1), _c(16, 64, 4, 2, 2, tma=False)],
+    32: [_c(64, 64, 8, 2, 1), _c(32, 64, 8, 2, 1), _c(32, 32, 8, 3, 1), _c(16, 32, 4, 3, 2), _c(32, 32, 4, 3, 2, tma=False)],
+    128: [_c(64, 64, 8, 2, 1), _c(64, 64, 8, 3, 1), _c(64, 64, 8, 2, 1, tma=False)],
 }
 
 
 def cfg_str(c: MLAConfig) -> str:
-    lazy = f"/lazy{c.rescale_slack:g}" if c.rescale_slack else ""
-    return f"h{c.block_h}/n{c.block_n}/d{c.block_d or 'all'}/w{c.num_warps}/s{c.num_stages}/p{c.programs_per_sm}{lazy}"
+    return f"h{c.block_h}/n{c.block_n}/w{c.num_warps}/s{c.num_stages}/p{c.programs_per_sm}" + ("/tma" if c.tma else "")
 
 
 def run_sweep(ws, ceil, heads_list, seq, deadline) -> list[dict]:
@@ -163,7 +223,8 @@ def run_sweep(ws, ceil, heads_list, seq, deadline) -> list[dict]:
             if time.time() > deadline:
                 log("sweep: out of time")
                 return rows
-            row = {"H": heads, "B": 1, "S": seq, "config": cfg_str(cfg), "_cfg": cfg}
+            row = {"H": heads, "B": 1, "S": seq, "config": cfg_str(cfg), "_cfg": cfg,
+                   "kv_bytes": kv_bytes(1, seq, LKV, R, 2), "flops": flops(1, heads, seq, LKV, R)}
             try:
                 st: dict = {}
                 o, _ = mla_decode_triton(qn, qp, kv, bt, sl, scale, config=cfg, stats=st)
@@ -273,14 +334,15 @@ def card_tag(name: str) -> str:
 def markdown(res: dict) -> str:
     c = res["ceilings"]
     out = [f"# Kernel roofline: {res['card']}", "",
-           f"torch {res['torch']}, triton {res['triton']}; copy {c['copy_GBps']:.0f} GB/s (read+write), "
-           f"bf16 matmul {c['matmul_TFLOPs']:.0f} TFLOP/s, both measured in this run. "
+           f"torch {res['torch']}, triton {res['triton']}; read {c['read_GBps']:.0f} GB/s (best read-only stream: "
+           f"{c['read_best']}), copy {c['copy_GBps']:.0f} GB/s (read + write), bf16 matmul {c['matmul_TFLOPs']:.0f} "
+           "TFLOP/s, all measured in this run; floor = max(KV bytes / read, FLOPs / matmul). "
            f"Lkv {LKV}, R {R}, {TPB} tokens/block, shuffled block table, bf16; median of CUDA-graph replays.", "",
            "## mla_decode (Triton) vs plain-torch absorbed decode (contiguous cache, gather not timed)", "",
            "Launch shape per H: " + (", ".join(f"H={h}: {c}" for h, c in res["table_configs"].items())
                                      + " (fastest of the sweep below)" if res.get("table_configs")
                                      else "the defaults of kernels.mla_decode.default_config") + ".", "",
-           "| H | B | S | KV MB | floor us (bytes / flops) | triton us | GB/s | TFLOP/s | x floor | %copy | %matmul "
+           "| H | B | S | KV MB | floor us (bytes / flops) | triton us | GB/s | TFLOP/s | x floor | %read | %matmul "
            "| torch us | torch GB/s | torch TFLOP/s | speedup | launch |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res.get("decode", []):
@@ -288,16 +350,16 @@ def markdown(res: dict) -> str:
         tt = r["torch"] if isinstance(r["torch"], dict) else None
         la = r["launch"]
         launch = (f"h{la['block_h']}/n{la['block_n']}/w{la['num_warps']}/s{la['num_stages']}/splits {la['splits']}"
-                  + (f"/lazy{la['rescale_slack']:g}" if la.get("rescale_slack") else ""))
+                  + ("/tma" if la.get("tma") else ""))
         out.append(
             f"| {r['H']} | {r['B']} | {r['S'] // 1024}K | {r['kv_bytes'] / 1e6:.0f} | {t['floor_us']:.0f} "
             f"({t['floor_bytes_us']:.0f} / {t['floor_flops_us']:.0f}) | {t['us']:.1f} | {t['GBps']:.0f} | "
-            f"{t['TFLOPs']:.1f} | {t['x_floor']:.2f} | {t['pct_copy_bw']:.0f} | {t['pct_matmul']:.0f} | "
+            f"{t['TFLOPs']:.1f} | {t['x_floor']:.2f} | {t['pct_read_bw']:.0f} | {t['pct_matmul']:.0f} | "
             + (f"{tt['us']:.1f} | {tt['GBps']:.0f} | {tt['TFLOPs']:.1f} | {r['speedup_vs_torch']:.2f}x"
                if tt else f"{r['torch']} | | | ") + f" | {launch} |")
     if res.get("sweep"):
         out += ["", "## launch-shape sweep (S = 1M, B = 1)", "",
-                "| H | config (h/n/d/warps/stages/programs per SM) | us | x floor | GB/s | TFLOP/s | splits | regs | spills | smem | wgmma | rel err vs torch |",
+                "| H | config (h/n/warps/stages/programs per SM/tma) | us | x floor | GB/s | TFLOP/s | splits | regs | spills | smem | wgmma | rel err vs torch |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["sweep"]:
             if "error" in r:

@@ -13,7 +13,7 @@ The same merge joins the KV splits inside ``mla_decode`` (flash-decoding), so th
 arbitrary strides and is shared by both.
 
 ``helix_combine`` picks the path: Triton on CUDA tensors, the torch reference on CPU, overridden by
-``HELIX_KERNELS=triton|torch`` (Triton on CPU runs under the interpreter).
+``path="triton"|"torch"`` (Triton on CPU runs under the interpreter).
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def helix_combine_triton(o_parts: torch.Tensor, lse_parts: torch.Tensor) -> tupl
     return o, lse
 
 
-def helix_combine(o_parts: torch.Tensor, lse_parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def helix_combine(o_parts: torch.Tensor, lse_parts: torch.Tensor, path: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Exact log-sum-exp merge of N attention partials.
 
     Args:
@@ -166,8 +166,8 @@ def helix_combine(o_parts: torch.Tensor, lse_parts: torch.Tensor) -> tuple[torch
         Parts with lse = -inf contribute nothing (their o is never used, even if NaN); when all parts
         of a row are -inf the row gives o = 0 and lse = -inf. B = 0 or h = 0 gives empty outputs.
 
-    Path: Triton on CUDA tensors, the torch reference on CPU; ``HELIX_KERNELS=triton|torch`` overrides.
+    ``path``: kernels/_triton.py's rule (auto: Triton on CUDA tensors, the torch reference on CPU; triton; torch).
     """
-    if use_triton(o_parts):
+    if use_triton(o_parts, path):
         return helix_combine_triton(o_parts, lse_parts)
     return helix_combine_torch(o_parts, lse_parts)

@@ -16,11 +16,16 @@ Triton kernel (flash-decoding, two launches):
 
 1. ``_mla_split_kernel``, grid (head tiles, KV splits, B). Head tiles are the fastest grid axis, so the
    programs that read the same KV tile run side by side and all but the first read it from L2. Each
-   program walks its split of the sequence in tiles of BLOCK_N tokens (page lookup per token, so a tile
-   may span cache blocks), scores BLOCK_H heads at once with ``tl.dot`` [BLOCK_H, Lkv] x [Lkv, BLOCK_N]
-   (+ the rope part), keeps an online softmax in base 2, and accumulates ``tl.dot`` [BLOCK_H, BLOCK_N] x
-   [BLOCK_N, Lkv] into a float32 [BLOCK_H, Lkv] accumulator. It writes a normalised partial output and
-   its natural-log lse per split (an empty split writes o = 0, lse = -inf).
+   program walks its split of the sequence in tiles of BLOCK_N tokens. ``_load_kv_tile`` is the one place
+   tiles are read: a whole tile that lies inside one cache block (T a multiple of BLOCK_N; splits are
+   whole tiles, so only a split's last tile can be ragged) is placed by one page lookup and copied by two
+   TMA descriptors over the cache viewed as [blocks * T, Lkv + R] rows (Hopper's copy engine, pipelined
+   num_stages deep, no per-element address arithmetic); a ragged tile, or any tile when T is not a multiple
+   of BLOCK_N, takes a page lookup per token and masked loads. ``_attend_tile`` scores BLOCK_H heads at
+   once with ``tl.dot`` [BLOCK_H, Lkv] x [Lkv, BLOCK_N] (+ the rope part), keeps an online softmax in base
+   2, and accumulates ``tl.dot`` [BLOCK_H, BLOCK_N] x [BLOCK_N, Lkv] into a float32 [BLOCK_H, Lkv]
+   accumulator; c_kv is loaded once for both dots. It writes a normalised partial output and its
+   natural-log lse per split (an empty split writes o = 0, lse = -inf).
 2. ``helix_combine.lse_combine_kernel`` merges the splits by their lse, the same merge Helix runs across
    ranks. With one split the first kernel writes the final output directly.
 
@@ -35,7 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels._triton import interpreting, launcher, next_pow2, num_sms, tl, triton, use_triton
+from kernels._triton import (HAS_TENSOR_DESCRIPTOR, TensorDescriptor, interpreting, launcher, next_pow2, num_sms, tl,
+                             triton, use_triton)
 from kernels.helix_combine import launch_lse_combine
 
 __all__ = ["mla_decode", "mla_decode_torch", "mla_decode_triton", "MLAConfig", "default_config"]
@@ -47,8 +53,63 @@ LOG2E = 1.4426950408889634
 # Triton kernel
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
+def _load_kv_tile(kv_ptr, c_desc, pe_desc, bt_row, n0, end, s_kv_blk, s_kv_tok,
+                  LKV: tl.constexpr, TPB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_LKV: tl.constexpr,
+                  BLOCK_R: tl.constexpr, R: tl.constexpr, WHOLE: tl.constexpr, F32: tl.constexpr):
+    """The one place KV tiles are read: c_kv [BLOCK_N, BLOCK_LKV], k_pe [BLOCK_N, BLOCK_R] of tokens
+    [n0, n0 + BLOCK_N), and the live-token mask.
+
+    WHOLE: every token of the tile is live and the tile lies inside one cache block (TPB % BLOCK_N == 0,
+    tiles aligned to BLOCK_N), so one page lookup places it and the tensor-memory-accelerator descriptors
+    copy it (rows [page * TPB + n0 % TPB, + BLOCK_N) of the cache viewed as [blocks * TPB, Lkv + R]).
+    Otherwise a page lookup per token and masked loads with other=0: slots past the end may hold NaN,
+    and NaN * 0 is NaN."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    if WHOLE:
+        mask_n = offs_n < end  # all true
+        page = tl.load(bt_row + n0 // TPB)
+        row = page * TPB + n0 % TPB
+        c = c_desc.load([row, 0])
+        k_pe = pe_desc.load([row, LKV])
+    else:
+        mask_n = offs_n < end
+        offs_d = tl.arange(0, BLOCK_LKV)
+        offs_r = tl.arange(0, BLOCK_R)
+        # masked: block-table entries past the sequence are never read
+        page = tl.load(bt_row + offs_n // TPB, mask=mask_n, other=0).to(tl.int64)
+        rows = kv_ptr + page * s_kv_blk + (offs_n % TPB).to(tl.int64) * s_kv_tok     # [BLOCK_N]
+        c = tl.load(rows[:, None] + offs_d[None, :], mask=mask_n[:, None] & (offs_d[None, :] < LKV), other=0.0)
+        k_pe = tl.load(rows[:, None] + LKV + offs_r[None, :], mask=mask_n[:, None] & (offs_r[None, :] < R),
+                       other=0.0)
+    if F32:
+        c = c.to(tl.float32)
+        k_pe = k_pe.to(tl.float32)
+    return c, k_pe, mask_n
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc=acc, input_precision="ieee")
+    return tl.dot(a.to(b.dtype), b, acc=acc)
+
+
+@triton.jit
+def _attend_tile(q_nope, q_pe, c, k_pe, mask_n, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr):
+    """One tile of the online softmax (base 2): scores [BLOCK_H, BLOCK_N], then acc += p c. Every tile
+    holds >= 1 live token, so the running max stays finite."""
+    s = _dot(q_nope, tl.trans(c), _dot(q_pe, tl.trans(k_pe), None, IEEE), IEEE)
+    s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return m_new, l_i, _dot(p, c, acc * alpha[:, None], IEEE)
+
+
+@triton.jit
 def _mla_split_kernel(
-    qn_ptr, qp_ptr, kv_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr,
+    qn_ptr, qp_ptr, kv_ptr, c_desc, pe_desc, bt_ptr, sl_ptr, o_ptr, lse_ptr,
     qk_scale,                                  # scale * log2(e): the softmax runs in base 2
     H, NUM_SPLITS,
     s_qn_b, s_qn_h, s_qp_b, s_qp_h,            # q_nope_abs [B, H, LKV], q_pe [B, H, R]; last dims contiguous
@@ -57,11 +118,10 @@ def _mla_split_kernel(
     s_o_b, s_o_h, s_o_s,                       # o [B, H, NUM_SPLITS, LKV] (or [B, H, LKV] when direct)
     s_l_b, s_l_h, s_l_s,                       # lse [B, H, NUM_SPLITS] (or [B, H])
     LKV: tl.constexpr, R: tl.constexpr, TPB: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_LKV: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_LKV: tl.constexpr, BLOCK_R: tl.constexpr,
+    TMA: tl.constexpr,                         # whole tiles through the descriptors (see _load_kv_tile)
     F32: tl.constexpr,                         # compute in float32 (interpreter, float32 inputs)
     IEEE: tl.constexpr,                        # float32 dots in full precision (no tf32)
-    RESCALE_SLACK: tl.constexpr,               # 0: rescale every tile; > 0: lazy rescale (log2 units)
 ):
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -78,104 +138,40 @@ def _mla_split_kernel(
     mask_h = offs_h < H
     offs_d = tl.arange(0, BLOCK_LKV)
     offs_r = tl.arange(0, BLOCK_R)
-    mask_d = offs_d < LKV
-    mask_r = offs_r < R
     b64 = b.to(tl.int64)
-
-    qn_rows = qn_ptr + b64 * s_qn_b + offs_h[:, None].to(tl.int64) * s_qn_h
+    q_nope = tl.load(qn_ptr + b64 * s_qn_b + offs_h[:, None].to(tl.int64) * s_qn_h + offs_d[None, :],
+                     mask=mask_h[:, None] & (offs_d[None, :] < LKV), other=0.0)
     q_pe = tl.load(qp_ptr + b64 * s_qp_b + offs_h[:, None].to(tl.int64) * s_qp_h + offs_r[None, :],
-                   mask=mask_h[:, None] & mask_r[None, :], other=0.0)
+                   mask=mask_h[:, None] & (offs_r[None, :] < R), other=0.0)
     if F32:
+        q_nope = q_nope.to(tl.float32)
         q_pe = q_pe.to(tl.float32)
-    if BLOCK_D == BLOCK_LKV:
-        q_nope = tl.load(qn_rows + offs_d[None, :], mask=mask_h[:, None] & mask_d[None, :], other=0.0)
-        if F32:
-            q_nope = q_nope.to(tl.float32)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_LKV], tl.float32)
     bt_row = bt_ptr + b64 * s_bt_b
 
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        # page lookup per token: masked, so block-table entries past the sequence are never read
-        page = tl.load(bt_row + offs_n // TPB, mask=mask_n, other=0).to(tl.int64)
-        rows = kv_ptr + page * s_kv_blk + (offs_n % TPB).to(tl.int64) * s_kv_tok     # [BLOCK_N]
-
-        # masked loads with other=0: slots past the end may hold NaN, and NaN * 0 is NaN
-        k_pe = tl.load(rows[:, None] + LKV + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        if F32:
-            k_pe = k_pe.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q_pe, tl.trans(k_pe), input_precision="ieee")
-        else:
-            s = tl.dot(q_pe, tl.trans(k_pe))
-        if BLOCK_D == BLOCK_LKV:
-            c = tl.load(rows[:, None] + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            if F32:
-                c = c.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q_nope, tl.trans(c), acc=s, input_precision="ieee")
-            else:
-                s = tl.dot(q_nope, tl.trans(c), acc=s)
-        else:
-            # score dot in Lkv chunks (smaller live operands); the full tile is loaded again for the
-            # output dot and then comes from L1/L2
-            for d0 in tl.static_range(0, BLOCK_LKV, BLOCK_D):
-                offs_dc = d0 + tl.arange(0, BLOCK_D)
-                mask_dc = offs_dc < LKV
-                qc = tl.load(qn_rows + offs_dc[None, :], mask=mask_h[:, None] & mask_dc[None, :], other=0.0)
-                cc = tl.load(rows[:, None] + offs_dc[None, :], mask=mask_n[:, None] & mask_dc[None, :], other=0.0)
-                if F32:
-                    qc = qc.to(tl.float32)
-                    cc = cc.to(tl.float32)
-                if IEEE:
-                    s = tl.dot(qc, tl.trans(cc), acc=s, input_precision="ieee")
-                else:
-                    s = tl.dot(qc, tl.trans(cc), acc=s)
-            c = tl.load(rows[:, None] + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            if F32:
-                c = c.to(tl.float32)
-
-        # online softmax (base 2). Every tile holds >= 1 live token, so the running max is finite.
-        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
-        m_tile = tl.max(s, axis=1)
-        if RESCALE_SLACK > 0:
-            # lazy rescale: move the reference max (and rescale acc) only when some row's max grew by
-            # more than RESCALE_SLACK (log2 units); p <= 2^SLACK stays exact enough in bf16/fp32, and the
-            # accumulator chains straight from one output dot into the next on most tiles
-            grow = tl.max((m_tile > m_i + RESCALE_SLACK).to(tl.int32), axis=0)
-            if grow > 0:
-                m_new = tl.maximum(m_i, m_tile)
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha
-                acc = acc * alpha[:, None]
-                m_i = m_new
-            p = tl.exp2(s - m_i[:, None])
-            l_i = l_i + tl.sum(p, axis=1)
-            if IEEE:
-                acc = tl.dot(p, c, acc=acc, input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(c.dtype), c, acc=acc)
-        else:
-            m_new = tl.maximum(m_i, m_tile)
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                acc = tl.dot(p, c, acc=acc * alpha[:, None], input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(c.dtype), c, acc=acc * alpha[:, None])
-            m_i = m_new
+    # whole tiles first (through the descriptors when TMA), then at most one ragged tile; without TMA
+    # every tile takes the masked per-token path of the second loop
+    whole_end = start
+    if TMA:
+        whole_end = start + ((end - start) // BLOCK_N) * BLOCK_N
+        for n0 in range(start, whole_end, BLOCK_N):
+            c, k_pe, mask_n = _load_kv_tile(kv_ptr, c_desc, pe_desc, bt_row, n0, end, s_kv_blk, s_kv_tok,
+                                            LKV, TPB, BLOCK_N, BLOCK_LKV, BLOCK_R, R, True, F32)
+            m_i, l_i, acc = _attend_tile(q_nope, q_pe, c, k_pe, mask_n, m_i, l_i, acc, qk_scale, IEEE)
+    for n0 in range(whole_end, end, BLOCK_N):
+        c, k_pe, mask_n = _load_kv_tile(kv_ptr, c_desc, pe_desc, bt_row, n0, end, s_kv_blk, s_kv_tok,
+                                        LKV, TPB, BLOCK_N, BLOCK_LKV, BLOCK_R, R, False, F32)
+        m_i, l_i, acc = _attend_tile(q_nope, q_pe, c, k_pe, mask_n, m_i, l_i, acc, qk_scale, IEEE)
 
     nonempty = l_i > 0.0
     l_safe = tl.where(nonempty, l_i, 1.0)
     out = tl.where(nonempty[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     o_rows = o_ptr + b64 * s_o_b + offs_h[:, None].to(tl.int64) * s_o_h + pid_s.to(tl.int64) * s_o_s
-    tl.store(o_rows + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(o_rows + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=mask_h[:, None] & (offs_d[None, :] < LKV))
     tl.store(lse_ptr + b64 * s_l_b + offs_h * s_l_h + pid_s * s_l_s, lse, mask=mask_h)
 
 
@@ -185,27 +181,35 @@ class MLAConfig:
 
     block_h: int = 16
     block_n: int = 64
-    block_d: int = 0            # 0: the whole Lkv in one score dot
     num_warps: int = 4
     num_stages: int = 2
     programs_per_sm: int = 2    # target resident programs per SM when choosing the split count
     min_tiles_per_split: int = 4
     num_splits: int | None = None
-    rescale_slack: float = 0.0  # > 0: lazy softmax rescale, see the kernel
+    tma: bool = True            # whole tiles through TMA descriptors where the cache allows (_use_tma)
 
 
 def default_config(heads: int, lkv: int, dtype: torch.dtype, interpret: bool) -> MLAConfig:
-    """Tuned on an H100 (see golden/perf/kernels-*.md); the interpreter wants few, large programs."""
+    """Tuned on an H200 (golden/perf/kernels-h200.md); the interpreter wants few, large programs. From 17
+    heads up a tile of 64 heads (padded rows for 32) runs Hopper's wgmma, faster than 32-row mma.sync."""
     if interpret:
         return MLAConfig(block_h=16, block_n=32, num_warps=1, num_stages=1, programs_per_sm=1,
                          min_tiles_per_split=1)
     if dtype == torch.float32:  # full-precision dots: keep the tiles small
         return MLAConfig(block_h=16, block_n=32, num_warps=4, num_stages=2)
     if heads <= 16:
-        return MLAConfig(block_h=16, block_n=64, num_warps=4, num_stages=2, programs_per_sm=2)
-    if heads <= 32:
-        return MLAConfig(block_h=32, block_n=32, num_warps=4, num_stages=3, programs_per_sm=2)
+        return MLAConfig(block_h=16, block_n=32, num_warps=4, num_stages=3, programs_per_sm=2)
     return MLAConfig(block_h=64, block_n=64, num_warps=8, num_stages=2, programs_per_sm=1)
+
+
+def _use_tma(kv_cache: torch.Tensor, block_n: int) -> bool:
+    """Whole tiles can be copied by TMA descriptors when each tile lies inside one cache block, the cache
+    is one dense [blocks * T, Lkv + R] array with 16-byte aligned rows (the descriptor's rules) and the GPU
+    has the copy engine (Hopper, compute capability 9.0, or newer; the interpreter emulates it)."""
+    tpb, row = kv_cache.shape[1], kv_cache.shape[2]
+    engine = not kv_cache.is_cuda or torch.cuda.get_device_capability(kv_cache.device) >= (9, 0)
+    return (HAS_TENSOR_DESCRIPTOR and engine and tpb % block_n == 0 and kv_cache.is_contiguous()
+            and kv_cache.data_ptr() % 16 == 0 and (row * kv_cache.element_size()) % 16 == 0)
 
 
 def _choose_splits(cfg: MLAConfig, bsz: int, head_tiles: int, capacity: int, sms: int) -> int:
@@ -311,13 +315,18 @@ def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
     interpret = interpreting(kv_cache)
     cfg = config or default_config(heads, lkv, kv_cache.dtype, interpret)
     block_lkv, block_r = max(16, next_pow2(lkv)), max(16, next_pow2(rope))
-    block_d = block_lkv if cfg.block_d in (0, None) or cfg.block_d >= block_lkv else max(16, next_pow2(cfg.block_d))
     block_h = max(16, next_pow2(cfg.block_h))
     head_tiles = triton.cdiv(heads, block_h)
     tpb = kv_cache.shape[1]
     splits = _choose_splits(cfg, bsz, head_tiles, block_table.shape[1] * tpb, num_sms(kv_cache))
     f32 = interpret or kv_cache.dtype == torch.float32
     ieee = kv_cache.dtype == torch.float32 and not interpret
+    tma = cfg.tma and _use_tma(kv_cache, cfg.block_n)
+    c_desc = pe_desc = None
+    if tma:  # the cache as [blocks * T, Lkv + R] rows; boxes of BLOCK_N rows
+        rows = kv_cache.view(-1, lkv + rope)
+        c_desc = TensorDescriptor.from_tensor(rows, [cfg.block_n, block_lkv])
+        pe_desc = TensorDescriptor.from_tensor(rows, [cfg.block_n, block_r])
 
     if splits == 1:  # write the final output directly
         o_s, lse_s = o, lse
@@ -331,23 +340,25 @@ def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
 
     grid = (head_tiles, splits, bsz)
     compiled = launcher(_mla_split_kernel, interpret)[grid](
-        q_nope_abs, q_pe, kv_cache, block_table, seq_lens, o_s, lse_s,
+        q_nope_abs, q_pe, kv_cache, c_desc, pe_desc, block_table, seq_lens, o_s, lse_s,
         float(scale) * LOG2E, heads, splits,
         q_nope_abs.stride(0), q_nope_abs.stride(1), q_pe.stride(0), q_pe.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         *so, *sl,
-        LKV=lkv, R=rope, TPB=tpb, BLOCK_H=block_h, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        BLOCK_LKV=block_lkv, BLOCK_R=block_r, F32=f32, IEEE=ieee, RESCALE_SLACK=float(cfg.rescale_slack),
+        LKV=lkv, R=rope, TPB=tpb, BLOCK_H=block_h, BLOCK_N=cfg.block_n,
+        BLOCK_LKV=block_lkv, BLOCK_R=block_r, TMA=tma, F32=f32, IEEE=ieee,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if stats is not None:
-        stats.update(block_h=block_h, block_n=cfg.block_n, block_d=block_d, num_warps=cfg.num_warps,
-                     num_stages=cfg.num_stages, splits=splits, grid=grid, rescale_slack=cfg.rescale_slack)
+        stats.update(block_h=block_h, block_n=cfg.block_n, num_warps=cfg.num_warps, tma=tma,
+                     num_stages=cfg.num_stages, splits=splits, grid=grid)
         if not interpret and compiled is not None:
             ptx = getattr(compiled, "asm", {}).get("ptx", "")
             stats.update(n_regs=getattr(compiled, "n_regs", None), n_spills=getattr(compiled, "n_spills", None),
                          shared=getattr(getattr(compiled, "metadata", None), "shared", None),
-                         wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"))
+                         wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
+                         cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+                         tma_copies=ptx.count("cp.async.bulk.tensor"))
     if splits > 1:
         # splits as the "parts" axis of the Helix merge: views [S, B, H, Lkv] / [S, B, H]
         launch_lse_combine(o_s.permute(2, 0, 1, 3), lse_s.permute(2, 0, 1), o, lse, interpret)
@@ -355,7 +366,7 @@ def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
 
 
 def mla_decode(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
-               block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float
+               block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float, path: str = "auto"
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed-MLA decode attention of one new token per sequence over this rank's paged latent cache.
 
@@ -377,10 +388,10 @@ def mla_decode(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Ten
         A sequence with no local tokens gives o = 0 and lse = -inf, never NaN. Cache slots past
         seq_lens[b] are never read (they may hold NaN). B = 0 gives empty outputs.
 
-    Path: Triton on CUDA tensors (split-KV flash-decoding, graph-capturable), the torch reference on
-    CPU; ``HELIX_KERNELS=triton|torch`` overrides (Triton on CPU runs under the interpreter).
+    ``path``: kernels/_triton.py's rule: auto = Triton on CUDA tensors (split-KV flash-decoding,
+    graph-capturable), the torch reference on CPU; triton (on CPU under the interpreter); torch.
     """
-    if use_triton(kv_cache):
+    if use_triton(kv_cache, path):
         return mla_decode_triton(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale)
     return mla_decode_torch(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale)
 

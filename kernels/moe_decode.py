@@ -226,7 +226,7 @@ def moe_decode_triton(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
 
 
 def moe_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-               expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+               expert_ids: torch.Tensor, weights: torch.Tensor, path: str = "auto") -> torch.Tensor:
     """This rank's routed-expert output for a small batch of tokens.
 
     Args:
@@ -241,10 +241,10 @@ def moe_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down
         y: [T, D] in x's dtype = sum over local choices of weight * W_down (silu(W_gate x) * (W_up x)),
         accumulated in float32. Rows with no local choice are 0. T = 0 gives an empty output.
 
-    Path: Triton on CUDA tensors (graph-capturable, reads each chosen expert's rows once per choice, from
-    L2 for repeats), the torch reference on CPU; ``HELIX_KERNELS=triton|torch`` overrides.
+    ``path``: kernels/_triton.py's rule: auto = Triton on CUDA tensors (graph-capturable, reads each chosen
+    expert's rows once per choice, from L2 for repeats), the torch reference on CPU; triton; torch.
     """
-    if use_triton(x):
+    if use_triton(x, path):
         return moe_decode_triton(x, w_gate, w_up, w_down, expert_ids, weights)
     return moe_decode_torch(x, w_gate, w_up, w_down, expert_ids, weights)
 

@@ -29,16 +29,16 @@ from helix.runner import rank_generate
 
 
 # ----------------------------------------------------------------------------------------------- faults
-def _uniform_combine(o_parts, lse_parts):
+def _uniform_combine(o_parts, lse_parts, **_):
     """Wrong combine weights: every rank's partial weighted equally, ignoring its lse."""
     live = torch.isfinite(lse_parts)[..., None]
     o = (o_parts.float() * live).sum(0) / live.sum(0).clamp(min=1)
     return o.to(o_parts.dtype), lse_parts.logsumexp(0)
 
 
-def _drop_last_shard(o_parts, lse_parts):
+def _drop_last_shard(o_parts, lse_parts, **kwargs):
     """A dropped shard: the last rank's partial never reaches the combine."""
-    return _ORIGINAL["combine"](o_parts[:-1], lse_parts[:-1])
+    return _ORIGINAL["combine"](o_parts[:-1], lse_parts[:-1], **kwargs)
 
 
 def _shifted_owner_slots(self, seq_id, positions):
@@ -99,7 +99,7 @@ FAULTS = ["uniform_combine", "drop_shard", "wrong_owner", "local_rope", "base2_l
 
 
 def rank_generate_with_fault(ctx, fault, spec, requests):
-    with planted(fault, spec.cp, spec.tokens_per_block):
+    with planted(fault, spec.world_size, spec.tokens_per_block):
         ctx.state.clear()  # a fresh engine per run: nothing built under a fault outlives it
         try:
             return rank_generate(ctx, spec, requests)

@@ -34,13 +34,14 @@ import torch
 
 from helix.config import ConfigError
 from helix.disagg.context_server import ContextServer
-from helix.disagg.deploy import Deployment, load_deployment
+from helix.disagg.deploy import load_deployment
 from helix.disagg.generation_server import GenerationServer
 from helix.disagg.handoff import Handoff, admission_error
 from helix.disagg.kv_transfer import connect
 from helix.engine import Request, RequestError, Result
 from helix.sampling import SamplingParams, per_prompt
 from helix.sources import load_source_tokenizer
+from helix.spec import RunSpec
 from helix.workers import RankContext, RankPool
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,11 @@ class BatchReport:
 # --------------------------------------------------------------------------------------------- rank side
 
 
-def _start_rank(ctx: RankContext, dep: Deployment) -> None:
+def _start_rank(ctx: RankContext, dep: RunSpec) -> None:
     if ctx.rank in dep.context_ranks:
         ctx.state["server"] = ContextServer(dep, ctx.device)
     else:
-        ctx.state["server"] = GenerationServer(dep, ctx.rank, ctx.comm(ranks=dep.generation_ranks), ctx.device)
+        ctx.state["server"] = GenerationServer(dep, ctx.comm(ranks=dep.generation_ranks), ctx.device)
     connect(ctx.rank, dep.context_ranks[0], dep.generation_ranks, dep.handoff_device)
 
 
@@ -89,15 +90,16 @@ def _serve_rank(ctx: RankContext, loop: int) -> None:
 # --------------------------------------------------------------------------------------------- driver
 
 
-def launch(config: "str | os.PathLike | dict | Deployment",
+def launch(config: "str | os.PathLike | dict | RunSpec",
            on_failure: Callable[[BaseException], None] | None = None) -> "Cluster":
-    """Start the deployment described by a file path (YAML or JSON), its parsed dict, or a Deployment.
+    """Start the deployment described by a file path (YAML or JSON), its parsed dict, or a RunSpec with a
+    context server.
     ``on_failure(error)`` is called (on the dispatcher thread) when a rank fails while the loop runs."""
     return Cluster(load_deployment(config), on_failure)
 
 
 class Cluster:
-    def __init__(self, dep: Deployment, on_failure: Callable[[BaseException], None] | None = None):
+    def __init__(self, dep: RunSpec, on_failure: Callable[[BaseException], None] | None = None):
         self.dep, self.on_failure = dep, on_failure
         self.pool: RankPool | None = None
         gpus = len(set(dep.devices()))
@@ -106,7 +108,7 @@ class Cluster:
                               f"{len(dep.context_ranks)}{' on GPU 0' if dep.context.colocate else ''} + "
                               f"generation_servers.context_parallel_size {len(dep.generation_ranks)}), "
                               f"{torch.cuda.device_count()} visible")
-        self.tokenizer = load_source_tokenizer(dep.model_path)
+        self.tokenizer = load_source_tokenizer(dep.model)
         self._lock = threading.Lock()  # guards everything below and the store's driver handle
         self._loops = 0
         self._handoff: Handoff | None = None  # the running loop's log
@@ -117,7 +119,8 @@ class Cluster:
         self._closing = False
         log.info("launching %s: context server on %s, Helix generation server N=%d on %s", dep.source or "deployment",
                  dep.devices()[0], len(dep.generation_ranks), ", ".join(dep.devices()[1:]))
-        self.pool = RankPool(dep.world_size, dep.devices(), extra_groups=[dep.generation_ranks], role_of=dep.role_of)
+        self.pool = RankPool(dep.world_size, dep.devices(), extra_groups=[dep.generation_ranks], role_of=dep.role_of,
+                             collective_timeout_s=dep.execution.collective_timeout_s)
         try:
             self.pool.run(_start_rank, dep)
         except BaseException:

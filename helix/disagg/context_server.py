@@ -15,27 +15,21 @@ from collections import deque
 
 import torch
 
-from helix.checkpoint import DTYPES
 from helix.comm import Comm
-from helix.disagg.deploy import Deployment
 from helix.disagg.handoff import Handoff, PromptScores
 from helix.disagg.kv_transfer import send_prompt_kv
 from helix.engine import Request
-from helix.mapping import HelixMapping
-from helix.model import HelixModel
+from helix.factory import build_model, context_mapping
 from helix.sampling import score_rows
-from helix.sources import open_source
+from helix.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
 
 class ContextServer:
-    def __init__(self, dep: Deployment, device: torch.device):
+    def __init__(self, dep: RunSpec, device: torch.device):
         self.dep = dep
-        ckpt = open_source(dep.model_path, device)
-        mapping = HelixMapping(0, 1, dep.context.tokens_per_block)
-        self.model = HelixModel(ckpt, mapping, Comm(0, 1), DTYPES[dep.dtype], device, dep.generation.moe_parallel)
-        ckpt.close()
+        self.model = build_model(dep, context_mapping(dep), Comm(0, 1), device)
         self.cache = self.model.new_cache(dep.context.max_tokens, max_batch_size=1)
 
     def prefill(self, req: Request) -> tuple[int, PromptScores | None]:

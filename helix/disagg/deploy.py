@@ -1,4 +1,5 @@
-"""The deployment file of disaggregated serving, parsed and validated before any process starts.
+"""The deployment file of disaggregated serving, parsed and validated into a ``RunSpec`` (helix/spec.py) before
+any process starts.
 
 YAML or JSON, three sections (docs/design.md §4.3)::
 
@@ -25,87 +26,16 @@ Every error is a ``ConfigError`` naming the key, the value and the rule (and the
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from helix.checkpoint import CheckpointError, check_checkpoint
 from helix.config import ConfigError, HelixConfig, ModelConfig, fail
 from helix.sources import is_synthetic, synthetic_config
+from helix.spec import ContextServerConfig, Execution, RunSpec
 
 SECTIONS = ("model", "context_servers", "generation_servers")
 MODEL_KEYS = ("path", "dtype", "device")
 CONTEXT_KEYS = ("tensor_parallel_size", "kv_cache_config", "colocate")
 RUNTIME_DTYPES = ("float32", "bfloat16")
-
-
-@dataclass(frozen=True)
-class ContextServerConfig:
-    tensor_parallel_size: int = 1
-    tokens_per_block: int = 32
-    max_tokens: int = 8192  # longest prompt it prefills (its KV capacity for one sequence)
-    colocate: bool = False  # on CUDA: run on generation rank 0's GPU (N GPUs in all instead of N + 1)
-
-
-@dataclass(frozen=True)
-class Deployment:
-    model_path: str
-    dtype: str
-    device: str
-    context: ContextServerConfig
-    generation: HelixConfig
-    source: str | None = None  # the file it came from, for messages
-
-    # ------------------------------------------------------------------ rank layout
-    @property
-    def context_ranks(self) -> list[int]:
-        return list(range(self.context.tensor_parallel_size))
-
-    @property
-    def generation_ranks(self) -> list[int]:
-        c = self.context.tensor_parallel_size
-        return list(range(c, c + self.generation.context_parallel_size))
-
-    @property
-    def world_size(self) -> int:
-        return self.context.tensor_parallel_size + self.generation.context_parallel_size
-
-    def devices(self) -> list[str]:
-        """Context server rank(s) first, then generation ranks: one GPU each on CUDA, except that a colocated
-        context server shares GPU 0 with generation rank 0."""
-        if self.device == "cpu":
-            return ["cpu"] * self.world_size
-        if self.context.colocate:
-            return ["cuda:0"] + [f"cuda:{g}" for g in range(self.generation.context_parallel_size)]
-        return [f"cuda:{r}" for r in range(self.world_size)]
-
-    @property
-    def handoff_device(self) -> str:
-        """Where the KV hand-over's tensors travel: host memory when the context server shares a GPU (its
-        group with the generation ranks is then gloo: NCCL does not connect two ranks on one GPU)."""
-        return "cpu" if self.context.colocate else self.device
-
-    def role_of(self, rank: int) -> str:
-        if rank in self.context_ranks:
-            return f"context server rank {rank} (world rank {rank})"
-        return f"generation server rank {rank - len(self.context_ranks)} (world rank {rank})"
-
-    @property
-    def tokens_per_block(self) -> int:
-        return self.generation.tokens_per_block
-
-
-def deployment_for(model: str, cp: int, tokens_per_block: int = 32, dtype: str = "float32", device: str = "cpu",
-                   max_tokens: int | None = None, max_batch_size: int | None = None, colocate: bool = False) -> dict:
-    """The deployment file's content for a checkpoint without one: context server 1 + Helix generation server
-    with context_parallel_size ``cp``, both with KV capacity ``max_tokens`` per sequence (at least one block;
-    None: HelixConfig's default)."""
-    tpb = {"tokens_per_block": tokens_per_block}
-    kv = tpb if max_tokens is None else {**tpb, "max_tokens": max(int(max_tokens), tokens_per_block)}
-    generation = {"context_parallel_size": cp, "cp_config": {"cp_type": "HELIX", **tpb}, "kv_cache_config": dict(kv)}
-    if max_batch_size is not None:
-        generation["max_batch_size"] = max_batch_size
-    return {"model": {"path": model, "dtype": dtype, "device": device},
-            "context_servers": {"tensor_parallel_size": 1, "kv_cache_config": dict(kv), "colocate": colocate},
-            "generation_servers": generation}
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -128,9 +58,13 @@ def read_file(path: str | os.PathLike) -> dict:
     return raw
 
 
-def load_deployment(config: "str | os.PathLike | dict | Deployment") -> Deployment:
-    """A validated Deployment from a file path, a dict of the file's content, or a Deployment (returned as is)."""
-    if isinstance(config, Deployment):
+def load_deployment(config: "str | os.PathLike | dict | RunSpec") -> RunSpec:
+    """A validated RunSpec from a deployment file's path, a dict of the file's content, or a RunSpec of a
+    deployment (returned as is)."""
+    if isinstance(config, RunSpec):
+        if config.context is None:
+            raise ConfigError("context_servers: required section; a deployment has a context server "
+                              "(a RunSpec without one runs through helix.runner)")
         return config
     if isinstance(config, dict):
         return parse(config)
@@ -155,7 +89,35 @@ def _int(key: str, value, minimum: int) -> int:
     return value
 
 
-def parse(raw: dict, source: str | None = None) -> Deployment:
+def from_checkpoint(model: str, *, cp: int = 2, tokens_per_block: int = 32, dtype: str = "float32",
+                    device: str = "cpu", max_tokens: int | None = None, max_batch_size: int | None = None,
+                    colocate: bool = False, execution: Execution | None = None) -> RunSpec:
+    """The deployment ``helix eval``, ``helix serve --model`` and the lm-eval adapter build from a checkpoint:
+    context server 1 + Helix generation server N = ``cp``, both holding ``max_tokens`` per sequence, with
+    ``max_batch_size`` decode slots (None: the defaults), parsed and validated as the same deployment file would be."""
+    tpb = {"tokens_per_block": tokens_per_block}
+    # At least one block: the servers' rule (a max_length shorter than a block still gets its whole block).
+    kv = tpb if max_tokens is None else {**tpb, "max_tokens": max(int(max_tokens), tokens_per_block)}
+    generation = {"context_parallel_size": cp, "cp_config": {"cp_type": "HELIX", **tpb}, "kv_cache_config": dict(kv)}
+    if max_batch_size is not None:
+        generation["max_batch_size"] = max_batch_size
+    return parse({"model": {"path": model, "dtype": dtype, "device": device},
+                  "context_servers": {"tensor_parallel_size": 1, "kv_cache_config": dict(kv), "colocate": colocate},
+                  "generation_servers": generation}, execution=execution)
+
+
+def deployment_dict(spec: RunSpec) -> dict:
+    """The deployment file's content that ``parse`` turns back into ``spec`` (its execution aside)."""
+    ctx, gen = spec.context, spec.generation
+    return {"model": {"path": spec.model, "dtype": spec.dtype, "device": spec.device},
+            "context_servers": {"tensor_parallel_size": ctx.tensor_parallel_size, "colocate": ctx.colocate,
+                                "kv_cache_config": {"tokens_per_block": ctx.tokens_per_block,
+                                                    "max_tokens": ctx.max_tokens}},
+            "generation_servers": gen.to_dict()}
+
+
+def parse(raw: dict, source: str | None = None, execution: Execution | None = None) -> RunSpec:
+    """``execution`` None: the environment's defaults (``Execution.from_env``), read here, where the run starts."""
     for key in raw:
         if key not in SECTIONS:
             fail(key, raw[key], f"unknown section; a deployment file has {list(SECTIONS)}")
@@ -178,7 +140,8 @@ def parse(raw: dict, source: str | None = None) -> Deployment:
     generation.validate_for_model(model_cfg, prefix="generation_servers.")
     context = _context_config(_section(raw, "context_servers"), generation)
     path = path if is_synthetic(path) else os.path.abspath(path)
-    return Deployment(path, dtype, device, context, generation, source)
+    return RunSpec(model=path, dtype=dtype, device=device, generation=generation, context=context,
+                   execution=execution or Execution.from_env(), source=source)
 
 
 def _model_config(path) -> ModelConfig:
@@ -224,4 +187,4 @@ def _context_config(raw: dict, generation: HelixConfig) -> ContextServerConfig:
     colocate = raw.get("colocate", False)
     if not isinstance(colocate, bool):
         fail("context_servers.colocate", colocate, "must be true or false")
-    return ContextServerConfig(tp, tpb, max_tokens, colocate)
+    return ContextServerConfig(tensor_parallel_size=tp, tokens_per_block=tpb, max_tokens=max_tokens, colocate=colocate)

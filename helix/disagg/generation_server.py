@@ -23,31 +23,24 @@ from typing import Any, Callable
 
 import torch
 
-from helix.checkpoint import DTYPES
 from helix.comm import Comm
-from helix.disagg.deploy import Deployment
 from helix.disagg.handoff import Handoff
 from helix.disagg.kv_transfer import recv_prompt_kv
 from helix.engine import HelixEngine, Request, Result
-from helix.mapping import HelixMapping
-from helix.model import HelixModel
+from helix.factory import build_engine
 from helix.sampling import first_stop
-from helix.sources import load_source_tokenizer, open_source
+from helix.sources import load_source_tokenizer
+from helix.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
 
 class GenerationServer:
-    def __init__(self, dep: Deployment, rank: int, comm: Comm, device: torch.device):
+    def __init__(self, dep: RunSpec, comm: Comm, device: torch.device):
         self.dep, self.comm = dep, comm
         self.g, self.n = comm.rank, comm.world_size
         self.context_rank = dep.context_ranks[0]
-        ckpt = open_source(dep.model_path, device)
-        mapping = HelixMapping(self.g, self.n, dep.tokens_per_block)
-        model = HelixModel(ckpt, mapping, comm, DTYPES[dep.dtype], device, dep.generation.moe_parallel)
-        ckpt.close()
-        self.engine = HelixEngine(model, dep.generation.max_tokens, dep.generation.max_batch_size, self._stopped,
-                                  cuda_graphs=device.type == "cuda")  # one captured step per batch size
+        self.engine = build_engine(dep, comm, device, self._stopped)
         self._tokenizer = None
 
     def _stopped(self, req: Request, token_ids: list[int]) -> bool:
@@ -55,7 +48,7 @@ class GenerationServer:
         if not req.sampling.stop_strings:
             return False
         if self._tokenizer is None:
-            self._tokenizer = load_source_tokenizer(self.dep.model_path)
+            self._tokenizer = load_source_tokenizer(self.dep.model)
         text = self._tokenizer.decode(token_ids, skip_special_tokens=True)
         return first_stop(text, req.sampling.stop_strings) is not None
 

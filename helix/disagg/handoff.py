@@ -29,8 +29,8 @@ import pickle
 
 import torch.distributed as dist
 
-from helix.disagg.deploy import Deployment
 from helix.engine import Request
+from helix.spec import RunSpec
 
 # A wait here is for work (a long prefill, a queue of long generations, an idle server), not for a peer's
 # collective; the driver notices a dead or failed peer within seconds and tears every rank down.
@@ -39,7 +39,7 @@ STORE_WAIT = datetime.timedelta(hours=6)
 PromptScores = tuple[list[float], list[list[tuple[int, float]]]]  # per prompt token after the first: log-prob, top-k
 
 
-def admission_error(req: Request, dep: Deployment) -> str | None:
+def admission_error(req: Request, dep: RunSpec) -> str | None:
     """Why ``req`` cannot be served by this deployment, or None."""
     if not req.prompt:
         return f"request {req.req_id}: empty prompt (needs at least one token)"

@@ -18,10 +18,11 @@ import uvicorn
 
 from helix.config import ConfigError
 from helix.disagg.cluster import Cluster, launch
-from helix.disagg.deploy import Deployment, load_deployment
+from helix.disagg.deploy import load_deployment
 from helix.serve.app import build_app
 from helix.serve.protocol import Model
 from helix.sources import source_config
+from helix.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,8 @@ def served_model(cluster: Cluster, name: str | None = None) -> Model:
     """The frontend's view of the deployment's model; its name defaults to the model path, as vLLM's does (so
     lm-eval's ``model=`` finds the tokenizer there)."""
     dep = cluster.dep
-    cfg = source_config(dep.model_path)
-    return Model(name or dep.model_path, cluster.tokenizer, cfg.vocab_size, tuple(cfg.eos_token_ids),
+    cfg = source_config(dep.model)
+    return Model(name or dep.model, cluster.tokenizer, cfg.vocab_size, tuple(cfg.eos_token_ids),
                  min(dep.context.max_tokens, dep.generation.max_tokens))
 
 
@@ -73,7 +74,7 @@ class HelixServer:
         self.uvicorn.should_exit = True
 
 
-def serve(config: "str | os.PathLike | dict | Deployment", host: str = "127.0.0.1", port: int = 8000,
+def serve(config: "str | os.PathLike | dict | RunSpec", host: str = "127.0.0.1", port: int = 8000,
           name: str | None = None, announce: Callable[[str], None] = print) -> None:
     """Serve the deployment until Ctrl-C / SIGTERM; raises the failed rank's WorkerError if one fails."""
     dep = load_deployment(config)  # a bad file fails here, before a socket or a process

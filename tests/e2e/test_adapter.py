@@ -11,8 +11,10 @@ from lm_eval.api.instance import Instance
 
 from evals.backends import BackendSpec, ReferenceBackend
 from evals.lm_eval_adapter import HelixLM
-from helix.config import ConfigError
+from helix.config import ConfigError, HelixConfig
+from helix.disagg.deploy import deployment_dict
 from helix.sampling import NonFiniteLogits, SamplingParams
+from helix.spec import ContextServerConfig
 
 
 class Spy:
@@ -151,16 +153,16 @@ def test_model_args_pretrained_form(tiny_checkpoint):
 
 def test_model_args_config_form(tiny_checkpoint, tmp_path):
     deploy = tmp_path / "deploy.json"
-    deploy.write_text(json.dumps(BackendSpec(model=tiny_checkpoint, cp=3).deployment()))
+    deploy.write_text(json.dumps(deployment_dict(BackendSpec(model=tiny_checkpoint, cp=3).run_spec())))
     lm = HelixLM.create_from_arg_string(f"config={deploy},backend=reference,max_length=512", {})
     assert isinstance(lm.backend, ReferenceBackend) and lm.max_length == 512
 
 
 def test_helix_deployment_built_from_pretrained_args(tiny_checkpoint):
-    d = BackendSpec(model=tiny_checkpoint, cp=3, tokens_per_block=16).deployment()
-    assert d["generation_servers"] == {"context_parallel_size": 3, "cp_config": {"cp_type": "HELIX", "tokens_per_block": 16},
-                                       "kv_cache_config": {"tokens_per_block": 16}}
-    assert d["context_servers"]["tensor_parallel_size"] == 1 and d["model"]["path"] == tiny_checkpoint
+    spec = BackendSpec(model=tiny_checkpoint, cp=3, tokens_per_block=16).run_spec()
+    assert spec.generation == HelixConfig(context_parallel_size=3, tokens_per_block=16)
+    assert spec.context == ContextServerConfig(tensor_parallel_size=1, tokens_per_block=16)
+    assert spec.model == tiny_checkpoint and spec.world_size == 4
 
 
 @pytest.mark.parametrize("args, match", [

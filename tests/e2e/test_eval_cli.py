@@ -14,7 +14,7 @@ import warnings
 import pytest
 
 from evals.run import console_output
-from helix.cli import main
+from evals.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_console_shows_one_bar_per_backend_and_task_then_the_report(tiny_checkpoint, data_dir, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "helix", "eval", "--model", tiny_checkpoint, "--data-dir", data_dir, "--tasks", "gsm8k",
+        [sys.executable, "-m", "evals", "eval", "--model", tiny_checkpoint, "--data-dir", data_dir, "--tasks", "gsm8k",
          "--limit", "1", "--max-length", "512", "--max-gen-toks", "4", "--out", str(out)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr

@@ -34,7 +34,7 @@ def tm(data_dir):
 
 @pytest.fixture(scope="module")
 def helix_backend(tiny_checkpoint):
-    with HelixBackend(launch(BackendSpec(model=tiny_checkpoint, cp=CP).deployment())) as backend:
+    with HelixBackend(launch(BackendSpec(model=tiny_checkpoint, cp=CP).run_spec())) as backend:
         yield backend
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from evals import run as eval_run
 from evals.lm_eval_adapter import HelixLM
-from helix.disagg.deploy import load_deployment
+from helix.disagg.deploy import deployment_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,7 +38,7 @@ def test_capacity_follows_the_largest_length(tiny_checkpoint, tmp_path, flags, m
     run, = eval_run.plan(parse("--model", tiny_checkpoint, *flags), str(tmp_path))
     spec, adapter_length = HelixLM.backend_spec(eval_run.model_args(run.deployed, run, 64))
     assert run.max_length == adapter_length == max_length
-    dep = load_deployment(spec.deployment())
+    dep = spec.run_spec()
     assert dep.context.max_tokens == dep.generation.max_tokens == max_length
 
 
@@ -48,7 +48,7 @@ def test_a_million_tokens_fit_the_needle_checkpoint_and_one_more_is_refused(need
     run, = eval_run.plan(parse("--model", str(needle_checkpoint), "--tasks", "niah_restated", "--context-lengths",
                                "65536,1048576"), str(tmp_path))
     spec, max_length = HelixLM.backend_spec(eval_run.model_args(run.deployed, run, 64))
-    dep = load_deployment(spec.deployment())
+    dep = spec.run_spec()
     assert max_length == dep.context.max_tokens == dep.generation.max_tokens == 1 << 20
     with pytest.raises(ConfigError, match="--context-lengths=1048577: must be <= max_position_embeddings=1048576"):
         eval_run.plan(parse("--model", str(needle_checkpoint), "--tasks", "niah_restated", "--context-lengths",
@@ -79,7 +79,7 @@ def test_a_deployment_file_bounds_max_length(tiny_checkpoint, tmp_path):
     from helix.config import ConfigError
 
     config = tmp_path / "deploy.json"
-    config.write_text(json.dumps(BackendSpec(model=tiny_checkpoint, max_tokens=8192).deployment()))
+    config.write_text(json.dumps(deployment_dict(BackendSpec(model=tiny_checkpoint, max_tokens=8192).run_spec())))
     run, = eval_run.plan(parse("--config", str(config), "--tasks", "gsm8k"), str(tmp_path))
     assert run.max_length == 8192
     with pytest.raises(ConfigError, match=f"max_length=10000: more than {config} holds per sequence "
@@ -97,7 +97,7 @@ def test_synthetic_weights_size_needles_with_their_byte_tokenizer(tmp_path):
 
 
 def test_length_past_the_checkpoint_is_refused_in_one_line(tiny_checkpoint, tmp_path, capsys):
-    from helix.cli import main
+    from evals.cli import main
 
     assert main(["eval", "--model", tiny_checkpoint, "--tasks", "niah_restated", "--context-lengths", "2048,20000",
                  "--out", str(tmp_path / "out")]) == 1

@@ -32,7 +32,7 @@ KEYS = ("hungry-elephant", "bold-sunset-over-the-bay")  # 15 and 24 bytes: the p
 
 @pytest.fixture(scope="module")
 def cluster(needle_checkpoint):
-    c = launch(BackendSpec(model=str(needle_checkpoint), cp=CP, tokens_per_block=TPB).deployment())
+    c = launch(BackendSpec(model=str(needle_checkpoint), cp=CP, tokens_per_block=TPB).run_spec())
     yield c
     c.shutdown()
 

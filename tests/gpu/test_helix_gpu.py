@@ -3,13 +3,17 @@
 
 Run with `nox -s gpu` on a machine with 2 or 4 GPUs; every test names the GPUs it needs."""
 
+import dataclasses
+
 import pytest
 import torch
 
+from helix.config import HelixConfig
 from helix.engine import Request
 from helix.reference import ReferenceModel
-from helix.runner import HelixSpec, helix_generate
+from helix.runner import helix_generate
 from helix.sampling import SamplingParams
+from helix.spec import Execution, RunSpec
 from helix.workers import RankPool
 from tests.gpu.long_context import reference_long, run_helix_long
 from tests.helix_harness import check_bf16_teacher_forced, reference_mla, run_mla_module
@@ -60,7 +64,10 @@ def test_full_model_bf16_nccl(gpu_pool, checkpoint_factory, n):
     ref64 = ReferenceModel.from_checkpoint(ckpt, dtype=torch.float64)
     ref16 = ReferenceModel.from_checkpoint(ckpt, dtype=torch.bfloat16)
     conts = [ref64.generate(p, 48) for p in prompts]
-    spec = HelixSpec(str(ckpt), n, TPB, "bfloat16", "cuda", max_tokens=256, max_batch_size=2)
+    spec = RunSpec(model=str(ckpt), dtype="bfloat16", device="cuda",
+                   generation=HelixConfig(context_parallel_size=n, tokens_per_block=TPB, max_tokens=256,
+                                          max_batch_size=2),
+                   execution=Execution(cuda_graphs=False))
     reqs = [Request(i, p, forced=c, keep_logits=True) for i, (p, c) in enumerate(zip(prompts, conts))]
     results = helix_generate(spec, reqs, gpu_pool)
     check_bf16_teacher_forced(ref64, ref16, prompts, conts, results, f"N={n} GPU bf16")
@@ -87,8 +94,11 @@ def test_cuda_graph_replay_matches_eager(gpu_pool, checkpoint_factory):
     ckpt = checkpoint_factory(dtype="bfloat16")
     reqs = [Request(0, list(range(40, 100)), SamplingParams(max_new_tokens=40), keep_logits=True),
             Request(1, [7, 8, 9], SamplingParams(max_new_tokens=40), keep_logits=True)]
-    eager = helix_generate(HelixSpec(str(ckpt), 2, 8, "bfloat16", "cuda", 128, 2), reqs, gpu_pool)
-    graph = helix_generate(HelixSpec(str(ckpt), 2, 8, "bfloat16", "cuda", 128, 2, cuda_graphs=True), reqs, gpu_pool)
+    spec = RunSpec(model=str(ckpt), dtype="bfloat16", device="cuda",
+                   generation=HelixConfig(context_parallel_size=2, tokens_per_block=8, max_tokens=128,
+                                          max_batch_size=2))
+    eager = helix_generate(dataclasses.replace(spec, execution=Execution(cuda_graphs=False)), reqs, gpu_pool)
+    graph = helix_generate(spec, reqs, gpu_pool)
     for e, g in zip(eager, graph):
         assert g.token_ids == e.token_ids, f"request {e.req_id}: graph tokens differ from eager"
         mx, _, _, text = error_report(torch.stack(g.logits), torch.stack(e.logits))

@@ -17,19 +17,18 @@ GARBAGE_BLOCK_IDS = (-1, 2**30)  # what unused block-table entries hold: never d
 
 
 def assert_path_selection(monkeypatch, kernel: str, call) -> None:
-    """``call()`` on CPU tensors takes the path kernels/_triton.py's rule names for each HELIX_KERNELS value,
-    and an unknown value is refused. ``kernel`` names the module and its ``<kernel>_torch`` / ``<kernel>_triton``."""
+    """``call(path=...)`` on CPU tensors takes the path kernels/_triton.py's rule names for each value, the default
+    is auto, and an unknown value is refused. ``kernel`` names the module and its ``<kernel>_torch`` /
+    ``<kernel>_triton``."""
     mod = importlib.import_module(f"kernels.{kernel}")  # the package attribute of that name is the function
     calls = []
     for path in ("torch", "triton"):
         monkeypatch.setattr(mod, f"{kernel}_{path}", lambda *a, path=path, **k: calls.append(path) or (None, None))
-    for mode, want in [("auto", "torch"), ("torch", "torch"), ("triton", "triton"), ("", "torch")]:
-        monkeypatch.setenv("HELIX_KERNELS", mode)
-        call()
-        assert calls[-1] == want, f"HELIX_KERNELS={mode!r} on CPU picked {calls[-1]}"
-    monkeypatch.setenv("HELIX_KERNELS", "cuda")
-    with pytest.raises(ValueError, match="HELIX_KERNELS"):
-        call()
+    for mode, want in [("auto", "torch"), ("torch", "torch"), ("triton", "triton"), (None, "torch")]:
+        call(**({} if mode is None else {"path": mode}))
+        assert calls[-1] == want, f"path={mode!r} on CPU picked {calls[-1]}"
+    with pytest.raises(ValueError, match="path='cuda'"):
+        call(path="cuda")
 
 
 @dataclass

@@ -73,7 +73,7 @@ def test_combine_validation_and_path(monkeypatch):
         helix_combine(o_parts, lse_parts.half())
     with pytest.raises(ValueError):
         helix_combine(o_parts[:0], lse_parts[:0])
-    assert_path_selection(monkeypatch, "helix_combine", lambda: helix_combine(o_parts, lse_parts))
+    assert_path_selection(monkeypatch, "helix_combine", lambda **kw: helix_combine(o_parts, lse_parts, **kw))
 
 
 @pytest.mark.parametrize("decode,combine", [

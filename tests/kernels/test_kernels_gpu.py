@@ -74,16 +74,15 @@ def test_mla_decode_cuda_graph_replay():
         _check_bf16(o, lse, case, f"graph replay lens={lens}")
 
 
-@pytest.mark.parametrize("heads,block_h,num_warps", [(128, 64, 8), (128, 32, 4), (32, 32, 4), (16, 16, 4)])
+@pytest.mark.parametrize("heads,block_h,num_warps", [(128, 64, 8), (128, 32, 4), (32, 64, 8), (32, 32, 4), (16, 16, 4)])
 def test_mla_decode_tile_variants(heads, block_h, num_warps):
     from kernels.mla_decode import MLAConfig
 
     case = make_mla_case([20_000, 77], heads, lkv=LKV, rope=R, tpb=TPB, dtype=torch.bfloat16, seed=11,
                          device="cuda")
     cfgs = [MLAConfig(block_h=block_h, block_n=32, num_warps=num_warps, num_stages=3),
-            MLAConfig(block_h=block_h, block_n=64, num_warps=num_warps, rescale_slack=8.0)]
-    if block_h <= 32:  # the chunked score dot pipelines each chunk: too much shared memory at 64 heads
-        cfgs.append(MLAConfig(block_h=block_h, block_n=64, block_d=128, num_warps=num_warps))
+            MLAConfig(block_h=block_h, block_n=64, num_warps=num_warps),
+            MLAConfig(block_h=block_h, block_n=32, num_warps=num_warps, tma=False)]  # per-token page lookups
     for cfg in cfgs:
         _check_bf16(*mla_decode_triton(*case.args, config=cfg), case, f"H={heads} {cfg}")
 

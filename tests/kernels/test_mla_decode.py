@@ -82,33 +82,49 @@ def test_triton_interpreted_f32(lens, heads, tpb):
     pytest.param(MLAConfig(block_h=16, block_n=16, num_splits=1), id="one-split-direct"),
     pytest.param(MLAConfig(block_h=16, block_n=16, num_splits=3), id="3-splits"),
     pytest.param(MLAConfig(block_h=16, block_n=16, num_splits=8), id="more-splits-than-tiles"),
-    pytest.param(MLAConfig(block_h=32, block_n=32, block_d=16, num_splits=2), id="chunked-score-dot"),
-    pytest.param(MLAConfig(block_h=16, block_n=16, num_splits=2, rescale_slack=8.0), id="lazy-rescale"),
+    pytest.param(MLAConfig(block_h=32, block_n=32, num_splits=2, tma=False), id="per-token-pages"),
 ])
 def test_triton_interpreted_split_and_tile_variants(cfg):
     case = make_mla_case([0, 1, 45, 16], 5, tpb=8, seed=21)
     _check_f32(*mla_decode_triton(*case.args, config=cfg), case, f"triton {cfg}")
 
 
-@pytest.mark.parametrize("slack", [0.0, 8.0])
-def test_triton_interpreted_bf16(slack):
-    case = make_mla_case([0, 1, 37, 8], 5, tpb=8, dtype=torch.bfloat16, seed=9)
-    cfg = MLAConfig(block_h=16, block_n=16, num_splits=2, rescale_slack=slack)
-    _check_bf16(*mla_decode_triton(*case.args, config=cfg), case, f"triton bf16 slack={slack}")
+@pytest.mark.parametrize("tpb", [8, 16])
+def test_triton_interpreted_bf16(tpb):
+    case = make_mla_case([0, 1, 37, 8], 5, tpb=tpb, dtype=torch.bfloat16, seed=9)
+    cfg = MLAConfig(block_h=16, block_n=16, num_splits=2)
+    _check_bf16(*mla_decode_triton(*case.args, config=cfg), case, f"triton bf16 T={tpb}")
 
 
-def test_triton_interpreted_lazy_rescale_growing_scores():
-    """Scores that rise along the sequence force the lazy rescale to move its reference max often."""
+def test_triton_interpreted_growing_scores():
+    """Scores that rise along the sequence move the running max on every tile (rescaled accumulator)."""
     case = make_mla_case([90, 45], 3, tpb=8, seed=23, poison=True)
     ramp = torch.linspace(0, 30, case.kv_cache.shape[0] * case.kv_cache.shape[1]).view(case.kv_cache.shape[:2])
     case.kv_cache[..., 64:] += ramp[..., None] * case.q_pe[0, 0].sign() * 0.3
-    cfg = MLAConfig(block_h=16, block_n=16, num_splits=1, rescale_slack=8.0)
-    _check_f32(*mla_decode_triton(*case.args, config=cfg), case, "triton lazy rescale, rising scores")
+    _check_f32(*mla_decode_triton(*case.args, config=MLAConfig(block_h=16, block_n=16, num_splits=1)), case,
+               "triton rising scores")
 
 
-def test_triton_interpreted_non_pow2_dims():
-    case = make_mla_case([11, 30], 3, lkv=48, rope=8, tpb=8, seed=13)
-    _check_f32(*mla_decode_triton(*case.args, config=MLAConfig(block_n=16, num_splits=2)), case, "triton Lkv=48 R=8")
+@pytest.mark.parametrize("tma", [True, False])
+def test_triton_interpreted_whole_tiles_by_descriptor(tma):
+    """T a multiple of BLOCK_N: whole tiles come through the TMA descriptors (one page lookup each), the
+    ragged last tile of each split through the masked per-token loads; NaN past each end stays unread."""
+    case = make_mla_case([0, 1, 16, 45, 80], 5, tpb=32, seed=27)
+    stats: dict = {}
+    cfg = MLAConfig(block_h=16, block_n=16, num_splits=2, tma=tma)
+    _check_f32(*mla_decode_triton(*case.args, config=cfg, stats=stats), case, f"triton tma={tma}")
+    assert stats["tma"] is tma
+
+
+@pytest.mark.parametrize("tpb", [8, 16])
+def test_triton_interpreted_non_pow2_dims(tpb):
+    """Lkv = 48, R = 8: with T = 16 the descriptor's box (64 wide) runs over k_pe and past the row's end
+    (zero fill); those columns meet zero query columns and are never stored."""
+    case = make_mla_case([11, 30], 3, lkv=48, rope=8, tpb=tpb, seed=13)
+    stats: dict = {}
+    _check_f32(*mla_decode_triton(*case.args, config=MLAConfig(block_n=16, num_splits=2), stats=stats), case,
+               f"triton Lkv=48 R=8 T={tpb}")
+    assert stats["tma"] is (tpb == 16)
 
 
 @pytest.mark.parametrize("layout", ["slice", "transposed"])
@@ -134,7 +150,7 @@ def test_all_empty_and_zero_batch():
 # ------------------------------------------------------------------------------ path and validation
 def test_path_selection(monkeypatch):
     case = make_mla_case([5], 2, seed=2)
-    assert_path_selection(monkeypatch, "mla_decode", lambda: mla_decode(*case.args))
+    assert_path_selection(monkeypatch, "mla_decode", lambda **kw: mla_decode(*case.args, **kw))
 
 
 @pytest.mark.parametrize("mutate,err", [

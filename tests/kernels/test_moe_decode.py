@@ -135,7 +135,7 @@ def test_validation_and_path(monkeypatch):
     with pytest.raises(ValueError):
         moe_decode(x, wg.transpose(1, 2).contiguous().transpose(1, 2), wu, wd, ids, w)
 
-    assert_path_selection(monkeypatch, "moe_decode", lambda: moe_decode(x, wg, wu, wd, ids, w))
+    assert_path_selection(monkeypatch, "moe_decode", lambda **kw: moe_decode(x, wg, wu, wd, ids, w, **kw))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -161,24 +161,27 @@ def test_helix_moe_prefill_grouping_matches_oracle(dtype, tokens, k, experts, lo
 @pytest.mark.parametrize("mode,rank", [("ep", 1), ("tp", 2)])
 def test_helix_moe_decode_path_matches_grouped_path(checkpoint_factory, monkeypatch, mode, rank):
     """helix.moe.MoE on 3 ranks of the tiny preset: the decode path (kernel under the interpreter, which is
-    what CUDA runs) equals the grouped path that larger batches (and HELIX_KERNELS=torch) take."""
+    what CUDA runs) equals the grouped path that larger batches (and kernels 'torch') take."""
     from helix.checkpoint import Checkpoint
     from helix.mapping import HelixMapping
     from helix.moe import MoE
     from helix.presets import get_preset
+    from helix.spec import Execution
 
     cfg = get_preset("deepseek-v3-lite-tiny")
     layer = next(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
-    moe = MoE(cfg, Checkpoint(checkpoint_factory("deepseek-v3-lite-tiny")), f"model.layers.{layer}.mlp.",
-              HelixMapping(rank, 3, 8), mode, torch.float32, "cpu")
+    ckpt = Checkpoint(checkpoint_factory("deepseek-v3-lite-tiny"))
+
+    def moe(kernels: str) -> MoE:
+        return MoE(cfg, ckpt, f"model.layers.{layer}.mlp.", HelixMapping(rank, 3, 8), mode, torch.float32, "cpu",
+                   Execution(kernels=kernels))
+
     x = torch.randn(5, cfg.hidden_size, generator=torch.Generator().manual_seed(rank))
-    monkeypatch.setenv("HELIX_KERNELS", "torch")  # the grouped path
-    grouped = moe(x)
+    grouped = moe("torch")(x)  # the grouped path
     mod = importlib.import_module("kernels.moe_decode")
     launched = []
     monkeypatch.setattr(mod, "moe_decode_triton", lambda *a: launched.append(1) or moe_decode_triton(*a))
-    monkeypatch.setenv("HELIX_KERNELS", "triton")  # moe_decode's kernel
-    assert_f32_parity(moe(x), grouped, f"MoE {mode} rank {rank}/3: moe_decode vs grouped path")
+    assert_f32_parity(moe("triton")(x), grouped, f"MoE {mode} rank {rank}/3: moe_decode vs grouped path")
     assert launched, "MoE did not take the moe_decode path"
 
 

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from helix.checkpoint import Checkpoint
+from helix.config import HelixConfig
 from helix.engine import Request
 from helix.reference import ReferenceModel
-from helix.runner import HelixSpec, helix_generate
+from helix.runner import helix_generate
 from helix.sampling import SamplingParams
+from helix.spec import RunSpec
 from tests.tolerance import assert_exact, assert_f32_parity
 
 NEW_TOKENS = 64
@@ -41,12 +43,16 @@ def expected(tiny_checkpoint):
 
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_helix_greedy_equals_reference(rank_pool, tiny_checkpoint, expected, n):
-    spec = HelixSpec(str(tiny_checkpoint), n, tokens_per_block=4, max_tokens=128, max_batch_size=4)
+    spec = RunSpec(model=str(tiny_checkpoint),
+                   generation=HelixConfig(context_parallel_size=n, tokens_per_block=4, max_tokens=128,
+                                          max_batch_size=4))
     _compare(helix_generate(spec, _requests(PROMPTS, NEW_TOKENS), rank_pool), expected, f"N={n}")
 
 
 def test_tensor_parallel_experts_equal_reference(rank_pool, tiny_checkpoint, expected):
-    spec = HelixSpec(str(tiny_checkpoint), 3, tokens_per_block=4, max_tokens=128, max_batch_size=4, moe_mode="tp")
+    spec = RunSpec(model=str(tiny_checkpoint),
+                   generation=HelixConfig(context_parallel_size=3, tokens_per_block=4, max_tokens=128,
+                                          max_batch_size=4, moe_parallel="tp"))
     _compare(helix_generate(spec, _requests(PROMPTS[:2], NEW_TOKENS), rank_pool), expected[:2], "N=3 TP experts")
 
 
@@ -67,7 +73,9 @@ def test_checkpoint_written_by_transformers(rank_pool, tmp_path_factory, tiny_ch
     model.save_pretrained(out)
     Checkpoint(out).check_complete()
     expected = _reference(out, PROMPTS[:2], 32)
-    spec = HelixSpec(str(out), 2, tokens_per_block=4, max_tokens=128, max_batch_size=4)
+    spec = RunSpec(model=str(out),
+                   generation=HelixConfig(context_parallel_size=2, tokens_per_block=4, max_tokens=128,
+                                          max_batch_size=4))
     _compare(helix_generate(spec, _requests(PROMPTS[:2], 32), rank_pool), expected, "transformers checkpoint N=2")
 
 
@@ -89,5 +97,7 @@ def test_local_engine_reuses_batch_slots(rank_pool, tiny_checkpoint, expected):
     freed, and still decode exactly the reference's tokens."""
     prompts = PROMPTS + [[7, 8, 9, 10], list(range(100, 110))]
     want = expected + _reference(tiny_checkpoint, prompts[3:], NEW_TOKENS)
-    spec = HelixSpec(str(tiny_checkpoint), 2, tokens_per_block=4, max_tokens=128, max_batch_size=2)
+    spec = RunSpec(model=str(tiny_checkpoint),
+                   generation=HelixConfig(context_parallel_size=2, tokens_per_block=4, max_tokens=128,
+                                          max_batch_size=2))
     _compare(helix_generate(spec, _requests(prompts, NEW_TOKENS), rank_pool), want, "N=2, 5 requests in 2 slots")

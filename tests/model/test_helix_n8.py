@@ -4,10 +4,12 @@ Module parity and full-model greedy parity with the reference, float32 (issue: H
 import pytest
 import torch
 
+from helix.config import HelixConfig
 from helix.engine import Request
 from helix.reference import ReferenceModel
-from helix.runner import HelixSpec, helix_generate
+from helix.runner import helix_generate
 from helix.sampling import SamplingParams
+from helix.spec import RunSpec
 from helix.workers import RankPool
 from tests.helix_harness import reference_mla, run_mla_module
 from tests.tolerance import assert_exact, assert_f32_parity
@@ -39,7 +41,9 @@ def test_full_model_n8(pool8, checkpoint_factory):
     prompts = [list(range(40, 77)), [3, 1, 4]]
     expected = [ref.generate(p, 32, return_logits=True) for p in prompts]
     reqs = [Request(i, p, SamplingParams(max_new_tokens=32), keep_logits=True) for i, p in enumerate(prompts)]
-    results = helix_generate(HelixSpec(str(ckpt), N, tokens_per_block=2, max_tokens=96, max_batch_size=2), reqs, pool8)
+    results = helix_generate(RunSpec(model=str(ckpt),
+                   generation=HelixConfig(context_parallel_size=N, tokens_per_block=2, max_tokens=96,
+                                          max_batch_size=2)), reqs, pool8)
     for res, (tokens, logits) in zip(results, expected):
         assert_exact(torch.tensor(res.token_ids), torch.tensor(tokens), f"N=8 request {res.req_id}")
         for step, (a, b) in enumerate(zip(res.logits, logits)):

@@ -82,14 +82,18 @@ def test_transformers_gives_the_same_logits_and_tokens(needle_checkpoint, tokeni
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_helix_retrieves_like_the_reference(rank_pool, needle_checkpoint, tokenizer, n):
+    from helix.config import HelixConfig
     from helix.engine import Request
-    from helix.runner import HelixSpec, helix_generate
+    from helix.runner import helix_generate
     from helix.sampling import SamplingParams
+    from helix.spec import RunSpec
 
     prompts = [tokenizer(needle_prompt(6, d)).input_ids for d in (0.0, 0.7)]
     ref = ReferenceModel.from_checkpoint(needle_checkpoint, dtype=torch.float64)
     expected = [ref.generate(p, 10, return_logits=True) for p in prompts]
-    spec = HelixSpec(str(needle_checkpoint), n, tokens_per_block=16, max_tokens=1024, max_batch_size=2)
+    spec = RunSpec(model=str(needle_checkpoint),
+                   generation=HelixConfig(context_parallel_size=n, tokens_per_block=16, max_tokens=1024,
+                                          max_batch_size=2))
     results = helix_generate(spec, [Request(i, p, SamplingParams(max_new_tokens=10), keep_logits=True)
                                     for i, p in enumerate(prompts)], rank_pool)
     for res, (tokens, logits) in zip(results, expected):

@@ -5,9 +5,10 @@ greedy check fails on them too."""
 import pytest
 import torch
 
+from helix.config import HelixConfig
 from helix.engine import Request
-from helix.runner import HelixSpec
 from helix.sampling import SamplingParams
+from helix.spec import RunSpec
 from helix.workers import RankPool, WorkerError
 from tests.helix_harness import FAULTS, rank_generate_with_fault, reference_mla, run_mla_module
 from tests.tolerance import assert_f32_parity
@@ -40,7 +41,9 @@ def test_planted_bug_fails_module_parity(tiny_checkpoint, fault):
 @pytest.mark.parametrize("fault", ["uniform_combine", "drop_shard", "local_rope"])
 def test_planted_bug_changes_greedy_tokens(rank_pool, tiny_checkpoint, fault):
     """The full-model check: the same faults change the generated tokens, not just the last digits."""
-    spec = HelixSpec(str(tiny_checkpoint), N, tokens_per_block=TPB, max_tokens=64, max_batch_size=2)
+    spec = RunSpec(model=str(tiny_checkpoint),
+                   generation=HelixConfig(context_parallel_size=N, tokens_per_block=TPB, max_tokens=64,
+                                          max_batch_size=2))
     reqs = [Request(0, list(range(40, 77)), SamplingParams(max_new_tokens=16))]
     clean = rank_pool.run(rank_generate_with_fault, None, spec, reqs, n=N)[0][0].token_ids
     faulty = rank_pool.run(rank_generate_with_fault, fault, spec, reqs, n=N)[0][0].token_ids

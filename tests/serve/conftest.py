@@ -28,12 +28,11 @@ class Served:
 
 @pytest.fixture(scope="session")
 def served(tiny_checkpoint):
-    from helix.disagg import launch
-    from helix.disagg.deploy import deployment_for
+    from helix.disagg import from_checkpoint, launch
     from helix.serve.server import HelixServer, bind, served_model
 
-    cluster = launch(deployment_for(str(tiny_checkpoint), cp=2, tokens_per_block=TOKENS_PER_BLOCK,
-                                    max_tokens=MAX_TOKENS, max_batch_size=MAX_BATCH_SIZE))
+    cluster = launch(from_checkpoint(str(tiny_checkpoint), cp=2, tokens_per_block=TOKENS_PER_BLOCK,
+                                     max_tokens=MAX_TOKENS, max_batch_size=MAX_BATCH_SIZE))
     model = served_model(cluster)
     server = HelixServer(cluster, model, bind("127.0.0.1", 0))
     thread = threading.Thread(target=server.run, name="helix-serve-test", daemon=True)
