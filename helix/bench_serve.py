@@ -85,7 +85,7 @@ def run_bench_serve(config, out_dir: str, requests_n: int = 64, clients: int = 8
             thread.join()
     result = {"machine": machine() if dep.device == "cpu" else torch.cuda.get_device_name(0),
               "load_average_1min": os.getloadavg()[0],  # a shared host: what else ran meanwhile
-              "model": dep.model, "dtype": dep.dtype, "device": dep.device,
+              "model": os.path.basename(os.path.normpath(dep.model)), "dtype": dep.dtype, "device": dep.device,
               "context_parallel_size": dep.generation.context_parallel_size,
               "max_batch_size": dep.generation.max_batch_size, "max_prompt": max_prompt, "max_new": max_new,
               "passes": passes}
@@ -100,7 +100,7 @@ def run_bench_serve(config, out_dir: str, requests_n: int = 64, clients: int = 8
 
 def markdown(result: dict) -> str:
     lines = [f"# helix serve load: {result['machine']}", "",
-             f"`{os.path.basename(result['model'])}` in {result['dtype']} on {result['device']}, context server 1 + "
+             f"`{result['model']}` in {result['dtype']} on {result['device']}, context server 1 + "
              f"Helix generation server N={result['context_parallel_size']}, max_batch_size {result['max_batch_size']}; "
              f"{result['passes'][0]['requests']} greedy requests, prompts 16..{result['max_prompt']} tokens, "
              f"8..{result['max_new']} new tokens, over HTTP on loopback. Host load average "
