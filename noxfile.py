@@ -29,7 +29,7 @@ def _install_cpu(session, *extras):
 def unit(session):
     """Everything CPU-runnable (Triton kernels through the interpreter, on CPU tensors), `pytest -n 2`; the 15
     slowest tests are listed at the end."""
-    _install_cpu(session, "test", "eval")
+    _install_cpu(session, "test", "eval", "serve")
     session.run(
         "pytest", "-n", "2", "-m", "not gpu and not multi_gpu and not slow", "--durations", "15", *session.posargs,
         env={"OMP_NUM_THREADS": "1"},

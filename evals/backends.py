@@ -1,6 +1,7 @@
-"""What the lm-eval adapter talks to: the disaggregated Helix cluster, or the single-device reference.
+"""What the lm-eval adapter talks to: the disaggregated Helix cluster, the single-device reference, or any
+OpenAI-compatible completions endpoint (``helix serve``, vLLM, trtllm-serve, SGLang).
 
-Both offer the driver interface of ``helix.disagg.launch(...)``:
+All offer the driver interface of ``helix.disagg.launch(...)``:
 
 * ``tokenizer``: the checkpoint's transformers tokenizer;
 * ``generate(prompts, sampling) -> list[list[int]]``: generated ids only, per prompt; ``sampling`` is one
@@ -19,8 +20,11 @@ pass on the reference and one Helix request (one context-server prefill, one dec
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -28,25 +32,30 @@ from helix.checkpoint import DTYPES
 from helix.config import ConfigError
 from helix.disagg.deploy import from_checkpoint, load_deployment
 from helix.engine import Request
+from helix.sampling import SamplingParams, check_finite, first_stop, per_prompt, score_rows, select_token
+from helix.sources import source_config
 from helix.spec import RunSpec
-from helix.sampling import SamplingParams, check_finite, first_stop, per_prompt, select_token
+from helix.tokenizer import load_tokenizer
 
-BACKENDS = ("helix", "reference")
+BACKENDS = ("helix", "reference", "endpoint")
 
 
 @dataclass
 class BackendSpec:
-    """The adapter's model_args: which backend, and the run it serves (``run_spec``): the deployment file
-    ``config``, or, from the checkpoint ``model``, context server 1 + Helix generation server N = ``cp``
-    (helix.disagg.from_checkpoint). Exactly one of ``config`` and ``model`` is set.
+    """The adapter's model_args: which backend, and what it serves: for the helix and reference backends the
+    deployment file ``config``, or, from the checkpoint ``model``, context server 1 + Helix generation server
+    N = ``cp`` (helix.disagg.from_checkpoint; ``run_spec``); for the endpoint backend ``url`` (an OpenAI-compatible
+    server's base URL, e.g. http://host:8000/v1) and ``tokenizer`` (a directory with the served model's tokenizer).
 
     ``max_tokens``: the KV capacity per sequence of the deployment built from ``model`` (context and generation
     servers), so that every prompt the adapter lets in (its ``max_length``) is served; None keeps the
-    deployment's default. A deployment file states its own capacity."""
+    deployment's default. A deployment file states its own capacity, an endpoint its ``max_model_len``."""
 
     backend: str = "helix"
     model: str | None = None
     config: str | None = None
+    url: str | None = None
+    tokenizer: str | None = None
     cp: int = 2
     tokens_per_block: int = 32
     dtype: str = "float32"
@@ -59,7 +68,11 @@ class BackendSpec:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend={self.backend!r}: choose one of {list(BACKENDS)}")
-        if (self.model is None) == (self.config is None):
+        if self.backend == "endpoint":
+            if self.url is None or self.tokenizer is None or self.model is not None or self.config is not None:
+                raise ConfigError(f"url={self.url!r}, tokenizer={self.tokenizer!r}: the endpoint backend needs both "
+                                  "(the server's base URL, the served model's tokenizer directory) and no model/config")
+        elif (self.model is None) == (self.config is None) or self.url is not None:
             raise ConfigError(f"model={self.model!r}, config={self.config!r}: give exactly one of them "
                               "(a checkpoint directory, or a deployment file)")
         if self.dtype not in DTYPES:
@@ -85,26 +98,63 @@ class BackendSpec:
         return load_deployment(self.config).generation.kv_dtype
 
     def capacity(self) -> int | None:
-        """What a deployment file holds per sequence (the smaller of its servers' KV capacities); None for the
-        deployment built from ``model``, which is sized to ``max_tokens``."""
+        """What a deployment file holds per sequence (the smaller of its servers' KV capacities), or an endpoint
+        (its ``max_model_len``, when it reports one); None for the deployment built from ``model``, which is
+        sized to ``max_tokens``."""
+        if self.url is not None:
+            return endpoint_model(self.url)[1]
         if self.config is None:
             return None
         dep = load_deployment(self.config)
         return min(dep.context.max_tokens, dep.generation.max_tokens)
+
+    def max_position(self) -> int:
+        """The longest sequence the model takes: its checkpoint's max_position_embeddings; an endpoint's
+        max_model_len, else its tokenizer's model_max_length."""
+        if self.url is None:
+            return source_config(self.model_dir()).max_position_embeddings
+        reported = self.capacity()
+        return reported if reported is not None else load_tokenizer(self.tokenizer).model_max_length
+
+    def name(self) -> str:
+        """What the report calls the model: the checkpoint directory, or the endpoint's served model and URL."""
+        return self.model_dir() if self.url is None else f"{endpoint_model(self.url)[0]} at {self.url}"
+
+    def model_name(self) -> str:
+        """The model's last path component (golden/accuracy matches published figures by it)."""
+        return os.path.basename(os.path.normpath(self.model_dir() if self.url is None else endpoint_model(self.url)[0]))
+
+    def tokenizer_dir(self) -> str:
+        return self.tokenizer if self.url is not None else self.model_dir()
 
     def model_dir(self) -> str:
         return self.model if self.model is not None else load_deployment(self.config).model
 
 
 def make_backend(spec: BackendSpec):
-    """The Helix cluster (``helix.disagg.launch``) or the single-device reference, both used as context managers.
-    The reference runs the same weights, dtype and device as the deployment would (its dtype may also be
-    float64, the oracle's)."""
+    """The Helix cluster (``helix.disagg.launch``), the single-device reference or an endpoint, all used as
+    context managers. The reference runs the same weights, dtype and device as the deployment would (its dtype
+    may also be float64, the oracle's)."""
     if spec.backend == "helix":
         from helix.disagg import launch  # the driver API of the disaggregated deployment
 
         return HelixBackend(launch(spec.run_spec()))
+    if spec.backend == "endpoint":
+        return EndpointBackend(spec.url, spec.tokenizer)
     return ReferenceBackend(spec.model_dir(), dtype=spec.dtype, device=spec.device, attention=spec.attention)
+
+
+def endpoint_model(url: str) -> tuple[str, int | None]:
+    """The first model an OpenAI-compatible server lists at ``url``/models: its id and, if reported (vLLM,
+    helix serve), its max_model_len."""
+    import openai
+
+    try:
+        first = openai.OpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), max_retries=2,
+                              timeout=60).models.list().data[0]
+    except (openai.APIError, IndexError) as e:
+        raise ConfigError(f"url={url!r}: no model listed at {url}/models ({' '.join(str(e).split())})") from None
+    return first.id, (first.model_extra or {}).get("max_model_len")
 
 
 def group_by_input(requests: list[tuple[list[int], list[int]]]) -> dict[tuple[int, ...], list[int]]:
@@ -120,12 +170,21 @@ def group_by_input(requests: list[tuple[list[int], list[int]]]) -> dict[tuple[in
 
 def read_scores(rows: torch.Tensor, continuation: list[int]) -> tuple[list[float], list[bool]]:
     """rows [len(continuation), V]: row k holds the logits that predict continuation[k]."""
-    target = torch.tensor(continuation, dtype=torch.long, device=rows.device)
-    logp = rows.double().log_softmax(-1).gather(1, target[:, None])[:, 0]
-    return logp.tolist(), (rows.argmax(-1) == target).tolist()
+    logprobs, greedy, _ = score_rows(rows, continuation)
+    return logprobs, greedy
 
 
-class HelixBackend:
+class Backend:
+    """A context manager that shuts the backend down on leaving."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+class HelixBackend(Backend):
     """The driver interface on a disaggregated cluster (``helix.disagg.launch``), with grouped scoring.
 
     A group of requests with the same input tokens becomes one teacher-forced Helix request that starts after
@@ -135,12 +194,6 @@ class HelixBackend:
     def __init__(self, cluster):
         self.cluster = cluster
         self.tokenizer = cluster.tokenizer
-
-    def __enter__(self) -> "HelixBackend":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
 
     def shutdown(self) -> None:
         self.cluster.shutdown()
@@ -172,7 +225,7 @@ class HelixBackend:
         return out
 
 
-class ReferenceBackend:
+class ReferenceBackend(Backend):
     """The driver interface on the single-device oracle (``helix.reference.ReferenceModel``), one request at a time."""
 
     def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu", attention: str = "plain"):
@@ -182,12 +235,6 @@ class ReferenceBackend:
 
         self.model = ReferenceModel.from_checkpoint(model_dir, dtype=DTYPES[dtype], device=device, attention=attention)
         self.tokenizer = load_source_tokenizer(model_dir)
-
-    def __enter__(self) -> "ReferenceBackend":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
 
     def shutdown(self) -> None:
         """Nothing runs in the background; kept for the driver interface."""
@@ -224,3 +271,58 @@ class ReferenceBackend:
                 check_finite(logits[len(context) - 1:], "reference", i)
                 results[i] = read_scores(logits[len(context) - 1:], continuation)
         return results
+
+
+class EndpointBackend(Backend):
+    """The driver interface on an OpenAI-compatible completions endpoint: one HTTP request per prompt, ``CONCURRENCY``
+    in flight (the server batches them), token-id prompts (the tokenizer here only measures and decodes).
+
+    ``score`` sends context + continuation with ``echo``, ``logprobs=1`` and ``max_tokens=1``, as lm-eval's
+    ``local-completions`` does, and reads the continuation's prompt log-probs; a token is greedy when its log-prob
+    is the largest of its top alternatives. The server must support echo with logprobs (helix serve and vLLM do).
+    ``generate`` asks for greedy or seeded sampling with the stop strings; the server stops at its EOS tokens.
+    The returned ids are the completion's text re-encoded, which decodes back to that text."""
+
+    CONCURRENCY = 32
+
+    def __init__(self, url: str, tokenizer_dir: str):
+        import openai
+
+        self.model = endpoint_model(url)[0]
+        self.client = openai.OpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), max_retries=2,
+                                    timeout=3600)
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+
+    def shutdown(self) -> None:
+        self.client.close()
+
+    def _map(self, fn, items: list) -> list:
+        with ThreadPoolExecutor(self.CONCURRENCY) as pool:
+            return list(pool.map(fn, items))
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        def one(job: tuple[list[int], SamplingParams]) -> list[int]:
+            prompt, params = job
+            if params.max_new_tokens == 0:
+                return []
+            r = self.client.completions.create(model=self.model, prompt=prompt, max_tokens=params.max_new_tokens,
+                                               temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+                                               stop=list(params.stop_strings) or None)
+            return self.tokenizer.encode(r.choices[0].text, add_special_tokens=False)
+
+        return self._map(one, list(zip(prompts, per_prompt(sampling, len(prompts)))))
+
+    def score(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[list[float], list[bool]]]:
+        group_by_input(requests)  # the same checks as the other backends
+
+        def one(request: tuple[list[int], list[int]]) -> tuple[list[float], list[bool]]:
+            context, continuation = request
+            r = self.client.completions.create(model=self.model, prompt=context + continuation, max_tokens=1,
+                                               temperature=0, logprobs=1, echo=True)
+            lp = r.choices[0].logprobs
+            span = slice(len(context), len(context) + len(continuation))
+            logprobs = lp.token_logprobs[span]
+            return logprobs, [x == max(top.values()) for x, top in zip(logprobs, lp.top_logprobs[span])]
+
+        return self._map(one, requests)
+

@@ -21,7 +21,7 @@ def add_eval(sub) -> None:
     p.set_defaults(func=eval_run.main)
 
 
-COMMANDS = (*cli.COMMANDS[:2], add_eval, *cli.COMMANDS[2:])  # generate, make-checkpoint, eval, bench
+COMMANDS = (*cli.COMMANDS[:2], add_eval, *cli.COMMANDS[2:])  # generate, make-checkpoint, eval, serve, ...
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ model_args, either form::
 
     config=DEPLOY.yaml[,backend=helix|reference]
     pretrained=DIR,cp=2,tokens_per_block=32,backend=helix|reference,dtype=float32,device=cpu[,colocate=true][,kv_dtype=fp8]
+    backend=endpoint,base_url=http://HOST:PORT/v1,tokenizer=DIR      (any OpenAI-compatible completions server)
 
 plus, in both: ``batch_size`` (requests per backend call, default 64), ``max_length`` (tokens the model
 sees; default the checkpoint's ``max_position_embeddings``, or a deployment file's smaller KV capacity per
@@ -40,7 +41,6 @@ from tqdm import tqdm
 from evals.backends import BackendSpec, make_backend
 from helix.config import ConfigError
 from helix.sampling import SamplingParams, first_stop
-from helix.sources import source_config
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +71,19 @@ class HelixLM(TemplateLM):
     def backend_spec(args: dict) -> tuple[BackendSpec, int]:
         """The backend model_args ask for, and max_length; a deployment built from ``pretrained`` gets the KV
         capacity of max_length, so it serves every prompt the adapter lets in; a deployment file bounds it."""
-        known = {"pretrained", "config", "backend", "cp", "tokens_per_block", "dtype", "device", "colocate",
-                 "attention", "kv_dtype", "batch_size", "max_length", "max_gen_toks", "seed"}
+        known = {"pretrained", "config", "base_url", "tokenizer", "backend", "cp", "tokens_per_block", "dtype",
+                 "device", "colocate", "attention", "kv_dtype", "batch_size", "max_length", "max_gen_toks", "seed"}
         if unknown := sorted(set(args) - known):
             raise ConfigError(f"model_args {unknown}: unknown; helix takes {sorted(known)}")
-        spec = BackendSpec(**{k: args[k] for k in ("backend", "config", "cp", "tokens_per_block", "dtype", "device",
-                                                   "colocate", "attention", "kv_dtype") if k in args},
-                           model=args.get("pretrained"))
+        spec = BackendSpec(**{k: args[k] for k in ("backend", "config", "tokenizer", "cp", "tokens_per_block", "dtype",
+                                                   "device", "colocate", "attention", "kv_dtype") if k in args},
+                           model=args.get("pretrained"), url=args.get("base_url"))
         capacity = spec.capacity()
-        max_length = int(args.get("max_length") or min(source_config(spec.model_dir()).max_position_embeddings,
-                                                       capacity or math.inf))
+        max_length = int(args.get("max_length") or min(spec.max_position(), capacity or math.inf))
         if capacity is not None and max_length > capacity:  # refused now, not after hours of evaluation
-            raise ConfigError(f"max_length={max_length}: more than {spec.config} holds per sequence "
-                              f"(kv_cache_config.max_tokens={capacity}); raise max_tokens there or ask for less")
+            limit = (f"{spec.config} holds per sequence (kv_cache_config.max_tokens={capacity}); raise max_tokens there"
+                     if spec.url is None else f"the endpoint {spec.url} takes (max_model_len={capacity})")
+            raise ConfigError(f"max_length={max_length}: more than {limit} or ask for less")
         return dataclasses.replace(spec, max_tokens=max_length), max_length
 
     @classmethod

@@ -1,4 +1,6 @@
-"""``helix eval``: the chosen tasks on the Helix deployment and on the single-device reference, compared.
+"""``helix eval``: the chosen tasks on the Helix deployment and on the single-device reference, compared; or
+(``--deployed URL``) on any OpenAI-compatible completions server against another (``--reference URL``) or
+against the local reference (``--reference-model DIR``).
 
 Both runs use the same weights, the same lm-eval task definitions, few-shot examples, truncation and
 generation settings; only the backend behind the ``helix`` lm-eval model differs. Per task the report holds
@@ -34,7 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, TextIO
 
-from evals.backends import BACKENDS, BackendSpec
+from evals.backends import BackendSpec
 from evals.compare import (GOLDEN_DIR, check_public_reference, compare_task, golden_mismatches, public_references,
                            samples_of)
 from evals.needle_report import SIDES, cells_markdown, needle_cells, write_heatmap
@@ -45,7 +47,7 @@ from helix.checkpoint import DEFAULT_PRESET, ensure_checkpoint
 from helix.config import ConfigError
 from helix.needle import PRESET as NEEDLE_PRESET
 from helix.reference import ATTENTION
-from helix.sources import is_synthetic, source_config, synthetic_config
+from helix.sources import is_synthetic, synthetic_config
 from helix.tokenizer import write_byte_tokenizer
 from helix.workers import children_ignore_ctrl_c
 
@@ -93,6 +95,7 @@ class Run:
     """One model and the tasks run on it: deployed and reference evaluated, then compared."""
 
     deployed: BackendSpec
+    reference: BackendSpec
     tasks: tuple[str, ...]
     limits: dict
     num_fewshot: int
@@ -104,7 +107,8 @@ class Run:
     fewshot_as_multiturn: bool = False  # few-shot examples as user/assistant turns (with the chat template only)
 
     def settings(self) -> dict:
-        return {"model": self.deployed.model_dir(), "tasks": list(self.tasks), "limits": self.limits,
+        return {"model": self.deployed.name(), "reference": self.reference.name(), "tasks": list(self.tasks),
+                "limits": self.limits,
                 "num_fewshot": self.num_fewshot, "max_length": self.max_length, "max_gen_toks": self.max_gen_toks,
                 "apply_chat_template": self.apply_chat_template, "fewshot_as_multiturn": self.fewshot_as_multiturn,
                 **({k: v for k, v in dataclasses.asdict(self.needles).items() if k != "tokenizer"}
@@ -156,11 +160,12 @@ def tokenizer_source(model: str, scratch: str) -> str:
 
 
 def plan_run(args: argparse.Namespace, deployed: BackendSpec, tasks: tuple[str, ...], settings: dict,
-             scratch: str, golden: str | None = None) -> Run:
-    """The run of ``tasks`` on ``deployed``: a flag given on the command line wins, else ``settings``. Needle
-    lengths are checked against the checkpoint; the adapter's max_length (and so the KV capacity) is
-    --max-length, else the largest length plus the generation cap, else the checkpoint's limit or a deployment
-    file's smaller capacity (which the adapter holds every max_length to)."""
+             scratch: str, golden: str | None = None, reference: BackendSpec | None = None) -> Run:
+    """The run of ``tasks`` on ``deployed`` against ``reference`` (default: the reference backend on the same
+    weights): a flag given on the command line wins, else ``settings``. Needle lengths are checked against the
+    model; the adapter's max_length (and so the KV capacity) is --max-length, else the largest length plus the
+    generation cap, else the model's limit or the smaller capacity of a deployment file or endpoint (which the
+    adapter holds every max_length to)."""
     from lm_eval.tasks.ruler.common_utils import DEFAULT_SEQ_LENGTHS
 
     def value(key: str):
@@ -168,25 +173,47 @@ def plan_run(args: argparse.Namespace, deployed: BackendSpec, tasks: tuple[str, 
 
     if args.samples_per_depth < 1:
         raise ConfigError(f"--samples-per-depth={args.samples_per_depth}: must be >= 1")
-    max_position = source_config(deployed.model_dir()).max_position_embeddings
-    needles, longest = None, min(max_position, deployed.capacity() or max_position)
+    reference = reference or dataclasses.replace(deployed, backend="reference")
+    max_position = deployed.max_position()
+    capacities = [c for c in (deployed.capacity(), reference.capacity()) if c is not None]
+    needles, longest = None, min([max_position] + capacities)
     if needle_tasks := [t for t in tasks if t in NEEDLE_TASKS]:
         lengths = parse_ints("--context-lengths", value("context_lengths") or ",".join(map(str, DEFAULT_SEQ_LENGTHS)), 1)
         for length in lengths:
             if length > max_position:
                 raise ConfigError(f"--context-lengths={length}: must be <= max_position_embeddings={max_position} of "
-                                  f"{deployed.model_dir()} (a needle prompt and its generated tokens fit in each length)")
+                                  f"{deployed.name()} (a needle prompt and its generated tokens fit in each length)")
         needles = Needles(lengths, parse_ints("--depths", args.depths, 0, 100), args.samples_per_depth,
-                          tokenizer_source(deployed.model_dir(), scratch))
+                          tokenizer_source(deployed.tokenizer_dir(), scratch))
         generated = value("max_gen_toks") or max(generation_cap(t) for t in needle_tasks)
         longest = min(max(lengths) + generated, max_position)
     multiturn = args.apply_chat_template if args.fewshot_as_multiturn is None else args.fewshot_as_multiturn
     if multiturn and not args.apply_chat_template:
         raise ConfigError("--fewshot-as-multiturn: few-shot examples become chat turns only with --apply-chat-template")
-    return Run(deployed, tasks, parse_limit(value("limit"), list(tasks)), args.num_fewshot,
+    return Run(deployed, reference, tasks, parse_limit(value("limit"), list(tasks)), args.num_fewshot,
                value("max_length") or longest, value("max_gen_toks"), needles,
                None if args.apply_chat_template else golden,  # the golden outputs are of unformatted prompts
                args.apply_chat_template, multiturn)
+
+
+def endpoints(args: argparse.Namespace) -> tuple[BackendSpec, BackendSpec]:
+    """--deployed URL against --reference URL or the local reference on --reference-model DIR; the tokenizer lm-eval
+    measures and cuts prompts with is --tokenizer, else the reference model's."""
+    if (args.reference is None) == (args.reference_model is None):
+        raise ConfigError(f"--deployed={args.deployed!r}: give exactly one of --reference URL (another endpoint) and "
+                          "--reference-model DIR (the single-device reference on that checkpoint)")
+    tokenizer = args.tokenizer or args.reference_model
+    if tokenizer is None:
+        raise ConfigError(f"--reference={args.reference!r}: needs --tokenizer DIR (the served model's tokenizer, "
+                          "which lm-eval measures and cuts prompts with)")
+    if args.reference is not None and args.reference_device:
+        raise ConfigError(f"--reference-device={args.reference_device!r}: only for the local reference "
+                          "(--reference-model), not an endpoint")
+    deployed = BackendSpec(backend="endpoint", url=args.deployed, tokenizer=tokenizer)
+    if args.reference is not None:
+        return deployed, BackendSpec(backend="endpoint", url=args.reference, tokenizer=tokenizer)
+    return deployed, BackendSpec(backend="reference", model=args.reference_model, dtype=args.dtype,
+                                 device=args.device, attention=args.reference_attention)
 
 
 def plan(args: argparse.Namespace, scratch: str) -> list[Run]:
@@ -200,6 +227,11 @@ def plan(args: argparse.Namespace, scratch: str) -> list[Run]:
     if args.config is not None and args.kv_dtype != "auto":
         raise ConfigError(f"--kv-dtype={args.kv_dtype!r}: with --config the deployment file sets "
                           "generation_servers.kv_cache_config.dtype")
+    if args.deployed is not None:
+        deployed, reference = endpoints(args)
+        return [plan_run(args, deployed, asked or DATA_TASKS, {}, scratch, reference=reference)]
+    if given := [f for f in ("reference", "reference_model", "tokenizer") if getattr(args, f) is not None]:
+        raise ConfigError(f"--{given[0].replace('_', '-')}={getattr(args, given[0])!r}: only with --deployed URL")
     if args.model is not None or args.config is not None:
         spec = BackendSpec(model=args.model, config=args.config, **common)
         return [plan_run(args, spec, asked or DATA_TASKS, {}, scratch)]
@@ -245,7 +277,8 @@ def console_output(log_path: str | None) -> Iterator[TextIO]:
 def model_args(spec: BackendSpec, run: Run, batch_size: int) -> dict:
     """The ``helix`` lm-eval model_args of ``spec`` in ``run``; the adapter sizes the deployment's KV capacity to
     the run's max_length."""
-    args = {"pretrained" if k == "model" else k: v for k, v in dataclasses.asdict(spec).items() if v is not None}
+    names = {"model": "pretrained", "url": "base_url"}
+    args = {names.get(k, k): v for k, v in dataclasses.asdict(spec).items() if v is not None}
     return {**args, "batch_size": batch_size, "max_length": run.max_length, "max_gen_toks": run.max_gen_toks or 256}
 
 
@@ -296,7 +329,7 @@ def evaluate_both(run: Run, args: argparse.Namespace, task_path: str, console: T
     the deployment's first device once the deployment has exited; with ``--reference-device`` the reference
     runs there, in its own process, at the same time as the deployment (on a GPU the deployment does not use),
     logging into the same ``log_path``."""
-    reference = dataclasses.replace(run.deployed, backend="reference")
+    reference = run.reference
     if not args.reference_device:
         return {"deployed": evaluate(run.deployed, run, args.batch_size, task_path, console),
                 "reference": evaluate(reference, run, args.batch_size, task_path, console)}
@@ -330,7 +363,7 @@ def compare_run(run: Run, samples: dict, min_agreement: float | None, args: argp
     for needle tasks), published-figure checks and the golden-output check."""
     comparison = {t: compare_task(t, samples["deployed"][t], samples["reference"][t], min_agreement)
                   for t in run.tasks}
-    model = os.path.basename(os.path.normpath(run.deployed.model_dir()))
+    model = run.deployed.model_name()
     for task, c in comparison.items():
         if task in NEEDLE_TASKS:
             c["cells"] = needle_cells(task, samples["deployed"][task], samples["reference"][task],
@@ -357,9 +390,11 @@ def compare_run(run: Run, samples: dict, min_agreement: float | None, args: argp
 
 
 def report_markdown(report: dict) -> str:
-    lines = [f"# helix eval: {report['deployed_backend']} vs reference", "",
+    setup = ("" if report["deployed_backend"] == "endpoint" else
              f"dtype {report['dtype']}, KV cache {KV_NAMES[report['kv_dtype']]}, cp {report['cp']}, "
-             f"tokens_per_block {report['tokens_per_block']}, {report['seconds']:.0f} s"]
+             f"tokens_per_block {report['tokens_per_block']}, ")
+    lines = [f"# helix eval: {report['deployed_backend']} vs {report['reference_backend']}", "",
+             f"{setup}{report['seconds']:.0f} s"]
     if report.get("log"):
         lines += ["", f"lm-eval's log and every warning: `{report['log']}`"]
     for r in report["runs"]:
@@ -400,7 +435,7 @@ def write_heatmaps(report: dict, out: str) -> None:
         model = os.path.basename(os.path.normpath(r["model"]))
         for task, c in r["comparison"].items():
             for side, name in c.get("heatmaps", {}).items():
-                label = report["deployed_backend"] if side == "deployed" else "reference"
+                label = report[f"{side}_backend"]
                 write_heatmap(c["cells"], side, os.path.join(out, name),
                               f"{task}: {side} ({label}), {model}, {report['dtype']}")
 
@@ -425,7 +460,8 @@ def run(args: argparse.Namespace) -> dict:
         runs = plan(args, path)
         kv_dtype = runs[0].deployed.deployed_kv_dtype() if runs[0].deployed.backend == "helix" else "auto"
         min_agreement = args.min_agreement
-        if min_agreement is None and args.dtype in ("float32", "float64") and kv_dtype == "auto":
+        if (min_agreement is None and args.dtype in ("float32", "float64") and kv_dtype == "auto"
+                and args.deployed is None):
             min_agreement = 1.0  # docs/design.md §7.3: in float32 the deployment must reproduce the oracle's predictions
         if args.write_golden and not any(r.golden for r in runs):
             raise ConfigError(f"--write-golden={args.write_golden!r}: only with the embedded default's mmlu/gsm8k run")
@@ -435,10 +471,10 @@ def run(args: argparse.Namespace) -> dict:
             samples = [evaluate_both(r, args, path, console, log_path) for r in runs]
     results = [compare_run(r, s, min_agreement, args) for r, s in zip(runs, samples)]
     first = runs[0].deployed
-    report = {"deployed_backend": first.backend, "dtype": args.dtype, "cp": args.cp,
-              "kv_dtype": kv_dtype,
+    report = {"deployed_backend": first.backend, "reference_backend": runs[0].reference.backend,
+              "dtype": args.dtype, "cp": args.cp, "kv_dtype": kv_dtype,
               "tokens_per_block": args.tokens_per_block, "data": data_dir or "huggingface hub",
-              "reference_device": args.reference_device or first.device, "seconds": time.time() - start,
+              "reference_device": args.reference_device or runs[0].reference.device, "seconds": time.time() - start,
               "log": log_path, "runs": results, "passed": all(r["passed"] for r in results)}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -467,9 +503,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="HF checkpoint directory (default: the embedded synthetic checkpoints)")
     src.add_argument("--config", help="deployment file (YAML or JSON) with model / context_servers / generation_servers")
+    src.add_argument("--deployed", metavar="URL", help="an OpenAI-compatible completions server to evaluate (helix "
+                                                      "serve, vLLM, trtllm-serve, SGLang), e.g. http://host:8000/v1")
+    p.add_argument("--reference", metavar="URL", help="with --deployed: the endpoint it is compared against")
+    p.add_argument("--reference-model", metavar="DIR", help="with --deployed: compare against the single-device "
+                                                             "reference on this checkpoint instead")
+    p.add_argument("--tokenizer", metavar="DIR", help="with --deployed: the served model's tokenizer, which lm-eval "
+                                                       "measures and cuts prompts with (default: --reference-model)")
     p.add_argument("--cp", type=int, default=2, help="Helix generation context_parallel_size (with --model)")
     p.add_argument("--tokens-per-block", type=int, default=32)
-    p.add_argument("--backend", choices=BACKENDS, default="helix",
+    p.add_argument("--backend", choices=("helix", "reference"), default="helix",
                    help="what is compared against the reference (reference: the pipeline checking itself)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32")
     p.add_argument("--device", default="cpu")

@@ -6,6 +6,8 @@
     helix generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3) --max-new-tokens N
                    --backend reference [--dtype float32|bfloat16|float64] [--device cpu|cuda] [--json]
     helix generate --config DEPLOY.yaml (--prompt TEXT | --prompt-ids 1,2,3) --max-new-tokens N [--json]
+    helix serve [--config DEPLOY.yaml | --model DIR --cp N ...] [--host 127.0.0.1] [--port 8000]
+    helix bench-serve [--config DEPLOY.yaml | --model DIR --cp N ...] [--requests 64] [--clients 8]
 
 Each subcommand is one ``add_<name>(subparsers)`` function that registers its flags and handler. This module
 holds the runtime's (``python -m helix``); the accuracy suite sits above the runtime, so ``eval`` is added by
@@ -205,6 +207,87 @@ def add_make_checkpoint(sub) -> None:
     p.set_defaults(func=run_make_checkpoint)
 
 
+# --------------------------------------------------------------------------------------------- serve
+
+
+def deployment_from_args(args: argparse.Namespace):
+    """--config, or context 1 + Helix generation CP --cp on --model (default: the embedded tiny checkpoint)."""
+    from helix.disagg import from_checkpoint
+
+    if args.config is not None:
+        if args.model is not None:
+            raise ConfigError(f"--config={args.config!r}: the deployment file names the model; drop --model")
+        return args.config
+    return from_checkpoint(args.model or ensure_checkpoint(DEFAULT_PRESET), cp=args.cp,
+                           tokens_per_block=args.tokens_per_block, dtype=args.dtype, device=args.device,
+                           max_tokens=args.max_tokens, max_batch_size=args.max_batch_size)
+
+
+def add_deployment_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="deployment file (YAML or JSON): context server + Helix generation server")
+    p.add_argument("--model", help="without --config: HF checkpoint directory (default: the embedded tiny synthetic "
+                                   "checkpoint), served by context server 1 + Helix generation server --cp")
+    p.add_argument("--cp", type=int, default=2, help="without --config: generation context_parallel_size N (default 2)")
+    p.add_argument("--tokens-per-block", type=int, default=32, help="without --config: KV block size (default 32)")
+    p.add_argument("--max-tokens", type=int, help="without --config: KV capacity per sequence (default 8192)")
+    p.add_argument("--max-batch-size", type=int, help="without --config: decode batch slots (default 8)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+
+
+def import_serve():
+    """helix/serve's server module; its web stack is the optional `serve` extra."""
+    try:
+        from helix.serve import server
+    except ImportError as e:
+        raise ConfigError(f"helix serve needs FastAPI and uvicorn ({e}): pip install 'helix-decode[serve]'") from None
+    return server
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    serve = import_serve().serve
+
+    serve(deployment_from_args(args), args.host, args.port, args.served_model_name,
+          announce=lambda line: print(line, flush=True))
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible completions endpoint over the disaggregated deployment",
+                       description="POST /v1/completions (text or token-id prompts, max_tokens, temperature, top_p, "
+                                   "seed, stop, echo, logprobs, stream), GET /v1/models, GET /health. Concurrent "
+                                   "requests join the running decode batch. Without --config or --model, serves the "
+                                   f"embedded default: the {DEFAULT_PRESET} synthetic checkpoint, context server 1 + "
+                                   "Helix generation server N=2 on CPU.")
+    add_deployment_flags(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0: a free port, printed at start")
+    p.add_argument("--served-model-name", help="the model's name in the API (default: the model path)")
+    p.set_defaults(func=run_serve)
+
+
+def run_bench_serve(args: argparse.Namespace) -> None:
+    import_serve()
+    from helix.bench_serve import markdown, run_bench_serve
+
+    result = run_bench_serve(deployment_from_args(args), args.out, args.requests, args.clients, args.max_prompt,
+                             args.max_new)
+    print(markdown(result))
+
+
+def add_bench_serve(sub) -> None:
+    p = sub.add_parser("bench-serve", help="requests/s and latency of helix serve: 1 client vs K concurrent clients",
+                       description="Starts the deployment behind helix serve on a loopback port and sends the same "
+                                   "seeded greedy workload one request at a time, then from --clients threads at once "
+                                   "(continuous batching); JSON and markdown in --out.")
+    add_deployment_flags(p)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--max-prompt", type=int, default=256, help="prompts of 16..N tokens")
+    p.add_argument("--max-new", type=int, default=32, help="8..N new tokens per request")
+    p.add_argument("--out", default="golden/perf")
+    p.set_defaults(func=run_bench_serve)
+
+
 # --------------------------------------------------------------------------------------------- bench
 
 
@@ -249,7 +332,7 @@ def add_bench(sub) -> None:
 # --------------------------------------------------------------------------------------------- entry point
 
 
-COMMANDS = (add_generate, add_make_checkpoint, add_bench)
+COMMANDS = (add_generate, add_make_checkpoint, add_serve, add_bench, add_bench_serve)
 
 
 def build_parser(commands: Sequence[Callable] = COMMANDS) -> argparse.ArgumentParser:

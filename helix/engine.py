@@ -8,6 +8,12 @@ A request's prompt is split as docs/design.md §1.3 describes: all tokens but th
 here, or by a context server in disaggregated serving); the last prompt token is the input of the first decode step, so
 every generated or scored token comes out of a Helix decode step. Requests join between steps (continuous
 batching) and leave when done, freeing their blocks.
+
+There is one continuous-batching loop, ``HelixEngine.serve(admissions)``: before each step ``admissions.join``
+starts the requests that join (the same ones, in the same order, on every rank), one decode step runs over every
+active request, and ``admissions.report`` hands the step's outputs on. ``run`` serves a fixed list with local
+prefill (``Batch``); the disaggregated generation server serves a stream of requests whose KV comes from the
+context server (helix/disagg/generation_server.py).
 """
 
 from __future__ import annotations
@@ -15,14 +21,14 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from helix.cuda_graph import GraphedDecodeStep
 from helix.kv_cache import CapacityError
 from helix.model import HelixModel
-from helix.sampling import NonFiniteLogits, SamplingParams, check_finite, select_token
+from helix.sampling import NonFiniteLogits, SamplingParams, check_finite, score_rows, select_token
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,9 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     forced: list[int] | None = None  # a continuation to score (teacher forcing) instead of sampling
     keep_logits: bool = False  # return each step's float32 logits (parity tests)
+    top_logprobs: int = 0  # per output token, also return the k most likely (id, log-prob) pairs
+    prompt_logprobs: bool = False  # also score the prompt's tokens (disaggregated: the context server's prefill)
+    stream: bool = False  # report each step's tokens as they come (disaggregated serving), not only the Result
 
     @property
     def num_outputs(self) -> int:
@@ -51,6 +60,7 @@ class Result:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # log p(token) under the step's distribution
     greedy: list[bool] = field(default_factory=list)  # token == argmax
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, when asked
     logits: list[torch.Tensor] | None = None
     finish_reason: str = "length"  # length | stop | error
     error: str | None = None
@@ -158,9 +168,11 @@ class HelixEngine:
             res.finish_reason, res.error = "error", str(e)
             return True
         token = req.forced[k] if req.forced is not None else select_token(logits, req.sampling, k)
+        logprobs, greedy, top = score_rows(logits[None], [token], req.top_logprobs)
         res.token_ids.append(token)
-        res.logprobs.append(float(torch.log_softmax(logits.double(), -1)[token]))
-        res.greedy.append(bool(int(torch.argmax(logits)) == token))
+        res.logprobs += logprobs
+        res.greedy += greedy
+        res.top_logprobs += top
         if res.logits is not None:
             res.logits.append(logits)
         s.next_input = token
@@ -170,22 +182,50 @@ class HelixEngine:
             return True
         return len(res.token_ids) >= req.num_outputs
 
-    # ------------------------------------------------------------------ whole runs
+    # ------------------------------------------------------------------ the loop
+    def serve(self, admissions: "Admissions") -> None:
+        """The continuous-batching loop: join, step, report, until ``admissions`` says it is done."""
+        while admissions.join(self):
+            admissions.report(self, self.step())
+
     def run(self, requests: list[Request]) -> list[Result]:
-        """Serve ``requests`` with continuous batching; results in request order. A request that cannot fit, or
-        whose logits turn NaN or inf, fails alone (finish_reason "error")."""
-        results: dict[int, Result] = {}
-        waiting = deque(requests)
-        while waiting or self.active:
-            while waiting and len(self.active) < self.max_batch_size:
-                req = waiting.popleft()
-                if req.num_outputs == 0:
-                    results[req.req_id] = Result(req.req_id, logits=[] if req.keep_logits else None)
-                    continue
-                try:
-                    self.admit(req)
-                except (CapacityError, ValueError) as e:
-                    results[req.req_id] = Result(req.req_id, finish_reason="error", error=str(e))
-            for res in self.step():
-                results[res.req_id] = res
-        return [results[r.req_id] for r in requests]
+        """Serve ``requests`` with continuous batching and local prefill; results in request order. A request that
+        cannot fit, or whose logits turn NaN or inf, fails alone (finish_reason "error")."""
+        batch = Batch(requests)
+        self.serve(batch)
+        return [batch.results[r.req_id] for r in requests]
+
+
+class Admissions(Protocol):
+    """Where the loop's requests come from and where its outputs go."""
+
+    def join(self, engine: HelixEngine) -> bool:
+        """Start the requests that join before the next step (the same ones, in the same order, on every rank);
+        False once none is active and none will come."""
+
+    def report(self, engine: HelixEngine, finished: list[Result]) -> None:
+        """After a step: the requests that finished in it (the others' tokens are in ``engine.active``)."""
+
+
+class Batch:
+    """A fixed list of requests, each started with local prefill (``engine.admit``) as soon as a slot is free."""
+
+    def __init__(self, requests: list[Request]):
+        self.waiting = deque(requests)
+        self.results: dict[int, Result] = {}
+
+    def join(self, engine: HelixEngine) -> bool:
+        while self.waiting and len(engine.active) < engine.max_batch_size:
+            req = self.waiting.popleft()
+            if req.num_outputs == 0:
+                self.results[req.req_id] = Result(req.req_id, logits=[] if req.keep_logits else None)
+                continue
+            try:
+                engine.admit(req)
+            except (CapacityError, ValueError) as e:
+                self.results[req.req_id] = Result(req.req_id, finish_reason="error", error=str(e))
+        return bool(engine.active)
+
+    def report(self, engine: HelixEngine, finished: list[Result]) -> None:
+        for res in finished:
+            self.results[res.req_id] = res

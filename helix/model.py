@@ -101,11 +101,13 @@ class HelixModel:
         return self.logits(x)
 
     @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor, slots: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
-        """Prompt tokens [T] at positions 0..T-1 of one sequence -> float32 logits [V] of the last position;
-        writes the KV rows this rank owns (``slots`` [T], scratch elsewhere)."""
+    def prefill(self, tokens: torch.Tensor, slots: torch.Tensor, cache: PagedKVCache,
+                logits_from: int | None = None) -> torch.Tensor | None:
+        """Prompt tokens [T] at positions 0..T-1 of one sequence: writes the KV rows this rank owns (``slots`` [T],
+        scratch elsewhere). With ``logits_from``, returns the float32 logits [T - logits_from, V] of positions
+        logits_from..T-1 (row t predicts token logits_from + t + 1); without, runs no LM head."""
         cos, sin = self.rope.cos_sin(torch.arange(tokens.shape[0], device=self.device))
         x = self.embed[tokens]
         for layer in self.layers:
             x = layer.prefill(x, cos, sin, slots, cache)
-        return self.logits(x[-1:])[0]
+        return None if logits_from is None else self.logits(x[logits_from:])

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from helix.checkpoint import CheckpointError, tensor_shapes
 from helix.config import ConfigError, ModelConfig, yarn_mscale
-from helix.sampling import check_finite
+from helix.sampling import check_finite, score_rows
 from helix.sources import open_source
 
 
@@ -387,6 +387,5 @@ class ReferenceModel:
         logits, _ = self.prefill(list(context_ids) + list(continuation_ids)[:-1])
         logits = logits[len(context_ids) - 1:]  # [len(continuation), V]: row j predicts continuation_ids[j]
         check_finite(logits, "reference", 0)
-        target = torch.tensor(continuation_ids, dtype=torch.long, device=logits.device)
-        logp = logits.double().log_softmax(-1).gather(1, target[:, None])[:, 0]
-        return logp.tolist(), (logits.argmax(-1) == target).tolist()
+        logprobs, greedy, _ = score_rows(logits, list(continuation_ids))
+        return logprobs, greedy

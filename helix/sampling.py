@@ -63,6 +63,22 @@ def select_token(logits: torch.Tensor, params: SamplingParams, step: int) -> int
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def score_rows(rows: torch.Tensor, tokens: list[int], top: int = 0
+               ) -> tuple[list[float], list[bool], list[list[tuple[int, float]]]]:
+    """rows [T, V] float32 logits, row t the distribution ``tokens[t]`` was read from. Per token: its log-prob
+    (float64 log-softmax), whether it is the argmax, and (``top`` > 0) the ``top`` most likely (id, log-prob)
+    pairs, most likely first."""
+    logp = rows.double().log_softmax(-1)
+    target = torch.tensor(tokens, dtype=torch.long, device=rows.device)
+    chosen = logp.gather(1, target[:, None])[:, 0]
+    greedy = (rows.argmax(-1) == target).tolist()
+    alternatives: list[list[tuple[int, float]]] = []
+    if top > 0:
+        values, ids = logp.topk(min(top, logp.shape[-1]), dim=-1)
+        alternatives = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return chosen.tolist(), greedy, alternatives
+
+
 def per_prompt(sampling: "SamplingParams | list[SamplingParams]", prompts: int) -> list[SamplingParams]:
     """One SamplingParams per prompt: the list as given, or the single one repeated."""
     params = sampling if isinstance(sampling, list) else [sampling] * prompts

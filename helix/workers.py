@@ -4,7 +4,8 @@
 torch.distributed world (gloo on CPU, nccl on CUDA; gloo for any group whose ranks share a GPU) and creates
 the prefix groups {0..n-1} for every n, so one spawn serves Helix runs with N = 1..world_size.
 ``pool.run(fn, *args, n=N)`` calls ``fn(ctx, *args)`` on ranks 0..N-1 (``fn`` must be a module-level function)
-and returns their results.
+and returns their results. A long-running command streams results as it goes: ``ctx.emit(payload)`` on a rank
+reaches ``on_event(rank, payload)`` in the driver, in emission order per rank, while ``run`` waits.
 
 A rank that raises sends its traceback; a rank that dies is seen through its process sentinel. Either way
 the driver tears the pool down and raises ``WorkerError`` naming the rank, within seconds: nothing hangs,
@@ -61,15 +62,20 @@ def children_ignore_ctrl_c() -> Iterator[None]:
 @dataclass
 class RankContext:
     """What a command sees on its rank: identity, device, the prefix groups, the pool's store (a key-value
-    control plane shared with the driver and every rank) and a dict that persists between commands (models and
-    caches live there)."""
+    control plane shared with the driver and every rank), the channel back to the driver and a dict that
+    persists between commands (models and caches live there)."""
 
     rank: int
     world_size: int
     device: torch.device
     store: dist.Store
+    outbox: Any  # the pool's results queue
     groups: dict[int, Any] = field(default_factory=dict)
     state: dict = field(default_factory=dict)
+
+    def emit(self, payload: Any) -> None:
+        """Hand ``payload`` to the driver's ``on_event`` now, while the command still runs."""
+        self.outbox.put((self.rank, "event", payload))
 
     def comm(self, n: int | None = None, ranks: list[int] | None = None) -> Comm:
         """Comm over ranks 0..n-1 (default: the world), or over an explicit list created at start-up."""
@@ -90,7 +96,7 @@ def _worker(rank: int, world: int, devices: list[str], store_port: int, extra_gr
         store = dist.TCPStore(STORE_HOST, store_port, world, is_master=False,
                               timeout=datetime.timedelta(seconds=timeout_s))
         init_process_group(rank, world, device, store=store, backend=backend_for(devices), timeout_s=timeout_s)
-        ctx = RankContext(rank, world, device, store)
+        ctx = RankContext(rank, world, device, store, results)
         for key in [tuple(range(n)) for n in range(1, world + 1)] + list(extra_groups):
             backend = backend_for([devices[r] for r in key])
             group = dist.new_group(list(key), backend=backend) if len(key) < world else dist.group.WORLD
@@ -145,13 +151,16 @@ class RankPool:
             raise
 
     # ------------------------------------------------------------------
-    def _collect(self, ranks: list[int], timeout_s: float | None) -> dict[int, Any]:
+    def _collect(self, ranks: list[int], timeout_s: float | None,
+                 on_event: Callable[[int, Any], None] | None = None) -> dict[int, Any]:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         got: dict[int, Any] = {}
         while len(got) < len(ranks):
             try:
                 rank, status, payload = self.results.get(timeout=0.2)
             except queue.Empty:
+                if not self.procs:  # closed by another thread (shutdown while a command runs)
+                    raise RuntimeError("the rank pool is closed") from None
                 self._raise_if_dead(0.0)
                 if deadline is not None and time.monotonic() > deadline:
                     self.close()
@@ -160,8 +169,11 @@ class RankPool:
             if status == "err":
                 # A rank's death often reaches its peers first (a closed connection): name the dead rank.
                 self._raise_if_dead(DEATH_GRACE_S)
-                self.close()
+                self.close(grace_s=0)  # its peers may wait on it forever: end them now
                 raise WorkerError(rank, payload, self.role_of(rank))
+            if status == "event":
+                on_event(rank, payload)
+                continue
             got[rank] = payload
         return got
 
@@ -170,30 +182,37 @@ class RankPool:
         while True:
             for r, p in enumerate(self.procs):
                 if not p.is_alive():
-                    self.close()
+                    self.close(grace_s=0)  # its peers may wait on it forever: end them now
                     raise WorkerError(r, f"process exited with code {p.exitcode} without reporting an error",
                                       self.role_of(r))
             if time.monotonic() >= deadline:
                 return
             time.sleep(0.05)
 
+    @property
+    def store(self) -> dist.Store:
+        """The driver's handle on the ranks' store (the control plane)."""
+        return self._store
+
     def run(self, fn: Callable, *args, ranks: list[int] | None = None, n: int | None = None,
-            timeout_s: float | None = None, **kwargs) -> list[Any]:
-        """fn(ctx, *args, **kwargs) on ``ranks`` (default 0..n-1, default n = world); results in rank order."""
+            timeout_s: float | None = None, on_event: Callable[[int, Any], None] | None = None, **kwargs) -> list[Any]:
+        """fn(ctx, *args, **kwargs) on ``ranks`` (default 0..n-1, default n = world); results in rank order.
+        ``on_event(rank, payload)`` receives what the command emits (``ctx.emit``), on this thread."""
         if not self.procs:
             raise RuntimeError("the rank pool is closed")
         ranks = ranks if ranks is not None else list(range(n or self.world_size))
         for r in ranks:
             self.commands[r].put((fn, args, kwargs))
-        got = self._collect(ranks, timeout_s)
+        got = self._collect(ranks, timeout_s, on_event)
         return [got[r] for r in ranks]
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 5.0) -> None:
+        """Ask every rank to exit; kill those still running after ``grace_s``."""
         procs, self.procs = self.procs, []
         for p, q in zip(procs, self.commands):
             if p.is_alive():
                 q.put(None)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + grace_s
         for p in procs:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
         for p in procs:

@@ -4,7 +4,7 @@ Synthetic checkpoints are written once per pytest session, i.e. once per xdist w
 directory (never into the repository or ``$HELIX_HOME``). Ask for ``tiny_checkpoint`` for the
 deepseek-v3-lite-tiny preset, or call ``checkpoint_factory(preset, seed=..., dtype=..., **config_overrides)``
 for a variant; equal arguments return the same directory. ``truncated_checkpoint`` and ``nan_checkpoint`` are
-damaged copies of the tiny one, for the bad-input tests.
+damaged copies of the tiny one, for the bad-input tests. ``data_dir`` is the local MMLU / GSM8K data.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import pytest
 
 from helix.checkpoint import DEFAULT_PRESET, make_checkpoint
 from helix.presets import get_preset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +92,12 @@ def pytest_collection_modifyitems(config, items):
         need = marker.args[0] if marker else (1 if item.get_closest_marker("gpu") else 0)
         if need > found:
             item.add_marker(pytest.mark.skip(reason=f"needs {need} CUDA GPU(s); torch sees {found}"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    """``$HELIX_EVAL_DATA``, else ``../shared/data`` beside the repository; the tests using it skip without it."""
+    path = os.environ.get("HELIX_EVAL_DATA") or os.path.join(REPO, "..", "shared", "data")
+    if not os.path.isdir(os.path.join(path, "mmlu")) or not os.path.isdir(os.path.join(path, "gsm8k")):
+        pytest.skip(f"no evaluation data at {os.path.abspath(path)} (set HELIX_EVAL_DATA to a dir with mmlu/ and gsm8k/)")
+    return os.path.abspath(path)

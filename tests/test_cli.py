@@ -155,12 +155,14 @@ def test_generate_under_torchrun_prints_the_reference_tokens_once(tiny_checkpoin
 def test_the_runtime_does_not_import_the_accuracy_suite():
     """helix/ sits below evals/: `python -m helix` has the runtime's subcommands and loads nothing of evals; the
     installed `helix` (evals/cli.py, also `python -m evals`) adds `eval`."""
-    code = ("import sys, helix.cli, helix.disagg, helix.runner, helix.bench; "
+    code = ("import sys, helix.cli, helix.disagg, helix.runner, helix.bench, helix.serve.server, helix.bench_serve; "
             "assert not [m for m in sys.modules if m.split('.')[0] == 'evals'], 'helix imported evals'; "
             "helix.cli.build_parser().parse_args(['generate', '--prompt', 'x', '--max-new-tokens', '1'])")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
     from evals.cli import COMMANDS
 
     parser_help = subprocess.run([sys.executable, "-m", "evals", "--help"], capture_output=True, text=True, cwd=REPO)
-    assert parser_help.returncode == 0 and "{generate,make-checkpoint,eval,bench}" in parser_help.stdout
-    assert [c.__name__ for c in COMMANDS] == ["add_generate", "add_make_checkpoint", "add_eval", "add_bench"]
+    assert (parser_help.returncode == 0
+            and "{generate,make-checkpoint,eval,serve,bench,bench-serve}" in parser_help.stdout), parser_help.stdout
+    assert [c.__name__ for c in COMMANDS] == ["add_generate", "add_make_checkpoint", "add_eval", "add_serve", "add_bench",
+                                              "add_bench_serve"]

@@ -2,11 +2,11 @@
 §1.4, §5).
 
 ``launch(config) -> Cluster`` is the driver API (cluster.py); the deployment file is parsed and validated
-into a ``RunSpec`` (helix/spec.py) in deploy.py; the KV hand-over by block ownership is kv_transfer.py, the admission signals handoff.py.
+into a ``RunSpec`` (helix/spec.py) in deploy.py; the KV hand-over by block ownership is kv_transfer.py, the
+request log and admission signals handoff.py.
 """
 
-from helix.disagg.cluster import Cluster, RequestError, launch
+from helix.disagg.cluster import BatchReport, Cluster, ClusterDown, RequestError, launch
 from helix.disagg.deploy import from_checkpoint, load_deployment
-from helix.disagg.generation_server import BatchReport
 
-__all__ = ["BatchReport", "Cluster", "RequestError", "from_checkpoint", "launch", "load_deployment"]
+__all__ = ["BatchReport", "Cluster", "ClusterDown", "RequestError", "from_checkpoint", "launch", "load_deployment"]

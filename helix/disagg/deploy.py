@@ -95,19 +95,22 @@ def _int(key: str, value, minimum: int) -> int:
 
 
 def from_checkpoint(model: str, *, cp: int = 2, tokens_per_block: int = 32, dtype: str = "float32",
-                    device: str = "cpu", max_tokens: int | None = None, colocate: bool = False,
-                    kv_dtype: str = "auto", execution: Execution | None = None) -> RunSpec:
-    """The deployment ``helix eval`` and the lm-eval adapter build from a checkpoint: context server 1 +
-    Helix generation server N = ``cp``, both holding ``max_tokens`` per sequence (None: the default) in a KV cache
-    of ``kv_dtype`` (auto: the model's, or fp8), parsed
-    and validated as the same deployment file would be."""
+                    device: str = "cpu", max_tokens: int | None = None, max_batch_size: int | None = None,
+                    colocate: bool = False, kv_dtype: str = "auto", execution: Execution | None = None) -> RunSpec:
+    """The deployment ``helix eval``, ``helix serve --model`` and the lm-eval adapter build from a checkpoint:
+    context server 1 + Helix generation server N = ``cp``, both holding ``max_tokens`` per sequence in a KV cache of
+    ``kv_dtype`` (auto: the model's, or fp8), with ``max_batch_size`` decode slots (None: the defaults), parsed and
+    validated as the same deployment file would be."""
     tpb = {"tokens_per_block": tokens_per_block}
     # At least one block: the servers' rule (a max_length shorter than a block still gets its whole block).
     kv = tpb if max_tokens is None else {**tpb, "max_tokens": max(int(max_tokens), tokens_per_block)}
+    generation = {"context_parallel_size": cp, "cp_config": {"cp_type": "HELIX", **tpb},
+                  "kv_cache_config": {**kv, "dtype": kv_dtype}}
+    if max_batch_size is not None:
+        generation["max_batch_size"] = max_batch_size
     return parse({"model": {"path": model, "dtype": dtype, "device": device},
                   "context_servers": {"tensor_parallel_size": 1, "kv_cache_config": dict(kv), "colocate": colocate},
-                  "generation_servers": {"context_parallel_size": cp, "cp_config": {"cp_type": "HELIX", **tpb},
-                                         "kv_cache_config": {**kv, "dtype": kv_dtype}}}, execution=execution)
+                  "generation_servers": generation}, execution=execution)
 
 
 def deployment_dict(spec: RunSpec) -> dict:

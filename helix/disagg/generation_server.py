@@ -1,39 +1,38 @@
 """The generation server: N Helix ranks decoding with continuous batching, each request starting at its last
 prompt token with the prompt's KV received from the context server.
 
-Every generation rank runs the same engine calls in the same order (engine.py's contract), so admission
-must be decided identically everywhere: between decode steps the leader (generation rank 0) counts how
-many waiting requests, in hand-over order, have their KV ready and fit a free batch slot, and one tiny
-all-reduce over the generation group gives every rank that count. Each rank then reserves the request's
-blocks, receives the blocks it owns straight from the context server and starts the request; the next step
-decodes it together with the requests already running. Finished requests leave and free their blocks.
+It runs the engine's one loop (``HelixEngine.serve``) over the serving loop's request log (handoff.py,
+``LogAdmissions``). Every generation rank runs the same engine calls in the same order (engine.py's contract), so
+admission must be decided identically everywhere: between decode steps the leader (generation rank 0) reads the
+new log entries, counts how many waiting requests, in log order, have their KV ready and fit a free batch slot,
+and one tiny all-reduce over the generation group gives every rank that count (and whether the log is closed
+and drained: then every rank leaves the loop). Each rank then reads those requests from the log, reserves their
+blocks, receives the blocks it owns straight from the context server and starts them; the next step decodes
+them together with the requests already running. Finished requests leave and free their blocks. With nothing to
+decode every rank waits on the store for the next log entry, with no collective pending, however long.
+
+The leader reports to the driver (``emit``): a request's prompt scores when it starts (if asked), its new
+tokens after every step (if it streams), and its Result, with the engine steps at which it joined and finished.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 from helix.comm import Comm
-from helix.disagg.handoff import Handoff, admission_error, handed_over
+from helix.disagg.handoff import Handoff
 from helix.disagg.kv_transfer import kv_sender, recv_prompt_kv
-from helix.engine import Request, Result
+from helix.engine import HelixEngine, Request, Result
 from helix.factory import build_engine
 from helix.sampling import first_stop
 from helix.sources import load_source_tokenizer
 from helix.spec import RunSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BatchReport:
-    results: list[Result]  # in request order
-    joined_step: dict[int, int]  # req_id -> decode steps of this batch already run when it joined
-    steps: int  # decode steps the batch took
 
 
 class GenerationServer:
@@ -53,46 +52,79 @@ class GenerationServer:
         text = self._tokenizer.decode(token_ids, skip_special_tokens=True)
         return first_stop(text, req.sampling.stop_strings) is not None
 
-    # ------------------------------------------------------------------ one batch
-    def serve(self, requests: list[Request], handoff: Handoff) -> BatchReport | None:
-        eng, start_step = self.engine, self.engine.steps
-        results: dict[int, Result] = {}
-        for req in requests:
-            if req.num_outputs == 0:
-                results[req.req_id] = Result(req.req_id, logits=[] if req.keep_logits else None)
-            elif (error := admission_error(req, self.dep)) is not None:
-                results[req.req_id] = Result(req.req_id, finish_reason="error", error=error)
-        waiting = deque(handed_over(requests, self.dep))
-        joined: dict[int, int] = {}
-        while waiting or eng.active:
-            for _ in range(self._agree_admissions(waiting, handoff) if waiting else 0):
-                req = waiting.popleft()
-                self._admit(req, handoff)
-                joined[req.req_id] = eng.steps - start_step
-            for res in eng.step():
-                results[res.req_id] = res
-        if self.g != 0:
-            return None
-        return BatchReport([results[r.req_id] for r in requests], joined, eng.steps - start_step)
+    def serve(self, handoff: Handoff, emit: Callable[[Any], None]) -> None:
+        """Serve the log of one serving loop until it closes and every request is done."""
+        self.engine.serve(LogAdmissions(self, handoff, emit))
 
-    def _agree_admissions(self, waiting: deque[Request], handoff: Handoff) -> int:
-        """How many of the first waiting requests join before the next step: the leader's count, everywhere."""
-        count = 0
-        if self.g == 0:
-            free = self.dep.generation.max_batch_size - len(self.engine.active)
-            limit = min(free, len(waiting))
-            if limit and not self.engine.active:
-                handoff.wait_ready(waiting[0].req_id)  # nothing to decode meanwhile
-            while count < limit and handoff.is_ready(waiting[count].req_id):
+
+class LogAdmissions:
+    """The engine's admissions (engine.Admissions) over the request log, agreed by the generation group."""
+
+    def __init__(self, server: GenerationServer, handoff: Handoff, emit: Callable[[Any], None]):
+        self.server, self.handoff, self.emit = server, handoff, emit
+        self.leader = server.g == 0
+        self.next = 0  # log index of the next request to start (every rank)
+        self.read, self.closed = 0, False  # leader: log entries read, and whether the closing entry was among them
+        self.waiting: deque[Request] = deque()  # leader: read, not started
+        self.joined: dict[int, int] = {}  # leader: engine step at which each running request joined
+        self.sent: dict[int, int] = {}  # leader: tokens already reported of each running streamed request
+
+    def join(self, engine: HelixEngine) -> bool:
+        if not engine.active:  # idle: wait for work on the store, not in a collective (no timeout applies)
+            self.handoff.wait_request(self.next)
+        count, stop = self._agree(engine)
+        if stop:
+            return False
+        for _ in range(count):
+            req = self.waiting.popleft() if self.leader else self.handoff.request(self.next)
+            self.next += 1
+            self._start(engine, req)
+        return True
+
+    def _agree(self, engine: HelixEngine) -> tuple[int, bool]:
+        """How many of the first waiting requests join before the next step, and whether the loop ends: the
+        leader's decision, everywhere."""
+        count, stop = 0, False
+        if self.leader:
+            while not self.closed and self.handoff.has(self.read):
+                req = self.handoff.request(self.read)
+                self.read += 1
+                self.closed = req is None
+                if req is not None:
+                    self.waiting.append(req)
+            limit = min(self.server.dep.generation.max_batch_size - len(engine.active), len(self.waiting))
+            if limit and not engine.active:
+                self.handoff.wait_ready(self.waiting[0].req_id)  # nothing to decode meanwhile
+            while count < limit and self.handoff.is_ready(self.waiting[count].req_id):
                 count += 1
-        agreed = torch.tensor([count], dtype=torch.int64, device=self.engine.model.device)
-        return int(self.comm.all_reduce(agreed))
+            stop = self.closed and not self.waiting and not engine.active
+        agreed = torch.tensor([count, int(stop)], dtype=torch.int64, device=engine.model.device)
+        count, stop = self.server.comm.all_reduce(agreed).tolist()
+        return count, bool(stop)
 
-    def _admit(self, req: Request, handoff: Handoff) -> None:
-        self.engine.reserve_prompt(req)  # allocates this rank's blocks for prompt[:-1]
-        if self.g == 0:
-            handoff.mark_admitted(req.req_id)
-        recv_prompt_kv(self.engine.cache, req.req_id, len(req.prompt) - 1, self.context_rank, self.g, self.n,
-                       self.dep.handoff_device)
-        self.engine.start(req)
-        log.debug("generation rank %d: request %d joined at step %d", self.g, req.req_id, self.engine.steps)
+    def _start(self, engine: HelixEngine, req: Request) -> None:
+        server = self.server
+        engine.reserve_prompt(req)  # allocates this rank's blocks for prompt[:-1]
+        if self.leader:
+            self.handoff.mark_admitted(req.req_id)
+        recv_prompt_kv(engine.cache, req.req_id, len(req.prompt) - 1, server.context_rank, server.g, server.n,
+                       server.dep.handoff_device)
+        engine.start(req)
+        if self.leader:
+            if req.prompt_logprobs:
+                self.emit(("prompt", req.req_id, self.handoff.take_prompt_scores(req.req_id)))
+            self.joined[req.req_id] = engine.steps
+            if req.stream:
+                self.sent[req.req_id] = 0
+        log.debug("generation rank %d: request %d joined at step %d", server.g, req.req_id, engine.steps)
+
+    def report(self, engine: HelixEngine, finished: list[Result]) -> None:
+        if not self.leader:
+            return
+        for res in finished:
+            self.sent.pop(res.req_id, None)
+            self.emit(("done", res.req_id, res, self.joined.pop(res.req_id), engine.steps))
+        for k, sent in self.sent.items():  # streamed requests still running: this step's token
+            res = engine.active[k].result
+            self.sent[k] = len(res.token_ids)
+            self.emit(("tokens", k, res.token_ids[sent:], res.logprobs[sent:], res.top_logprobs[sent:]))

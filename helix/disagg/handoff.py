@@ -1,33 +1,44 @@
-"""Who may start which request when: the admission rule both servers apply, and the two signals they exchange.
+"""The control plane of disaggregated serving: the request log the driver appends to, the admission rule, and
+the signals the two servers exchange per request.
 
-The context server and the generation ranks must agree, without a round trip, on which requests are handed
-over: ``admission_error`` is a pure function of the request and the deployment, evaluated identically on
-every rank, so a request that cannot fit fails alone and no KV is ever sent for it.
+The context server and the generation ranks must agree, without a round trip, on what they serve: the driver
+appends only requests that pass ``admission_error`` (a pure function of the request and the deployment, so a
+request that cannot fit fails alone, before any rank sees it), and every rank reads the same log in order.
 
-Signals ride on the rank pool's torch.distributed store, owned by the driver (the control plane; the KV
-itself goes by point-to-point sends, kv_transfer.py), under keys namespaced ``handoff/batch<n>/``. Per batch
-and request:
+Everything rides on the rank pool's torch.distributed store, owned by the driver (the KV itself goes by
+point-to-point sends, kv_transfer.py), under keys namespaced ``serve/<loop>/`` (one serving loop of the
+cluster). Per request k (its index in the log, also its ``req_id`` on the ranks):
 
-* ``ready/k``: the context server has prefilled request k and is posting its KV sends. The generation
-  leader polls it between decode steps (a non-blocking key check: gloo receives cannot be polled).
-* ``admitted/k/c``: the generation ranks have posted the receives for request k. Context rank c (of the
-  context server's tensor-parallel ranks) waits for it before waiting on its sends, so a send never sits in a
-  transport timeout while request k queues. ``ready/k`` comes from context rank 0: the t ranks prefill in
-  lockstep (their collectives), and a receive waits for its send anyway.
+* ``req/k``: the pickled Request, set by the driver (``publish``); a pickled None closes the log. The context
+  server prefills entries as they come; the generation ranks start them in log order.
+* ``prompt/k``: the prompt's log-probs (``Request.prompt_logprobs``), set by context rank 0 before ``ready`` and
+  taken by the generation leader, which reports them first (one producer per request: events stay ordered).
+* ``ready/k``: the context server has prefilled request k and is posting its KV sends. The generation leader
+  polls it between decode steps (a non-blocking key check: gloo receives cannot be polled). It comes from
+  context rank 0: the t tensor-parallel context ranks prefill in lockstep (their collectives), and a receive
+  waits for its send anyway.
+* ``admitted/k/c``: the generation ranks have posted the receives for request k. Context rank c waits for it
+  before waiting on its sends, so a send never sits in a transport timeout while request k queues.
+
+Consumed signals are deleted by their reader; the driver deletes ``req/k`` once request k is done (every rank
+has read it by then).
 """
 
 from __future__ import annotations
 
 import datetime
+import pickle
 
 import torch.distributed as dist
 
 from helix.engine import Request
 from helix.spec import RunSpec
 
-# A wait here is for work (a long prefill, a queue of long generations), not for a peer's collective; the
-# driver notices a dead or failed peer within seconds and tears every rank down, so this only bounds a bug.
+# A wait here is for work (a long prefill, a queue of long generations, an idle server), not for a peer's
+# collective; the driver notices a dead or failed peer within seconds and tears every rank down.
 STORE_WAIT = datetime.timedelta(hours=6)
+
+PromptScores = tuple[list[float], list[list[tuple[int, float]]]]  # per prompt token after the first: log-prob, top-k
 
 
 def admission_error(req: Request, dep: RunSpec) -> str | None:
@@ -44,38 +55,65 @@ def admission_error(req: Request, dep: RunSpec) -> str | None:
     return None
 
 
-def handed_over(requests: list[Request], dep: RunSpec) -> list[Request]:
-    """The requests whose KV goes from the context server to the generation server, in hand-over order."""
-    return [r for r in requests if r.num_outputs > 0 and admission_error(r, dep) is None]
-
-
 class Handoff:
-    """The signals of one batch (keys are namespaced by the batch number, deleted once consumed) between a
-    context server of ``context_tp`` ranks and the generation server."""
+    """The log and signals of one serving loop, between a context server of ``context_tp`` ranks and the
+    generation server."""
 
-    def __init__(self, store: dist.Store, batch: int, context_tp: int = 1):
-        self.store, self.prefix, self.context_tp = store, f"handoff/batch{batch}/", context_tp
+    def __init__(self, store: dist.Store, loop: int, context_tp: int = 1):
+        self.store, self.loop, self.prefix, self.context_tp = store, loop, f"serve/{loop}/", context_tp
 
-    def _key(self, what: str, req_id: int) -> str:
-        return f"{self.prefix}{what}/{req_id}"
+    def _key(self, what: str, k: int) -> str:
+        return f"{self.prefix}{what}/{k}"
+
+    # driver
+    def publish(self, k: int, req: Request | None) -> None:
+        self.store.set(self._key("req", k), pickle.dumps(req))
+
+    def forget(self, k: int) -> None:
+        self.store.delete_key(self._key("req", k))
+
+    # every rank: the log, in order
+    def has(self, k: int) -> bool:
+        return self.store.check([self._key("req", k)])
+
+    def wait_request(self, k: int) -> None:
+        """Block until entry k exists (an idle server waits here, however long)."""
+        while True:
+            try:
+                return self.store.wait([self._key("req", k)], STORE_WAIT)
+            except dist.DistStoreError:  # only the wait's own timeout: a dead driver ends this process
+                continue
+
+    def request(self, k: int) -> Request | None:
+        """Entry k (it exists); None closes the log."""
+        return pickle.loads(self.store.get(self._key("req", k)))
 
     # context server
-    def mark_ready(self, req_id: int) -> None:
-        self.store.set(self._key("ready", req_id), b"1")
+    def put_prompt_scores(self, k: int, scores: PromptScores) -> None:
+        self.store.set(self._key("prompt", k), pickle.dumps(scores))
 
-    def wait_admitted(self, req_id: int, context_rank: int) -> None:
-        key = f"{self._key('admitted', req_id)}/{context_rank}"
+    def mark_ready(self, k: int) -> None:
+        self.store.set(self._key("ready", k), b"1")
+
+    def wait_admitted(self, k: int, context_rank: int) -> None:
+        key = f"{self._key('admitted', k)}/{context_rank}"
         self.store.wait([key], STORE_WAIT)
         self.store.delete_key(key)
 
     # generation leader
-    def is_ready(self, req_id: int) -> bool:
-        return self.store.check([self._key("ready", req_id)])
+    def is_ready(self, k: int) -> bool:
+        return self.store.check([self._key("ready", k)])
 
-    def wait_ready(self, req_id: int) -> None:
-        self.store.wait([self._key("ready", req_id)], STORE_WAIT)
+    def wait_ready(self, k: int) -> None:
+        self.store.wait([self._key("ready", k)], STORE_WAIT)
 
-    def mark_admitted(self, req_id: int) -> None:
-        self.store.delete_key(self._key("ready", req_id))
+    def take_prompt_scores(self, k: int) -> PromptScores:
+        key = self._key("prompt", k)
+        scores = pickle.loads(self.store.get(key))
+        self.store.delete_key(key)
+        return scores
+
+    def mark_admitted(self, k: int) -> None:
+        self.store.delete_key(self._key("ready", k))
         for c in range(self.context_tp):
-            self.store.set(f"{self._key('admitted', req_id)}/{c}", b"1")
+            self.store.set(f"{self._key('admitted', k)}/{c}", b"1")

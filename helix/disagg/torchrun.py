@@ -1,4 +1,4 @@
-"""A deployment under torchrun, on one node or many (docs/design.md §5.4).
+"""A deployment under torchrun, on one node or many (docs/design.md §5.5).
 
     every node i of K:  torchrun --nnodes K --node-rank i --nproc-per-node P_i --rdzv-backend c10d \\
                                  --rdzv-endpoint HOST:PORT -m helix generate --config deploy.yaml ...
@@ -8,10 +8,13 @@ deployment's: its role comes from the deployment file (world ranks 0..t-1 the co
 generation ranks; on CUDA each process takes GPU LOCAL_RANK of its node). The store torchrun sets up for the
 world (MASTER_ADDR:MASTER_PORT) is the control plane, as a RankPool's store is locally.
 
-``TorchrunPool`` is RankPool's interface (``run(fn, *args, ranks=)``, ``store``, ``close``) over that world:
-world rank 0 is the driver, which publishes each command in the store, runs its own share in a thread and
-collects the other ranks' results (a rank that raises sends its traceback, and the call raises
-``WorkerError`` naming it); every other rank runs ``serve_commands`` until the driver closes the pool. So a
+``TorchrunPool`` is RankPool's interface (``run(fn, *args, ranks=, on_event=)``, ``store``, ``close``) over that
+world: world rank 0 is the driver, which publishes each command in the store, runs its own share in a thread and
+collects the other ranks' results and what they emit while the command runs (``ctx.emit``: event i of rank r in
+command k at ``evt/k/r/i``, delivered before r's result, in order); a rank that raises sends its traceback, and
+the call raises ``WorkerError`` naming it. Every other rank runs ``serve_commands`` until the driver closes the
+pool. The driver's threads each have their own store connection (the submitting thread's ``store``, the polling
+thread's, world rank 0's own share's), so a rank's blocking wait never holds up the driver. So a
 ``Cluster`` works unchanged on world rank 0 (``drive``), and ``helix serve`` can put its front end there the
 same way. A rank that dies without a word is noticed through its peers: their collectives fail after
 ``collective_timeout_s`` and they report it; when world rank 0's process ends, torchrun ends its node's
@@ -23,6 +26,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import queue
 import threading
 import time
 import traceback
@@ -67,6 +71,21 @@ class TorchrunEnv:
                    int(env["MASTER_PORT"]), env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
 
+class _StoreOutbox:
+    """``ctx.emit``'s channel on a rank other than the driver's: event i of command k at ``evt/k/<rank>/i``."""
+
+    def __init__(self, store: dist.Store):
+        self.store, self.command, self.count = store, 0, 0
+
+    def start(self, k: int) -> None:
+        self.command, self.count = k, 0
+
+    def put(self, item: tuple[int, str, Any]) -> None:
+        rank, _, payload = item
+        self.store.set(f"evt/{self.command}/{rank}/{self.count}", pickle.dumps(payload))
+        self.count += 1
+
+
 def _call(fn: Callable, ctx: RankContext, args: tuple, kwargs: dict) -> tuple[str, Any]:
     try:
         return "ok", fn(ctx, *args, **kwargs)
@@ -95,24 +114,31 @@ class TorchrunPool:
                                  wait_for_workers=False, timeout=timeout)
 
         base = client(env.rank == 0 and not env.agent_store)
-        self.store = dist.PrefixStore("helix", base)
+        rank_store = dist.PrefixStore("helix", base)
         devices = spec.devices()
         init_process_group(env.rank, env.world_size, device, store=dist.PrefixStore("helix-pg", base),
                            timeout_s=spec.execution.collective_timeout_s, backend=backend_for(devices))
-        self.ctx = RankContext(env.rank, env.world_size, device, self.store)
+        # world rank 0's own share emits into a local queue the driver drains; the others through the store
+        self._own_events: queue.SimpleQueue | None = queue.SimpleQueue() if env.rank == 0 else None
+        self._outbox = self._own_events if env.rank == 0 else _StoreOutbox(rank_store)
+        self.ctx = RankContext(env.rank, env.world_size, device, rank_store, self._outbox)
         for key in (tuple(spec.context_ranks), tuple(spec.generation_ranks)):  # every rank creates every group
             group = dist.new_group(list(key), backend=backend_for([devices[r] for r in key]))
             if env.rank in key:
                 self.ctx.groups[key] = group
-        # The driver's own connection for polling results while its share of a command runs in a thread.
+        # The driver's connections: ``store`` for the thread that submits (a Cluster publishes requests there),
+        # one for polling results and events while its share of a command runs in a thread.
+        self.store = dist.PrefixStore("helix", client(False)) if env.rank == 0 else rank_store
         self._results = dist.PrefixStore("helix", client(False)) if env.rank == 0 else None
         self._next, self._closed = 0, False
 
     # ------------------------------------------------------------------ world rank 0: the driver
     def run(self, fn: Callable, *args, ranks: list[int] | None = None, n: int | None = None,
-            timeout_s: float | None = None, **kwargs) -> list[Any]:
-        """fn(ctx, *args, **kwargs) on ``ranks`` (default: the world); results in rank order. ``timeout_s`` is
-        RankPool's signature; a torchrun world's waits are bounded by its collective timeout instead."""
+            timeout_s: float | None = None, on_event: Callable[[int, Any], None] | None = None,
+            **kwargs) -> list[Any]:
+        """fn(ctx, *args, **kwargs) on ``ranks`` (default: the world); results in rank order; ``on_event(rank,
+        payload)`` receives what the command emits, on this thread. ``timeout_s`` is RankPool's signature; a
+        torchrun world's waits are bounded by its collective timeout instead."""
         if self.rank != 0 or self._closed:
             raise RuntimeError("TorchrunPool.run: only world rank 0 drives, while the pool is open")
         ranks = ranks if ranks is not None else list(range(n or self.world_size))
@@ -124,21 +150,43 @@ class TorchrunPool:
             thread = threading.Thread(target=lambda: own.update({0: _call(fn, self.ctx, args, kwargs)}), daemon=True)
             thread.start()
         pending, got = {r: f"res/{k}/{r}" for r in ranks if r != 0}, {}
+        seen = dict.fromkeys(pending, 0)  # events delivered per rank
         while pending or (thread is not None and 0 not in got):
             new = {r: key for r, key in pending.items() if self._results.check([key])}
+            events = self._deliver_events(k, seen, on_event)  # a rank's events precede its result
             for r, key in new.items():
                 got[r] = pickle.loads(self._results.get(key))
                 self._results.delete_key(key)
                 del pending[r]
             if thread is not None and 0 not in got and not thread.is_alive():
+                self._deliver_events(k, {}, on_event)
                 got[0] = own[0]
             for r, (status, payload) in got.items():
                 if status == "err":
                     self.close()
                     raise WorkerError(r, payload, self.role_of(r))
-            if not new:
+            if not new and not events:
                 time.sleep(POLL_S)
         return [got[r][1] for r in ranks]
+
+    def _deliver_events(self, k: int, seen: dict[int, int], on_event: Callable[[int, Any], None] | None) -> int:
+        """Hand command k's new events to ``on_event``: world rank 0's from its queue, rank r's from the store
+        from index ``seen[r]`` on. Returns how many."""
+        count = 0
+        while not self._own_events.empty():
+            payload = self._own_events.get()[2]
+            count += 1
+            if on_event is not None:
+                on_event(0, payload)
+        for r in seen:
+            while self._results.check([key := f"evt/{k}/{r}/{seen[r]}"]):
+                payload = pickle.loads(self._results.get(key))
+                self._results.delete_key(key)
+                seen[r] += 1
+                count += 1
+                if on_event is not None:
+                    on_event(r, payload)
+        return count
 
     def close(self) -> None:
         """Tell every other rank to stop serving commands (a rank stuck in a collective with a failed peer sees it
@@ -158,6 +206,7 @@ class TorchrunPool:
             if msg is None:
                 return
             fn, args, kwargs, ranks = msg
+            self._outbox.start(k)
             if self.rank in ranks:
                 self.store.set(f"res/{k}/{self.rank}", pickle.dumps(_call(fn, self.ctx, args, kwargs)))
             k += 1

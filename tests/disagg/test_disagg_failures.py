@@ -61,7 +61,7 @@ def test_failed_worker_is_named_and_nothing_survives(tiny_checkpoint, case):
     cluster = launch(deployment(tiny_checkpoint, n=2))
     procs = list(cluster.pool.procs)
     fn, *args = plant()
-    cluster.pool.run(fn, *args, ranks=[rank])
+    cluster.on_ranks(fn, *args, ranks=[rank])
     t0 = time.monotonic()
     with pytest.raises(WorkerError) as info:
         cluster.generate([[5, 6, 7, 8, 9], list(range(20, 50))], SamplingParams(max_new_tokens=20))

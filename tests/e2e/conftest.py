@@ -1,12 +1,8 @@
-"""Fixtures of the accuracy-suite tests: the tiny synthetic checkpoint and the local evaluation data."""
+"""Fixtures of the accuracy-suite tests: the tiny synthetic checkpoint (as a str path) and its reference backend."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="session")
@@ -35,12 +31,3 @@ def reference_backend(tiny_checkpoint):
     from evals.backends import ReferenceBackend
 
     return ReferenceBackend(tiny_checkpoint)
-
-
-@pytest.fixture(scope="session")
-def data_dir() -> str:
-    """``$HELIX_EVAL_DATA``, else ``../shared/data`` beside the repository; the tests using it skip without it."""
-    path = os.environ.get("HELIX_EVAL_DATA") or os.path.join(REPO, "..", "shared", "data")
-    if not os.path.isdir(os.path.join(path, "mmlu")) or not os.path.isdir(os.path.join(path, "gsm8k")):
-        pytest.skip(f"no evaluation data at {os.path.abspath(path)} (set HELIX_EVAL_DATA to a dir with mmlu/ and gsm8k/)")
-    return os.path.abspath(path)

@@ -77,11 +77,11 @@ def test_helix_agrees_with_the_reference_on_every_sample(helix_backend, tm, refe
 @pytest.mark.parametrize("fault", ["uniform_combine", "drop_shard"])
 def test_planted_helix_bug_fails_the_comparison(helix_backend, tm, reference, fault):
     ranks = helix_backend.cluster.dep.generation_ranks
-    helix_backend.cluster.pool.run(rank_faults.plant, fault, CP, 32, ranks=ranks)
+    helix_backend.cluster.on_ranks(rank_faults.plant, fault, CP, 32, ranks=ranks)
     try:
         deployed = predictions(helix_backend, tm)
     finally:
-        helix_backend.cluster.pool.run(rank_faults.unplant, ranks=ranks)
+        helix_backend.cluster.on_ranks(rank_faults.unplant, ranks=ranks)
     verdicts = {task: compare_task(task, deployed[task], reference[task], min_agreement=1.0) for task in SLICE}
     assert not all(c["passed"] for c in verdicts.values()), verdicts
     assert min(c["agreement"] for c in verdicts.values()) < 1.0

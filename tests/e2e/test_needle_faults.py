@@ -42,12 +42,12 @@ def accuracy(cluster, fault: str | None) -> float:
     prompts = [cluster.tokenizer(needle_prompt(6, d, k)).input_ids for d in DEPTHS for k in KEYS]
     ranks = cluster.dep.generation_ranks
     if fault:
-        cluster.pool.run(rank_faults.plant, fault, CP, TPB, ranks=ranks)
+        cluster.on_ranks(rank_faults.plant, fault, CP, TPB, ranks=ranks)
     try:
         outs = cluster.generate(prompts, SamplingParams(max_new_tokens=10))
     finally:
         if fault:
-            cluster.pool.run(rank_faults.unplant, ranks=ranks)
+            cluster.on_ranks(rank_faults.unplant, ranks=ranks)
     return sum(VALUE in cluster.tokenizer.decode(o) for o in outs) / len(prompts)
 
 
