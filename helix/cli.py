@@ -245,10 +245,13 @@ def import_serve():
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    serve = import_serve().serve
+    """Under torchrun (WORLD_SIZE set, on one node or many) this process is one rank of the deployment; world rank
+    0 serves HTTP."""
+    from helix.disagg.torchrun import TorchrunEnv
 
+    serve = import_serve().serve
     serve(deployment_from_args(args), args.host, args.port, args.served_model_name,
-          announce=lambda line: print(line, flush=True))
+          announce=lambda line: print(line, flush=True), torchrun=TorchrunEnv.from_env(os.environ))
 
 
 def add_serve(sub) -> None:

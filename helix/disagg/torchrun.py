@@ -212,17 +212,18 @@ class TorchrunPool:
             k += 1
 
 
-def drive(config: "str | os.PathLike | dict | RunSpec", env: TorchrunEnv, driver: Callable[[Cluster], T]) -> T | None:
+def drive(config: "str | os.PathLike | dict | RunSpec", env: TorchrunEnv, driver: Callable[[Cluster], T],
+          on_failure: Callable[[BaseException], None] | None = None) -> T | None:
     """Every process of the torchrun world calls this with the same deployment: world rank 0 starts the
-    deployment's ``Cluster`` over the world and returns ``driver(cluster)``, then shuts it down; every other rank
-    serves the cluster's commands and returns None once it is shut down."""
+    deployment's ``Cluster`` over the world (``on_failure`` as in ``Cluster``) and returns ``driver(cluster)``, then
+    shuts it down; every other rank serves the cluster's commands and returns None once it is shut down."""
     spec = load_deployment(config)
     pool = TorchrunPool(spec, env)
     if env.rank != 0:
         pool.serve_commands()
         out = None
     else:
-        with Cluster(spec, pool=pool) as cluster:
+        with Cluster(spec, on_failure, pool=pool) as cluster:
             out = driver(cluster)
     destroy()  # after a failure the process just ends: a rank may still sit in a collective with the failed one
     return out

@@ -19,6 +19,7 @@ import uvicorn
 from helix.config import ConfigError
 from helix.disagg.cluster import Cluster, launch
 from helix.disagg.deploy import load_deployment
+from helix.disagg.torchrun import TorchrunEnv, drive
 from helix.serve.app import build_app
 from helix.serve.protocol import Model
 from helix.sources import source_config
@@ -75,9 +76,17 @@ class HelixServer:
 
 
 def serve(config: "str | os.PathLike | dict | RunSpec", host: str = "127.0.0.1", port: int = 8000,
-          name: str | None = None, announce: Callable[[str], None] = print) -> None:
-    """Serve the deployment until Ctrl-C / SIGTERM; raises the failed rank's WorkerError if one fails."""
+          name: str | None = None, announce: Callable[[str], None] = print,
+          torchrun: "TorchrunEnv | None" = None) -> None:
+    """Serve the deployment until Ctrl-C / SIGTERM; raises the failed rank's WorkerError if one fails.
+
+    ``torchrun``: this process is one rank of a torchrun world (helix/disagg/torchrun.py): world rank 0 binds the
+    socket and runs the front end over the world's ranks, every other rank serves the cluster's commands until
+    world rank 0 shuts it down."""
     dep = load_deployment(config)  # a bad file fails here, before a socket or a process
+    if torchrun is not None and torchrun.rank != 0:
+        drive(dep, torchrun, driver=None)
+        return
     sock = bind(host, port)
     failures: list[BaseException] = []
     server: HelixServer | None = None
@@ -87,13 +96,20 @@ def serve(config: "str | os.PathLike | dict | RunSpec", host: str = "127.0.0.1",
         if server is not None:
             server.stop()
 
+    def front(cluster: Cluster) -> None:
+        nonlocal server
+        model = served_model(cluster, name)
+        server = HelixServer(cluster, model, sock)
+        announce(f"helix serve: {server.url}/v1 serves model {model.name!r}; Ctrl-C stops it")
+        if not failures:
+            server.run()
+
     try:
-        with launch(dep, on_failure=on_failure) as cluster:
-            model = served_model(cluster, name)
-            server = HelixServer(cluster, model, sock)
-            announce(f"helix serve: {server.url}/v1 serves model {model.name!r}; Ctrl-C stops it")
-            if not failures:
-                server.run()
+        if torchrun is None:
+            with launch(dep, on_failure=on_failure) as cluster:
+                front(cluster)
+        else:
+            drive(dep, torchrun, front, on_failure)
     finally:
         sock.close()
     if failures:

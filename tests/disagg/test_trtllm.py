@@ -28,6 +28,7 @@ from helix.engine import Request
 from helix.reference import ReferenceModel
 from helix.sampling import SamplingParams
 from helix.spec import ContextServerConfig
+from helix.tokenizer import load_tokenizer
 from tests.disagg.conftest import deployment, with_key
 from tests.tolerance import assert_exact, assert_f32_parity
 
@@ -177,3 +178,48 @@ def test_helix_generate_on_the_file_across_two_torchrun_nodes_prints_the_referen
     printed = [line for out, _ in outs for line in out.splitlines() if line.startswith("{")]
     assert len(printed) == 1, outs  # world rank 0 alone prints
     assert json.loads(printed[0])["token_ids"] == reference_tokens(tiny_checkpoint, PROMPTS[0], NEW_TOKENS)
+
+
+def test_helix_serve_on_the_file_across_two_torchrun_nodes_answers_with_the_reference_tokens(tiny_checkpoint,
+                                                                                             tmp_path):
+    """`helix serve --config` on the same two torchrun "nodes": world rank 0 binds the socket and serves HTTP over
+    the four ranks (its serving loop's events travel through the world's store), the others serve its commands; a
+    completion is the reference's greedy continuation, and SIGTERM ends every process."""
+    import signal
+    import threading
+
+    import requests
+
+    config = write_seed(tiny_checkpoint, tmp_path)
+    rdzv = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    run_id = uuid.uuid4().hex
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(i),
+                               "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-id", run_id,
+                               "--rdzv-endpoint", f"127.0.0.1:{rdzv.port}", "--rdzv-conf", "is_host=false",
+                               "--local-addr", "127.0.0.1", "--max-restarts", "0",
+                               "-m", "helix", "serve", "--config", str(config), "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
+             for i in range(2)]
+    announced: list[str] = []
+    for node in nodes:  # the node that got world rank 0 announces the URL
+        threading.Thread(target=lambda out: announced.extend(line for line in out if "helix serve:" in line),
+                         args=(node.stdout,), daemon=True).start()
+    try:
+        for _ in range(1200):
+            if announced or any(node.poll() is not None for node in nodes):
+                break
+            threading.Event().wait(0.1)
+        assert len(announced) == 1, f"announced: {announced}, exit codes {[node.poll() for node in nodes]}"
+        url = announced[0].split()[2]
+        body = {"prompt": PROMPTS[0], "max_tokens": NEW_TOKENS, "temperature": 0}
+        got = requests.post(url + "/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        want = load_tokenizer(tiny_checkpoint).decode(reference_tokens(tiny_checkpoint, PROMPTS[0], NEW_TOKENS),
+                                                      skip_special_tokens=True)
+        assert got == want
+        for node in nodes:
+            node.send_signal(signal.SIGTERM)
+        for node in nodes:
+            node.wait(timeout=60)
+    finally:
+        for node in nodes:
+            node.kill()
