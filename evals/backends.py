@@ -144,14 +144,21 @@ def make_backend(spec: BackendSpec):
     return ReferenceBackend(spec.model_dir(), dtype=spec.dtype, device=spec.device, attention=spec.attention)
 
 
+def openai_client(url: str, timeout_s: float):
+    """An ``openai`` client of the server at ``url`` (the key from OPENAI_API_KEY; servers here take any)."""
+    import openai
+
+    return openai.OpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), max_retries=2,
+                         timeout=timeout_s)
+
+
 def endpoint_model(url: str) -> tuple[str, int | None]:
     """The first model an OpenAI-compatible server lists at ``url``/models: its id and, if reported (vLLM,
     helix serve), its max_model_len."""
     import openai
 
     try:
-        first = openai.OpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), max_retries=2,
-                              timeout=60).models.list().data[0]
+        first = openai_client(url, 60).models.list().data[0]
     except (openai.APIError, IndexError) as e:
         raise ConfigError(f"url={url!r}: no model listed at {url}/models ({' '.join(str(e).split())})") from None
     return first.id, (first.model_extra or {}).get("max_model_len")
@@ -286,11 +293,8 @@ class EndpointBackend(Backend):
     CONCURRENCY = 32
 
     def __init__(self, url: str, tokenizer_dir: str):
-        import openai
-
         self.model = endpoint_model(url)[0]
-        self.client = openai.OpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), max_retries=2,
-                                    timeout=3600)
+        self.client = openai_client(url, 3600)
         self.tokenizer = load_tokenizer(tokenizer_dir)
 
     def shutdown(self) -> None:

@@ -36,7 +36,7 @@ from helix.engine import RequestError
 from helix.presets import PRESETS
 from helix.sampling import NonFiniteLogits
 from helix.tokenizer import load_tokenizer
-from helix.workers import WorkerError
+from helix.workers import TorchrunEnv, WorkerError
 
 log = logging.getLogger("helix")
 
@@ -73,8 +73,8 @@ def generate_helix(args: argparse.Namespace, model_dir: str, prompt_ids: list[in
                    generation=helix_cfg, execution=Execution.from_env())
     request = Request(0, prompt_ids, SamplingParams(max_new_tokens=args.max_new_tokens,
                                                     stop_token_ids=tuple(cfg.eos_token_ids)))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        results = torchrun_generate(spec, [request])
+    if (env := TorchrunEnv.from_env(os.environ)) is not None:
+        results = torchrun_generate(spec, [request], env)
         if results is None:
             sys.exit(0)  # non-zero ranks print nothing
     else:
@@ -88,7 +88,7 @@ def generate_disagg(args: argparse.Namespace, model_dir: str, prompt_ids: list[i
     server decodes (helix/disagg); model, dtype, device and N come from the file. Under torchrun (WORLD_SIZE set,
     on one node or many) this process is one rank of the deployment and world rank 0 drives and prints."""
     from helix.disagg import launch
-    from helix.disagg.torchrun import TorchrunEnv, drive
+    from helix.disagg.torchrun import drive
     from helix.sampling import SamplingParams
 
     eos = tuple(ModelConfig.from_json(model_dir).eos_token_ids)
@@ -247,8 +247,6 @@ def import_serve():
 def run_serve(args: argparse.Namespace) -> None:
     """Under torchrun (WORLD_SIZE set, on one node or many) this process is one rank of the deployment; world rank
     0 serves HTTP."""
-    from helix.disagg.torchrun import TorchrunEnv
-
     serve = import_serve().serve
     serve(deployment_from_args(args), args.host, args.port, args.served_model_name,
           announce=lambda line: print(line, flush=True), torchrun=TorchrunEnv.from_env(os.environ))

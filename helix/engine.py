@@ -65,6 +65,15 @@ class Result:
     finish_reason: str = "length"  # length | stop | error
     error: str | None = None
 
+    @classmethod
+    def empty(cls, req: "Request") -> "Result":
+        """The Result of ``req`` before its first output (logits kept when the request asks)."""
+        return cls(req.req_id, logits=[] if req.keep_logits else None)
+
+    @classmethod
+    def failed(cls, req: "Request", error: str) -> "Result":
+        return cls(req.req_id, finish_reason="error", error=error)
+
 
 class RequestError(RuntimeError):
     """Some requests of a batch failed (e.g. longer than the KV capacity, or non-finite logits); the others
@@ -128,7 +137,7 @@ class HelixEngine:
 
     def start(self, req: Request) -> None:
         """Begin decoding a request whose prompt[:-1] KV is in the cache."""
-        self.active[req.req_id] = _Active(req, Result(req.req_id, logits=[] if req.keep_logits else None),
+        self.active[req.req_id] = _Active(req, Result.empty(req),
                                           req.prompt[-1])
 
     # ------------------------------------------------------------------ decode
@@ -218,12 +227,12 @@ class Batch:
         while self.waiting and len(engine.active) < engine.max_batch_size:
             req = self.waiting.popleft()
             if req.num_outputs == 0:
-                self.results[req.req_id] = Result(req.req_id, logits=[] if req.keep_logits else None)
+                self.results[req.req_id] = Result.empty(req)
                 continue
             try:
                 engine.admit(req)
             except (CapacityError, ValueError) as e:
-                self.results[req.req_id] = Result(req.req_id, finish_reason="error", error=str(e))
+                self.results[req.req_id] = Result.failed(req, str(e))
         return bool(engine.active)
 
     def report(self, engine: HelixEngine, finished: list[Result]) -> None:

@@ -4,22 +4,19 @@ GPU, ``env://``)."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from helix.comm import init_process_group
 from helix.engine import HelixEngine, Request, Result
 from helix.factory import build_engine
 from helix.spec import RunSpec
-from helix.workers import RankContext, RankPool
+from helix.workers import RankContext, RankPool, TorchrunEnv
 
 
-def local_spec(spec: RunSpec) -> RunSpec:
+def _check_local(spec: RunSpec) -> None:
     if spec.context is not None:
         raise ValueError("spec.context: a run with a context server is a deployment; launch it with "
                          "helix.disagg.launch")
-    return spec
 
 
 def rank_engine(ctx: RankContext, spec: RunSpec) -> HelixEngine:
@@ -37,22 +34,23 @@ def rank_generate(ctx: RankContext, spec: RunSpec, requests: list[Request]) -> l
 
 def helix_generate(spec: RunSpec, requests: list[Request], pool: RankPool | None = None) -> list[Result]:
     """Serve ``requests`` on the spec's N Helix ranks; spawns (and closes) a pool unless one is given."""
-    spec = local_spec(spec)
+    _check_local(spec)
     if pool is not None:
         return pool.run(rank_generate, spec, requests, n=spec.world_size)[0]
     with RankPool(spec.world_size, spec.devices(), collective_timeout_s=spec.execution.collective_timeout_s) as own:
         return own.run(rank_generate, spec, requests)[0]
 
 
-def torchrun_generate(spec: RunSpec, requests: list[Request]) -> list[Result] | None:
-    """Inside torchrun: this process is one Helix rank (LOCAL_RANK picks its GPU). Rank 0 gets the results."""
-    spec = local_spec(spec)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world != spec.world_size:
-        raise ValueError(f"--cp={spec.world_size}: must equal torchrun's WORLD_SIZE={world}")
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', rank)}") if spec.device == "cuda" else torch.device("cpu")
+def torchrun_generate(spec: RunSpec, requests: list[Request], env: TorchrunEnv) -> list[Result] | None:
+    """Inside torchrun: this process is Helix rank ``env.rank`` (its node's GPU ``env.local_rank``). Rank 0 gets
+    the results."""
+    _check_local(spec)
+    if env.world_size != spec.world_size:
+        raise ValueError(f"--cp={spec.world_size}: must equal torchrun's WORLD_SIZE={env.world_size}")
+    device = torch.device(f"cuda:{env.local_rank}" if spec.device == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    comm = init_process_group(rank, world, device, "env://", timeout_s=spec.execution.collective_timeout_s)
+    comm = init_process_group(env.rank, env.world_size, device, "env://",
+                              timeout_s=spec.execution.collective_timeout_s)
     results = build_engine(spec, comm, device).run(requests)
-    return results if rank == 0 else None
+    return results if env.rank == 0 else None

@@ -22,6 +22,7 @@ import queue
 import signal
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -116,6 +117,26 @@ def _worker(rank: int, world: int, devices: list[str], store_port: int, extra_gr
         except BaseException:
             results.put((rank, "err", traceback.format_exc()))
     destroy()
+
+
+@dataclass(frozen=True)
+class TorchrunEnv:
+    """What torchrun tells a process, read once where the command starts."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    agent_store: bool  # the agent hosts the world's store (torchrun's default); else world rank 0 hosts it
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "TorchrunEnv | None":
+        """None unless this process is one rank of a torchrun world of more than one."""
+        if int(env.get("WORLD_SIZE", "1")) <= 1:
+            return None
+        return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")), env["MASTER_ADDR"],
+                   int(env["MASTER_PORT"]), env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
 
 class RankPool:

@@ -225,9 +225,9 @@ class Cluster:
         try:
             for req in requests:
                 if req.num_outputs == 0:
-                    results[req.req_id] = Result(req.req_id, logits=[] if req.keep_logits else None)
+                    results[req.req_id] = Result.empty(req)
                 elif (error := self.check(req)) is not None:
-                    results[req.req_id] = Result(req.req_id, finish_reason="error", error=error)
+                    results[req.req_id] = Result.failed(req, error)
                 else:
                     self.submit(req, lambda kind, payload, i=req.req_id: on_event(i, kind, payload))
                     submitted += 1

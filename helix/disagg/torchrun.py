@@ -30,8 +30,6 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -44,31 +42,11 @@ from helix.disagg.deploy import load_deployment
 from helix.disagg.handoff import STORE_WAIT
 from helix.gpu_env import GPU_SAFE_ENV
 from helix.spec import RunSpec
-from helix.workers import RankContext, WorkerError
+from helix.workers import RankContext, TorchrunEnv, WorkerError
 
 T = TypeVar("T")
 
 POLL_S = 0.01  # how often the driver looks for the other ranks' results
-
-
-@dataclass(frozen=True)
-class TorchrunEnv:
-    """What torchrun tells a process, read once where the command starts."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-    agent_store: bool  # the agent hosts the world's store (torchrun's default); else world rank 0 hosts it
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> "TorchrunEnv | None":
-        """None unless this process is one rank of a torchrun world of more than one."""
-        if int(env.get("WORLD_SIZE", "1")) <= 1:
-            return None
-        return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")), env["MASTER_ADDR"],
-                   int(env["MASTER_PORT"]), env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
 
 class _StoreOutbox:

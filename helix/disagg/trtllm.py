@@ -96,12 +96,6 @@ INERT_KV: dict[str, Check] = {
 INERT_TOP: dict[str, Check] = {"hostname": _hostname, "port": _port}
 
 
-def _instances(v) -> str | None:
-    ok = v == 1 and isinstance(v, int) and not isinstance(v, bool)
-    return None if ok else ("must be 1: a deployment here is one context server and one generation server "
-                            "(no router across instances)")
-
-
 def _urls(v) -> str | None:
     if not isinstance(v, list) or len(v) != 1 or not isinstance(v[0], str) or v[0].count(":") != 1:
         return "must be a list of one 'host:port' (num_instances is 1)"
@@ -109,7 +103,11 @@ def _urls(v) -> str | None:
 
 
 # A section's instances and their addresses (unused, as hostname and port):
-INERT_SECTION: dict[str, Check] = {"num_instances": _instances, "urls": _urls}
+INERT_SECTION: dict[str, Check] = {
+    "num_instances": _equals(1, "a deployment here is one context server and one generation server (no router "
+                                "across instances)"),
+    "urls": _urls,
+}
 
 
 def _take(node: dict, table: dict[str, Check], prefix: str, accepted: list[str]) -> dict:

@@ -19,11 +19,12 @@ import uvicorn
 from helix.config import ConfigError
 from helix.disagg.cluster import Cluster, launch
 from helix.disagg.deploy import load_deployment
-from helix.disagg.torchrun import TorchrunEnv, drive
+from helix.disagg.torchrun import drive
 from helix.serve.app import build_app
 from helix.serve.protocol import Model
 from helix.sources import source_config
 from helix.spec import RunSpec
+from helix.workers import TorchrunEnv
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -63,6 +64,18 @@ def reference_tokens(model_dir, prompt: list[int], n: int) -> list[int]:
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
             "OMP_NUM_THREADS": "1"}
+
+
+def torchrun_nodes(rdzv: dist.TCPStore, helix_args: list[str], stderr) -> list[subprocess.Popen]:
+    """`helix HELIX_ARGS` on two torchrun "nodes" of two processes each on the loopback address, meeting at the
+    rendezvous store ``rdzv``, which the caller hosts and holds (both agents join it as clients)."""
+    run_id = uuid.uuid4().hex
+    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(i),
+                              "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-id", run_id,
+                              "--rdzv-endpoint", f"127.0.0.1:{rdzv.port}", "--rdzv-conf", "is_host=false",
+                              "--local-addr", "127.0.0.1", "--max-restarts", "0", "-m", "helix", *helix_args],
+                             stdout=subprocess.PIPE, stderr=stderr, text=True, env=_env())
+            for i in range(2)]
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -156,17 +169,10 @@ def test_helix_generate_on_the_file_across_two_torchrun_nodes_prints_the_referen
     The rendezvous store is this test's: a TCPStore on a port the OS picks, held for the test's life (as RankPool
     holds its store), which both agents join as clients (is_host=false). Picking a free port and handing it to
     the agent that should bind it would race with every other socket on the host (xdist workers, other tests)."""
-    config = write_seed(tiny_checkpoint, tmp_path)
-    rdzv = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    run_id = uuid.uuid4().hex
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(i),
-                               "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-id", run_id,
-                               "--rdzv-endpoint", f"127.0.0.1:{rdzv.port}", "--rdzv-conf", "is_host=false",
-                               "--local-addr", "127.0.0.1", "--max-restarts", "0",
-                               "-m", "helix", "generate", "--config", str(config), "--prompt-ids",
-                               ",".join(map(str, PROMPTS[0])), "--max-new-tokens", str(NEW_TOKENS), "--json"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-             for i in range(2)]
+    rdzv = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # held until the test ends
+    nodes = torchrun_nodes(rdzv, ["generate", "--config", str(write_seed(tiny_checkpoint, tmp_path)), "--prompt-ids",
+                                  ",".join(map(str, PROMPTS[0])), "--max-new-tokens", str(NEW_TOKENS), "--json"],
+                           stderr=subprocess.PIPE)
     try:
         outs = [node.communicate(timeout=180) for node in nodes]
     finally:
@@ -190,16 +196,9 @@ def test_helix_serve_on_the_file_across_two_torchrun_nodes_answers_with_the_refe
 
     import requests
 
-    config = write_seed(tiny_checkpoint, tmp_path)
-    rdzv = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    run_id = uuid.uuid4().hex
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(i),
-                               "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-id", run_id,
-                               "--rdzv-endpoint", f"127.0.0.1:{rdzv.port}", "--rdzv-conf", "is_host=false",
-                               "--local-addr", "127.0.0.1", "--max-restarts", "0",
-                               "-m", "helix", "serve", "--config", str(config), "--port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
-             for i in range(2)]
+    rdzv = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # held until the test ends
+    nodes = torchrun_nodes(rdzv, ["serve", "--config", str(write_seed(tiny_checkpoint, tmp_path)), "--port", "0"],
+                           stderr=subprocess.DEVNULL)
     announced: list[str] = []
     for node in nodes:  # the node that got world rank 0 announces the URL
         threading.Thread(target=lambda out: announced.extend(line for line in out if "helix serve:" in line),
@@ -208,7 +207,7 @@ def test_helix_serve_on_the_file_across_two_torchrun_nodes_answers_with_the_refe
         for _ in range(1200):
             if announced or any(node.poll() is not None for node in nodes):
                 break
-            threading.Event().wait(0.1)
+            time.sleep(0.1)
         assert len(announced) == 1, f"announced: {announced}, exit codes {[node.poll() for node in nodes]}"
         url = announced[0].split()[2]
         body = {"prompt": PROMPTS[0], "max_tokens": NEW_TOKENS, "temperature": 0}
