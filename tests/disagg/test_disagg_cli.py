@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from tests.disagg.conftest import deployment
-from tests.model.test_worker_failure import _alive
+from tests.model.test_worker_failure import survivors
 
 FAULT_SITE = Path(__file__).parents[1] / "model" / "fault_site"
 
@@ -22,11 +22,6 @@ def _helix(args: list[str], pid_dir: Path, **env) -> subprocess.Popen:
                HELIX_TEST_PID_DIR=str(pid_dir), **env)
     return subprocess.Popen([sys.executable, "-m", "helix", "generate", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def _survivors(pid_dir: Path) -> list[int]:
-    time.sleep(0.5)
-    return [p for p in map(int, os.listdir(pid_dir)) if _alive(p)]
 
 
 def _write(tmp_path: Path, raw: dict) -> Path:
@@ -46,7 +41,7 @@ def test_generate_with_config_matches_reference_backend(tiny_checkpoint, tmp_pat
     out, err = disagg.communicate(timeout=120)
     assert disagg.returncode == 0, err
     assert json.loads(out.splitlines()[-1]) == json.loads(ref.stdout.splitlines()[-1])
-    assert len(os.listdir(pids)) >= 4 and not _survivors(pids)  # the command and its 3 ranks
+    assert len(os.listdir(pids)) >= 5 and not survivors(pids)  # the command, the fork server, 3 ranks
 
 
 def test_wrong_config_is_refused_with_how_to_fix(tiny_checkpoint, tmp_path):
@@ -72,7 +67,7 @@ def test_failing_generation_rank_ends_the_command_naming_it(tiny_checkpoint, tmp
     assert "Traceback" in err
     reaction = time.time() - float((tmp_path / "failed_at").read_text())
     assert reaction < 30, f"the command ended {reaction:.1f} s after the failure"
-    assert not _survivors(pids)
+    assert not survivors(pids)
 
 
 def test_ctrl_c_leaves_no_processes(tiny_checkpoint, tmp_path):
@@ -81,7 +76,7 @@ def test_ctrl_c_leaves_no_processes(tiny_checkpoint, tmp_path):
     pids.mkdir()
     proc = _helix(["--config", str(config), "--prompt-ids", "1,2,3", "--max-new-tokens", "8000"], pids)
     deadline = time.monotonic() + 60
-    while len(os.listdir(pids)) < 4 and time.monotonic() < deadline:  # the command and its 3 ranks are up
+    while len(os.listdir(pids)) < 5 and time.monotonic() < deadline:  # the command, fork server, 3 ranks
         time.sleep(0.2)
     time.sleep(2)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
@@ -89,4 +84,4 @@ def test_ctrl_c_leaves_no_processes(tiny_checkpoint, tmp_path):
     assert proc.returncode == 130
     # One line (after the INFO lines of the start), from the command alone: the ranks ignore SIGINT.
     assert [line for line in err.splitlines() if not line.startswith("INFO ")] == ["helix: interrupted"], err
-    assert len(os.listdir(pids)) >= 4 and not _survivors(pids)
+    assert len(os.listdir(pids)) >= 5 and not survivors(pids)

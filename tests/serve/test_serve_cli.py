@@ -16,7 +16,8 @@ from pathlib import Path
 
 import requests
 
-from tests.disagg.test_disagg_cli import FAULT_SITE, _survivors
+from tests.disagg.test_disagg_cli import FAULT_SITE
+from tests.model.test_worker_failure import survivors
 
 
 def start(tiny_checkpoint, pid_dir: Path, *flags: str, **env) -> tuple[subprocess.Popen, str]:
@@ -58,7 +59,7 @@ def test_failed_rank_gives_503_to_every_waiting_request_and_ends_the_command(tin
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert "helix: error: generation server rank 1 (world rank 2) failed" in err and "planted failure" in err, err
-    assert not _survivors(pids)
+    assert not survivors(pids)
 
 
 def test_bad_flags_are_refused_in_one_line(tiny_checkpoint, capsys):

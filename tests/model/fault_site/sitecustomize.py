@@ -1,5 +1,5 @@
 """Loaded at start-up by every Python process of a test that puts this folder on PYTHONPATH (the `helix`
-command and the ranks it spawns). With HELIX_TEST_FAULT_RANK=r set, rank r raises in its third decode step;
+command and the fork server its ranks are forked from, helix.workers.rank_processes; a fork inherits the patch). With HELIX_TEST_FAULT_RANK=r set, rank r raises in its third decode step;
 each process records its pid in HELIX_TEST_PID_DIR so the test can check that none outlives the command, and the
 failing rank writes the time it raised to HELIX_TEST_PID_DIR/../failed_at, from which the test times the command's
 reaction (start-up time under a loaded CI machine is not what is being measured)."""
@@ -8,7 +8,11 @@ import os
 import time
 
 if os.environ.get("HELIX_TEST_PID_DIR"):
-    open(os.path.join(os.environ["HELIX_TEST_PID_DIR"], str(os.getpid())), "w").close()
+    def _record_pid():
+        open(os.path.join(os.environ["HELIX_TEST_PID_DIR"], str(os.getpid())), "w").close()
+
+    _record_pid()
+    os.register_at_fork(after_in_child=_record_pid)  # the ranks, forked from the fork server
 
 if os.environ.get("HELIX_TEST_FAULT_RANK"):
     import helix.engine
