@@ -25,6 +25,7 @@ line goes through ``python -m evals.lm_eval_cli`` (see there).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -48,11 +49,21 @@ log = logging.getLogger(__name__)
 _GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p"}
 
 
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """The progress bars' label (default "helix <request type>") and stream (default stderr): helix eval names the
+    backend and task, and keeps the bars on the console while lm-eval's own output goes to its log."""
+
+    label: str | None = None
+    file: TextIO | None = None
+
+
 @register_model("helix")
 class HelixLM(TemplateLM):
     """Scoring and generation on ``backend`` (an object with the Helix driver interface, see evals/backends.py)."""
 
-    def __init__(self, backend, max_length: int, max_gen_toks: int = 256, batch_size: int = 64, seed: int = 0):
+    def __init__(self, backend, max_length: int, max_gen_toks: int = 256, batch_size: int = 64, seed: int = 0,
+                 progress: Progress = Progress()):
         super().__init__()
         self.backend = backend
         self.tokenizer = backend.tokenizer
@@ -60,10 +71,14 @@ class HelixLM(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
-        # The progress bars' label (default "helix <request type>") and stream (default stderr): helix eval names
-        # the backend and task, and keeps the bars on the console while lm-eval's own output goes to its log.
-        self.progress_label: str | None = None
-        self.progress_file: TextIO | None = None
+        self.progress = progress
+
+    def with_progress(self, progress: Progress) -> "HelixLM":
+        """This model on the same backend (still owned by ``self``) with other progress bars: helix eval takes one
+        per task and context length."""
+        view = copy.copy(self)
+        view.progress = progress
+        return view
 
     # ------------------------------------------------------------------ construction from model_args
 
@@ -160,7 +175,7 @@ class HelixLM(TemplateLM):
         """``call`` on batches of ``items``, longest first (similar lengths batch together); results in input order."""
         order = sorted(range(len(items)), key=lambda i: -size_of(items[i]))
         results: list = [None] * len(items)
-        with tqdm(total=len(items), desc=self.progress_label or desc, file=self.progress_file, unit="req",
+        with tqdm(total=len(items), desc=self.progress.label or desc, file=self.progress.file, unit="req",
                   disable=disable_tqdm or self.rank != 0) as bar:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]

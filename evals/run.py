@@ -289,20 +289,19 @@ def evaluate(spec: BackendSpec, run: Run, batch_size: int, task_path: str, conso
     length's haystacks are held at a time."""
     import lm_eval
 
-    from evals.lm_eval_adapter import HelixLM
+    from evals.lm_eval_adapter import HelixLM, Progress
 
     lm = HelixLM.from_model_args(model_args(spec, run, batch_size))
-    lm.progress_file = console
     out: dict[str, dict] = {}
     try:
         for task in run.tasks:
             needle = task in NEEDLE_TASKS
             out[task] = {}
             for length in run.needles.context_lengths if needle else [None]:
-                lm.progress_label = f"{spec.backend} {task}" + (f" {length}" if needle else "")
-                log.info("%s (limit %s)", lm.progress_label, run.limits[task])
+                label = f"{spec.backend} {task}" + (f" {length}" if needle else "")
+                log.info("%s (limit %s)", label, run.limits[task])
                 res = lm_eval.simple_evaluate(
-                    model=lm, tasks=[task],
+                    model=lm.with_progress(Progress(label, console)), tasks=[task],
                     task_manager=task_manager(task_path, run.needles.metadata(length) if needle else None),
                     num_fewshot=None if needle else run.num_fewshot,  # needle tasks are zero-shot (no few-shot split)
                     limit=run.limits[task], log_samples=True, bootstrap_iters=0,

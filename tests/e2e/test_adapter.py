@@ -10,7 +10,7 @@ import torch
 from lm_eval.api.instance import Instance
 
 from evals.backends import BackendSpec, ReferenceBackend
-from evals.lm_eval_adapter import HelixLM
+from evals.lm_eval_adapter import HelixLM, Progress
 from helix.config import ConfigError, HelixConfig
 from helix.disagg.deploy import deployment_dict
 from helix.sampling import NonFiniteLogits, SamplingParams
@@ -139,8 +139,7 @@ def test_progress_bar_is_labelled_by_its_caller(reference_backend, capsys):
     lm = HelixLM(reference_backend, max_length=256)
     lm.loglikelihood([req("loglikelihood", "The sky is", " blue")])
     assert "helix loglikelihood: 100%" in capsys.readouterr().err  # the default: the lm-eval model and request type
-    lm.progress_label = "reference mmlu"
-    lm.loglikelihood([req("loglikelihood", "The sky is", " blue")])
+    lm.with_progress(Progress("reference mmlu")).loglikelihood([req("loglikelihood", "The sky is", " blue")])
     assert "reference mmlu: 100%" in capsys.readouterr().err
 
 
