@@ -313,7 +313,8 @@ __global__ void __launch_bounds__(THREADS, 1) mla_split_kernel(const MLASplitArg
 template <int STAGES>
 const char* launch(const MLASplitArgs& a, cudaStream_t stream) {
   constexpr int bytes = smem_bytes(STAGES);
-  static const cudaError_t attr =
+  // per call: the attribute belongs to the device current now (one process may drive several)
+  const cudaError_t attr =
       cudaFuncSetAttribute(mla_split_kernel<STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (attr != cudaSuccess) return cudaGetErrorString(attr);
   const dim3 grid((a.heads + HT - 1) / HT, a.num_splits, a.batch);
