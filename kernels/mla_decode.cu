@@ -152,22 +152,9 @@ __global__ void __launch_bounds__(THREADS, 1) mla_split_kernel(const MLASplitArg
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.f;
 
-#pragma unroll
-  for (int k = 0; k < STAGES - 1; ++k) {
-    if (k < n_tiles) issue(k, page_of(k));
-    cp_async_commit();
-  }
-  int next_page = STAGES - 1 < n_tiles ? page_of(STAGES - 1) : -1;  // looked up a tile ahead of its copy
-
-  for (int i = 0; i < n_tiles; ++i) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();  // tile i landed for everyone; everyone is done with tile i - 1 (its stage is refilled now)
-    if (i + STAGES - 1 < n_tiles) issue(i + STAGES - 1, next_page);
-    cp_async_commit();
-    if (i + STAGES < n_tiles) next_page = page_of(i + STAGES);
-    const uint32_t tile = kv_s + (i % STAGES) * TILE_BYTES;
-
-    // ---- partial scores over this warp's dims: S_w [HT, BN]
+  // ---- partial scores over this warp's dims into sp[warp]: S_w [HT, BN]. Fragments are loaded one k-step
+  // ahead of their products (the asm statements keep source order, so the prefetch is written out).
+  auto scores = [&](uint32_t tile) {
     float s[MT][NT][4];
 #pragma unroll
     for (int m = 0; m < MT; ++m)
@@ -175,31 +162,32 @@ __global__ void __launch_bounds__(THREADS, 1) mla_split_kernel(const MLASplitArg
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[m][n][e] = 0.f;
+    // matrices: (tokens 16np + 0..7 | 8..15) x (dims d0 + 0..7 | 8..15): b0, b1 of n-tiles 2np, 2np + 1
+    const int mi = lane >> 3;
+    const uint32_t kb_addr = tile + ((((mi >> 1) << 3) + (lane & 7)) * ROW_S + 64 * warp + ((mi & 1) << 3)) * 2;
+    uint32_t kb[2][NT / 2][4], rb[4];
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) ldsm_x4(kb[0][np], kb_addr + 16 * np * ROW_S * 2);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
+      if (kk < 3) {
 #pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        // matrices: (tokens 16np + 0..7 | 8..15) x (dims d0 + 0..7 | 8..15); b0, b1 of n-tiles 2np, 2np + 1
-        const int mi = lane >> 3;
-        const int tok = 16 * np + (lane & 7) + ((mi >> 1) << 3);
-        const int dim = 64 * warp + 16 * kk + ((mi & 1) << 3);
-        uint32_t kb[4];
-        ldsm_x4(kb, tile + (tok * ROW_S + dim) * 2);
+        for (int np = 0; np < NT / 2; ++np) ldsm_x4(kb[(kk + 1) & 1][np], kb_addr + (16 * np * ROW_S + 16 * (kk + 1)) * 2);
+      } else {  // rope dims [LKV + 8w, +8): one k8 step, matrix n = n-tile n
+        ldsm_x4(rb, tile + ((8 * (lane >> 3) + (lane & 7)) * ROW_S + LKV + 8 * warp) * 2);
+      }
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np)
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
-          mma16(s[m][2 * np], qa[m][kk], kb[0], kb[1]);
-          mma16(s[m][2 * np + 1], qa[m][kk], kb[2], kb[3]);
+          mma16(s[m][2 * np], qa[m][kk], kb[kk & 1][np][0], kb[kk & 1][np][1]);
+          mma16(s[m][2 * np + 1], qa[m][kk], kb[kk & 1][np][2], kb[kk & 1][np][3]);
         }
-      }
     }
-    {  // rope dims [LKV + 8w, +8): one k8 step, matrix n = n-tile n
-      uint32_t rb[4];
-      ldsm_x4(rb, tile + ((8 * (lane >> 3) + (lane & 7)) * ROW_S + LKV + 8 * warp) * 2);
 #pragma unroll
-      for (int m = 0; m < MT; ++m)
+    for (int m = 0; m < MT; ++m)
 #pragma unroll
-        for (int n = 0; n < NT; ++n) mma8(s[m][n], qr[m], rb[n]);
-    }
+      for (int n = 0; n < NT; ++n) mma8(s[m][n], qr[m], rb[n]);
     float* spw = sp + warp * HT * SP_S;
 #pragma unroll
     for (int m = 0; m < MT; ++m)
@@ -209,46 +197,60 @@ __global__ void __launch_bounds__(THREADS, 1) mla_split_kernel(const MLASplitArg
         *reinterpret_cast<float2*>(spw + h * SP_S + t) = make_float2(s[m][n][0], s[m][n][1]);
         *reinterpret_cast<float2*>(spw + (h + 8) * SP_S + t) = make_float2(s[m][n][2], s[m][n][3]);
       }
-    __syncthreads();
+  };
 
-    // ---- online softmax (base 2) of head sm_h over its 4 tokens; the row max across the head's 8 lanes
-    {
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+  // ---- online softmax (base 2) of head sm_h over its 4 tokens of tile i; the row max across the head's 8 lanes
+  auto softmax = [&](int i) {
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-      for (int w = 0; w < WARPS; ++w) {
-        const float4 x = *reinterpret_cast<const float4*>(sp + (w * HT + sm_h) * SP_S + 4 * sm_j);
-        v.x += x.x; v.y += x.y; v.z += x.z; v.w += x.w;
-      }
-      float sc[4] = {v.x, v.y, v.z, v.w};
-      const int t0 = start + i * BN + 4 * sm_j;
-      float mx = -INFINITY;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        sc[q] = t0 + q < end ? sc[q] * a.qk_scale : -INFINITY;
-        mx = fmaxf(mx, sc[q]);
-      }
-#pragma unroll
-      for (int o = 1; o < TPH; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      const float m_new = fmaxf(m_run, mx);  // finite: every tile holds a live token
-      const float alpha = exp2f(m_run - m_new);
-      float p[4], sum = 0.f;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        p[q] = exp2f(sc[q] - m_new);
-        sum += p[q];
-      }
-      l_run = l_run * alpha + sum;  // this thread's tokens only; the head's lanes are summed at the end
-      m_run = m_new;
-      __nv_bfloat162 p01 = __floats2bfloat162_rn(p[0], p[1]), p23 = __floats2bfloat162_rn(p[2], p[3]);
-      uint2 pk;
-      pk.x = *reinterpret_cast<uint32_t*>(&p01);
-      pk.y = *reinterpret_cast<uint32_t*>(&p23);
-      *reinterpret_cast<uint2*>(p_s + sm_h * P_S + 4 * sm_j) = pk;
-      if (sm_j == 0) alpha_s[sm_h] = alpha;
+    for (int w = 0; w < WARPS; ++w) {
+      const float4 x = *reinterpret_cast<const float4*>(sp + (w * HT + sm_h) * SP_S + 4 * sm_j);
+      v.x += x.x; v.y += x.y; v.z += x.z; v.w += x.w;
     }
-    __syncthreads();
+    float sc[4] = {v.x, v.y, v.z, v.w};
+    const int t0 = start + i * BN + 4 * sm_j;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      sc[q] = t0 + q < end ? sc[q] * a.qk_scale : -INFINITY;
+      mx = fmaxf(mx, sc[q]);
+    }
+#pragma unroll
+    for (int o = 1; o < TPH; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    const float m_new = fmaxf(m_run, mx);  // finite: every tile holds a live token
+    const float alpha = exp2f(m_run - m_new);
+    float p[4], sum = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      p[q] = exp2f(sc[q] - m_new);
+      sum += p[q];
+    }
+    l_run = l_run * alpha + sum;  // this thread's tokens only; the head's lanes are summed at the end
+    m_run = m_new;
+    __nv_bfloat162 p01 = __floats2bfloat162_rn(p[0], p[1]), p23 = __floats2bfloat162_rn(p[2], p[3]);
+    uint2 pk;
+    pk.x = *reinterpret_cast<uint32_t*>(&p01);
+    pk.y = *reinterpret_cast<uint32_t*>(&p23);
+    *reinterpret_cast<uint2*>(p_s + sm_h * P_S + 4 * sm_j) = pk;
+    if (sm_j == 0) alpha_s[sm_h] = alpha;
+  };
 
-    // ---- O[:, 64w .. 64w + 64) = O alpha + P C
+  // ---- O[:, 64w .. 64w + 64) = O alpha + P C; both k-steps' fragments loaded before the products
+  auto pv = [&](uint32_t tile) {
+    uint32_t pa[BN / 16][MT][4], cb[BN / 16][4][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+      for (int m = 0; m < MT; ++m)  // rows 16m + (lane & 15), tokens 16kk + 8 (lane >> 4)
+        ldsm_x4(pa[kk][m], p_addr + ((16 * m + (lane & 15)) * P_S + 16 * kk + ((lane >> 4) << 3)) * 2);
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        // matrices (transposed): (tokens 16kk + 0..7 | 8..15) x (columns c0 + 0..7 | 8..15)
+        const int tok = 16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3);
+        const int col = 64 * warp + 16 * np + ((lane >> 4) << 3);
+        ldsm_x4_t(cb[kk][np], tile + (tok * ROW_S + col) * 2);
+      }
+    }
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       const float a0 = alpha_s[16 * m + g], a1 = alpha_s[16 * m + g + 8];
@@ -259,27 +261,43 @@ __global__ void __launch_bounds__(THREADS, 1) mla_split_kernel(const MLASplitArg
       }
     }
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t pa[MT][4];
+    for (int kk = 0; kk < BN / 16; ++kk)
 #pragma unroll
-      for (int m = 0; m < MT; ++m)  // rows 16m + (lane & 15), tokens 16kk + 8 (lane >> 4)
-        ldsm_x4(pa[m], p_addr + ((16 * m + (lane & 15)) * P_S + 16 * kk + ((lane >> 4) << 3)) * 2);
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        // matrices (transposed): (tokens 16kk + 0..7 | 8..15) x (columns c0 + 0..7 | 8..15)
-        const int tok = 16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3);
-        const int col = 64 * warp + 16 * np + ((lane >> 4) << 3);
-        uint32_t cb[4];
-        ldsm_x4_t(cb, tile + (tok * ROW_S + col) * 2);
+      for (int np = 0; np < 4; ++np)
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
-          mma16(acc[m][2 * np], pa[m], cb[0], cb[1]);
-          mma16(acc[m][2 * np + 1], pa[m], cb[2], cb[3]);
+          mma16(acc[m][2 * np], pa[kk][m], cb[kk][np][0], cb[kk][np][1]);
+          mma16(acc[m][2 * np + 1], pa[kk][m], cb[kk][np][2], cb[kk][np][3]);
         }
-      }
-    }
-  }
+  };
 
+  // ---- the pipeline: two barriers a tile. Tile k is copied into stage k % STAGES, STAGES - 1 tiles ahead of
+  // its scores; scores of tile i + 1 run beside the output products of tile i, between the same barriers.
+  auto stage = [&](int k) { return kv_s + (k % STAGES) * TILE_BYTES; };
+#pragma unroll
+  for (int k = 0; k < STAGES - 1; ++k) {
+    if (k < n_tiles) issue(k, page_of(k));
+    cp_async_commit();  // group k holds tile k (empty past the end), so waits count tiles
+  }
+  int next_page = STAGES - 1 < n_tiles ? page_of(STAGES - 1) : -1;  // looked up a tile ahead of its copy
+  if (n_tiles > 0) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile 0 landed
+    scores(stage(0));
+    __syncthreads();
+  }
+  for (int i = 0; i < n_tiles; ++i) {
+    // stage (i - 1) % STAGES: tile i - 1's products finished before the last barrier
+    if (i + STAGES - 1 < n_tiles) issue(i + STAGES - 1, next_page);
+    cp_async_commit();
+    if (i + STAGES < n_tiles) next_page = page_of(i + STAGES);
+    softmax(i);
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // P and alpha of tile i visible, sp free, tile i + 1 landed
+    pv(stage(i));
+    if (i + 1 < n_tiles) scores(stage(i + 1));
+    __syncthreads();  // sp of tile i + 1 visible, P free, stage i free
+  }
   // ---- epilogue: l over the head's lanes, o = O / l, lse = (m + log2 l) ln 2; empty split: o = 0, lse = -inf
 #pragma unroll
   for (int o = 1; o < TPH; o <<= 1) l_run += __shfl_xor_sync(0xffffffffu, l_run, o);
