@@ -3,7 +3,7 @@
 For H in {16, 32, 128}, B in {1, 8}, S in {64K, 256K, 1M} (bf16, Lkv 512, R 64, 64 tokens per block,
 shuffled block table) it times
 
-* ``mla_decode`` (its default path: the CUDA kernel up to CUDA_AUTO_HEADS heads, Triton above), and
+* ``mla_decode`` (its default path: the CUDA kernel for head counts in CUDA_AUTO_HEADS, Triton otherwise), and
 * a plain-torch absorbed decode: einsums over the cache already gathered into a contiguous
   [B, S, Lkv + R] tensor (the gather is not timed), softmax in float32,
 
@@ -227,7 +227,7 @@ def cfg_str(path: str, c: MLAConfig) -> str:
 
 def default_launch(heads: int) -> str:
     """What ``mla_decode``'s auto path runs at ``heads`` for the bench's bf16 cache."""
-    if heads <= CUDA_AUTO_HEADS:
+    if heads in CUDA_AUTO_HEADS:
         return cfg_str("cuda", CUDA_CONFIG)
     return cfg_str("triton", default_config(heads, LKV, DT, False))
 
@@ -285,7 +285,7 @@ def run_decode(ws, ceil, heads_list, batches, seqs, with_torch, deadline, config
                 row = {"H": heads, "B": bsz, "S": seq, "kv_bytes": kv_bytes(bsz, seq, LKV, R, 2),
                        "flops": flops(bsz, heads, seq, LKV, R)}
                 st: dict = {}
-                path, cfg = (configs or {}).get(heads, ("cuda" if heads <= CUDA_AUTO_HEADS else "triton", None))
+                path, cfg = (configs or {}).get(heads, ("cuda" if heads in CUDA_AUTO_HEADS else "triton", None))
                 o, lse = SPLIT_KERNELS[path](qn, qp, kv, bt, sl, scale, config=cfg, stats=st)
                 row["launch"] = {k: v for k, v in st.items() if k != "grid"}
                 if cfg is None:  # the public entry point with its default path and launch shape

@@ -412,7 +412,9 @@ CUDA_HEADS = 32       # heads per program of the CUDA kernel (fewer are padded; 
 CUDA_BLOCK_N = 32     # tokens per tile
 CUDA_WARPS = 8
 CUDA_STAGES = (3, 4, 5)  # compiled pipeline depths
-CUDA_AUTO_HEADS = 0   # path="auto" takes the CUDA kernel up to this many heads (golden/perf/kernels-h200.md)
+# path="auto" takes the CUDA kernel for head counts in this range: on H200 it beats Triton's 64-head wgmma tile up
+# to 32 heads, while Triton's 16-head tile is faster at 16 and the wgmma tile at 128 (golden/perf/kernels-h200.md)
+CUDA_AUTO_HEADS = range(17, CUDA_HEADS + 1)
 CUDA_CONFIG = MLAConfig(block_h=CUDA_HEADS, block_n=CUDA_BLOCK_N, num_warps=CUDA_WARPS, num_stages=4,
                         programs_per_sm=1, tma=False)
 
@@ -514,12 +516,12 @@ def mla_decode(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Ten
 
     ``path``: kernels/_triton.py's rule: cuda = the CUDA C++ kernel (:func:`mla_decode_cuda`; a call it was
     not compiled for is refused); triton = the Triton kernel (on CPU under the interpreter); torch; auto = on
-    CUDA tensors the CUDA kernel for up to CUDA_AUTO_HEADS heads when it supports the call, else Triton (both
+    CUDA tensors the CUDA kernel for head counts in CUDA_AUTO_HEADS when it supports the call, else Triton (both
     split-KV flash-decoding, graph-capturable); the torch reference on CPU.
     """
     if not use_triton(kv_cache, path):
         return mla_decode_torch(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale)
-    if path == "cuda" or (path == "auto" and q_nope_abs.shape[1] <= CUDA_AUTO_HEADS
+    if path == "cuda" or (path == "auto" and q_nope_abs.shape[1] in CUDA_AUTO_HEADS
                           and cuda_unsupported(q_nope_abs, kv_cache, block_table, seq_lens, kv_scale) is None):
         return mla_decode_cuda(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale)
     return mla_decode_triton(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale)
