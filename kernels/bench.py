@@ -292,7 +292,7 @@ def run_decode(ws, ceil, heads_list, batches, seqs, with_torch, deadline, config
                     t = time_graph(lambda: mla_decode(qn, qp, kv, bt, sl, scale))
                 else:
                     t = time_graph(lambda: SPLIT_KERNELS[path](qn, qp, kv, bt, sl, scale, config=cfg))
-                row["triton"] = figures(t, bsz, heads, seq, ceil)
+                row["kernel"] = figures(t, bsz, heads, seq, ceil)
                 # torch needs the contiguous copy plus [B, H, S] scores in bf16 and float32 (x2)
                 need = bsz * seq * (LKV + R) * 2 + bsz * heads * seq * 14
                 if with_torch and need < 0.8 * free:
@@ -363,11 +363,11 @@ def markdown(res: dict) -> str:
                                               else "mla_decode's defaults (" + ", ".join(
                                                   f"H={h}: {c}" for h, c in res["default_configs"].items()) + ")")
            + ".", "",
-           "| H | B | S | KV MB | floor us (bytes / flops) | triton us | GB/s | TFLOP/s | x floor | %read | %matmul "
+           "| H | B | S | KV MB | floor us (bytes / flops) | us | GB/s | TFLOP/s | x floor | %read | %matmul "
            "| torch us | torch GB/s | torch TFLOP/s | speedup | launch |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res.get("decode", []):
-        t = r["triton"]
+        t = r["kernel"]
         tt = r["torch"] if isinstance(r["torch"], dict) else None
         la = r["launch"]
         launch = (f"cuda s{la['num_stages']}/splits {la['splits']}" if la.get("path") == "cuda" else
