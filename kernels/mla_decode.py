@@ -36,6 +36,12 @@ Triton kernel (flash-decoding, two launches):
 The number of splits is chosen on the host from the block table's capacity (never from ``seq_lens``,
 which stays on the device, so the call can be captured in a CUDA graph); each program derives its token
 range from the actual length at run time.
+
+CUDA kernel (``kernels/mla_decode.cu``, :func:`mla_decode_cuda`; bf16, Lkv 512, R 64): the same split contract
+and merge, 32 heads and 32-token tiles a program, tiles copied by cp.async (one page lookup a row) a few stages
+ahead, both products on mma.sync; its header comment gives the algorithm. Built on first use through
+torch.utils.cpp_extension. ``path="auto"`` takes it for head counts in CUDA_AUTO_HEADS, where it measured
+faster than the Triton kernel on H200 (golden/perf/kernels-h200.md).
 """
 
 from __future__ import annotations
