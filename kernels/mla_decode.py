@@ -332,17 +332,9 @@ def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
     the launch shape and, when compiled, the split kernel's registers, spills, shared memory and whether
     it uses Hopper's wgmma."""
     bsz, heads, lkv, rope = _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, kv_scale, float64_ok=False)
-    dev = kv_cache.device
-    o = torch.empty((bsz, heads, lkv), dtype=q_nope_abs.dtype, device=dev)
-    lse = torch.empty((bsz, heads), dtype=torch.float32, device=dev)
+    o, lse, q_nope_abs, q_pe = _outputs_and_queries(q_nope_abs, q_pe, kv_cache)
     if bsz == 0 or heads == 0:
         return o, lse
-
-    # the kernel indexes rows by strides; only the innermost dimension must be unit-stride
-    if q_nope_abs.stride(-1) != 1:
-        q_nope_abs = q_nope_abs.contiguous()
-    if q_pe.stride(-1) != 1:
-        q_pe = q_pe.contiguous()
     if kv_cache.stride(-1) != 1:
         raise ValueError("kv_cache must be contiguous in its last dimension")
 
@@ -392,6 +384,16 @@ def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
                          tma_copies=ptx.count("cp.async.bulk.tensor"))
     _merge_splits(o_s, lse_s, o, lse, interpret)
     return o, lse
+
+
+def _outputs_and_queries(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor):
+    """(o [B, H, Lkv] in the queries' dtype, lse [B, H] float32, q_nope_abs, q_pe with unit-stride rows): the
+    split kernels index rows by strides, so only the innermost dimension must be unit-stride."""
+    bsz, heads, lkv = q_nope_abs.shape
+    o = torch.empty((bsz, heads, lkv), dtype=q_nope_abs.dtype, device=kv_cache.device)
+    lse = torch.empty((bsz, heads), dtype=torch.float32, device=kv_cache.device)
+    return (o, lse, q_nope_abs if q_nope_abs.stride(-1) == 1 else q_nope_abs.contiguous(),
+            q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous())
 
 
 def _split_outputs(o: torch.Tensor, lse: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -474,20 +476,14 @@ def mla_decode_cuda(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torc
             or cfg.num_stages not in CUDA_STAGES):
         raise ValueError(f"mla_decode path='cuda': config {cfg} must keep the compiled tile (block_h {CUDA_HEADS}, "
                          f"block_n {CUDA_BLOCK_N}, num_warps {CUDA_WARPS}) and num_stages in {CUDA_STAGES}")
-    dev = kv_cache.device
-    o = torch.empty((bsz, heads, lkv), dtype=q_nope_abs.dtype, device=dev)
-    lse = torch.empty((bsz, heads), dtype=torch.float32, device=dev)
+    o, lse, q_nope_abs, q_pe = _outputs_and_queries(q_nope_abs, q_pe, kv_cache)
     if bsz == 0 or heads == 0:
         return o, lse
-    if q_nope_abs.stride(-1) != 1:
-        q_nope_abs = q_nope_abs.contiguous()
-    if q_pe.stride(-1) != 1:
-        q_pe = q_pe.contiguous()
     head_tiles = triton.cdiv(heads, CUDA_HEADS)
     splits = _choose_splits(cfg, bsz, head_tiles, block_table.shape[1] * kv_cache.shape[1], num_sms(kv_cache))
     o_s, lse_s = _split_outputs(o, lse, splits)
     _extension().split(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, o_s, lse_s, float(scale) * LOG2E,
-                       splits, cfg.num_stages, torch.cuda.current_stream(dev).cuda_stream)
+                       splits, cfg.num_stages, torch.cuda.current_stream(kv_cache.device).cuda_stream)
     if stats is not None:
         stats.update(path="cuda", block_h=CUDA_HEADS, block_n=CUDA_BLOCK_N, num_warps=CUDA_WARPS,
                      num_stages=cfg.num_stages, tma=False, splits=splits, grid=(head_tiles, splits, bsz),
