@@ -29,7 +29,7 @@ class Execution:
     Environment variables are documented defaults, read once where a command starts (``from_env``); the ranks
     receive the resolved values and read no environment themselves."""
 
-    kernels: str = "auto"  # HELIX_KERNELS: auto = Triton on CUDA tensors, torch reference on CPU; triton; torch
+    kernels: str = "auto"  # HELIX_KERNELS: auto (GPU kernels on CUDA, torch reference on CPU); cuda; triton; torch
     fuse: bool = True  # HELIX_FUSE: torch.compile the decode step's small elementwise chains on CUDA
     cuda_graphs: bool = True  # capture the decode step, one graph per batch size (CUDA only)
     microbatches: int = 1  # HOP-B: micro-batches whose all-to-all overlaps the next one's attention

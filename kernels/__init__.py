@@ -4,13 +4,14 @@
 * :func:`helix_combine` - the exact log-sum-exp merge of per-rank partials (Helix step 4);
 * :func:`moe_decode` - the routed experts of a decode batch, reading only the chosen local experts.
 
-Each takes ``path`` (kernels/_triton.py): ``auto`` runs Triton on CUDA tensors and the torch reference on CPU;
+``mla_decode`` also has a CUDA C++ split kernel (kernels/mla_decode.cu, :func:`mla_decode_cuda`). Each takes ``path``
+(kernels/_triton.py): ``auto`` runs the fastest GPU kernel on CUDA tensors and the torch reference on CPU; ``cuda``,
 ``triton`` or ``torch`` forces one (Triton on CPU tensors runs under Triton's interpreter). A run's path is its
 ``Execution.kernels`` (helix/spec.py), whose default is ``HELIX_KERNELS``.
 """
 
 from kernels.helix_combine import helix_combine, helix_combine_torch, helix_combine_triton
-from kernels.mla_decode import MLAConfig, mla_decode, mla_decode_torch, mla_decode_triton
+from kernels.mla_decode import MLAConfig, mla_decode, mla_decode_cuda, mla_decode_torch, mla_decode_triton
 from kernels.moe_decode import MoEConfig, moe_decode, moe_decode_torch, moe_decode_triton
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "helix_combine_torch",
     "helix_combine_triton",
     "mla_decode",
+    "mla_decode_cuda",
     "mla_decode_torch",
     "mla_decode_triton",
     "moe_decode",

@@ -5,7 +5,10 @@ whose default the command reads from ``HELIX_KERNELS``):
 
 * ``torch``  -> the torch reference, whatever the device;
 * ``triton`` -> the Triton kernel; on CPU tensors it runs under Triton's interpreter;
-* ``auto`` (default) -> Triton on CUDA tensors, the torch reference otherwise.
+* ``cuda``   -> the kernel's CUDA C++ version where it has one (``mla_decode``: kernels/mla_decode.cu), its
+  Triton kernel otherwise; CUDA tensors only;
+* ``auto`` (default) -> on CUDA tensors the fastest GPU kernel measured for the call's shape (each kernel's
+  wrapper says which), the torch reference otherwise.
 
 The interpreter is chosen per call (CPU tensors, or ``TRITON_INTERPRET=1`` in the environment), not at
 import time: ``triton.jit`` decides interpret-vs-compile when the module is imported, and under pytest
@@ -44,15 +47,18 @@ except ImportError:
     TensorDescriptor = None
     HAS_TENSOR_DESCRIPTOR = False
 
-PATHS = ("auto", "triton", "torch")
+PATHS = ("auto", "cuda", "triton", "torch")
 
 
 def use_triton(t: torch.Tensor, path: str = "auto") -> bool:
-    """Whether a call on tensors living where ``t`` lives takes the Triton path."""
+    """Whether a call on tensors living where ``t`` lives takes a GPU kernel (Triton, or CUDA C++ where the
+    kernel has one) rather than the torch reference."""
     if path not in PATHS:
         raise ValueError(f"path={path!r}: expected one of {', '.join(PATHS)}")
     if path == "torch":
         return False
+    if path == "cuda" and not t.is_cuda:
+        raise ValueError(f"path='cuda' needs CUDA tensors, got {t.device}")
     if path == "triton":
         if not HAS_TRITON:
             raise RuntimeError("path='triton' but triton is not installed")

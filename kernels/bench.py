@@ -3,7 +3,7 @@
 For H in {16, 32, 128}, B in {1, 8}, S in {64K, 256K, 1M} (bf16, Lkv 512, R 64, 64 tokens per block,
 shuffled block table) it times
 
-* ``mla_decode`` (the Triton kernel, default launch shape), and
+* ``mla_decode`` (its default path: the CUDA kernel for head counts in CUDA_AUTO_HEADS, Triton otherwise), and
 * a plain-torch absorbed decode: einsums over the cache already gathered into a contiguous
   [B, S, Lkv + R] tensor (the gather is not timed), softmax in float32,
 
@@ -12,7 +12,7 @@ each as the median of CUDA-graph replays timed with CUDA events, and reports KV 
 bf16 matmul rate), both ceilings measured in the same run (read bandwidth: the best read-only stream over a
 few kernels and sizes; the device-to-device copy, read + write, is reported beside it). It also
 times ``helix_combine`` at B in {1, 32}, h in {16, 128}, N in {2, 4, 8}, and with ``--sweep`` a few launch
-shapes of the split kernel at S = 1M, B = 1. Writes kernels-<card>.json and .md into --out.
+shapes of the Triton and CUDA split kernels at S = 1M, B = 1. Writes kernels-<card>.json and .md into --out.
 """
 
 from __future__ import annotations
@@ -25,13 +25,15 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from kernels import helix_combine, mla_decode
 from kernels._triton import tl, triton
-from kernels.mla_decode import MLAConfig, default_config, flops, kv_bytes, mla_decode_triton
+from kernels.mla_decode import (CUDA_AUTO_HEADS, CUDA_CONFIG, MLAConfig, default_config, flops, kv_bytes, mla_decode_cuda,
+                                 mla_decode_triton)
 
 LKV, R, TPB = 512, 64, 64
 DT = torch.bfloat16
@@ -199,19 +201,35 @@ def figures(t, bsz, heads, seq, ceil) -> dict:
 
 
 def _c(h, n, w, st, p, tma=True):
-    return MLAConfig(block_h=h, block_n=n, num_warps=w, num_stages=st, programs_per_sm=p, tma=tma)
+    return "triton", MLAConfig(block_h=h, block_n=n, num_warps=w, num_stages=st, programs_per_sm=p, tma=tma)
 
 
-SWEEP = {  # the first entry of each list is the default of kernels.mla_decode.default_config; the last is
-    # the default before TMA tiles (issue 15), timed in the same run as the before/after baseline
-    16: [_c(16, 32, 4, 3, 2), _c(16, 64, 4, 2, 2), _c(64, 64, 8, 2, 1), _c(16, 64, 4, 2, 2, tma=False)],
-    32: [_c(64, 64, 8, 2, 1), _c(32, 64, 8, 2, 1), _c(32, 32, 8, 3, 1), _c(16, 32, 4, 3, 2), _c(32, 32, 4, 3, 2, tma=False)],
-    128: [_c(64, 64, 8, 2, 1), _c(64, 64, 8, 3, 1), _c(64, 64, 8, 2, 1, tma=False)],
+def _cuda(st, p=1):
+    return "cuda", replace(CUDA_CONFIG, num_stages=st, programs_per_sm=p)
+
+
+SPLIT_KERNELS = {"triton": mla_decode_triton, "cuda": mla_decode_cuda}
+SWEEP = {  # (path, launch shape). The first Triton entry of each list is kernels.mla_decode.default_config; the
+    # last Triton entry is the default before TMA tiles (issue 15); the CUDA kernel at its pipeline depths
+    16: [_c(16, 32, 4, 3, 2), _c(16, 64, 4, 2, 2), _c(64, 64, 8, 2, 1), _c(16, 64, 4, 2, 2, tma=False),
+         _cuda(4), _cuda(5)],
+    32: [_c(64, 64, 8, 2, 1), _c(32, 64, 8, 2, 1), _c(32, 32, 8, 3, 1), _c(16, 32, 4, 3, 2), _c(32, 32, 4, 3, 2, tma=False),
+         _cuda(3), _cuda(4), _cuda(5), _cuda(4, 2)],
+    128: [_c(64, 64, 8, 2, 1), _c(64, 64, 8, 3, 1), _c(64, 64, 8, 2, 1, tma=False), _cuda(4)],
 }
 
 
-def cfg_str(c: MLAConfig) -> str:
+def cfg_str(path: str, c: MLAConfig) -> str:
+    if path == "cuda":
+        return f"cuda s{c.num_stages}/p{c.programs_per_sm}"
     return f"h{c.block_h}/n{c.block_n}/w{c.num_warps}/s{c.num_stages}/p{c.programs_per_sm}" + ("/tma" if c.tma else "")
+
+
+def default_launch(heads: int) -> str:
+    """What ``mla_decode``'s auto path runs at ``heads`` for the bench's bf16 cache."""
+    if heads in CUDA_AUTO_HEADS:
+        return cfg_str("cuda", CUDA_CONFIG)
+    return cfg_str("triton", default_config(heads, LKV, DT, False))
 
 
 def run_sweep(ws, ceil, heads_list, seq, deadline) -> list[dict]:
@@ -219,19 +237,20 @@ def run_sweep(ws, ceil, heads_list, seq, deadline) -> list[dict]:
     for heads in heads_list:
         qn, qp, kv, bt, sl, scale = ws.inputs(1, seq, heads, seed=heads)
         ref = torch_decode(qn, qp, kv[bt.long()].view(1, seq, LKV + R), scale)[0]
-        for cfg in SWEEP[heads]:
+        for path, cfg in SWEEP[heads]:
             if time.time() > deadline:
                 log("sweep: out of time")
                 return rows
-            row = {"H": heads, "B": 1, "S": seq, "config": cfg_str(cfg), "_cfg": cfg,
+            kernel = SPLIT_KERNELS[path]
+            row = {"H": heads, "B": 1, "S": seq, "config": cfg_str(path, cfg), "_cfg": (path, cfg),
                    "kv_bytes": kv_bytes(1, seq, LKV, R, 2), "flops": flops(1, heads, seq, LKV, R)}
             try:
                 st: dict = {}
-                o, _ = mla_decode_triton(qn, qp, kv, bt, sl, scale, config=cfg, stats=st)
+                o, _ = kernel(qn, qp, kv, bt, sl, scale, config=cfg, stats=st)
                 torch.cuda.synchronize()
                 row["rel_err_vs_torch"] = rel_err(o, ref)
                 row.update({k: v for k, v in st.items() if k != "grid"})
-                t = time_graph(lambda: mla_decode_triton(qn, qp, kv, bt, sl, scale, config=cfg))
+                t = time_graph(lambda: kernel(qn, qp, kv, bt, sl, scale, config=cfg))
                 row.update(figures(t, 1, heads, seq, ceil))
             except Exception as e:  # noqa: BLE001 - a launch shape that does not fit is a result too
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -243,7 +262,7 @@ def run_sweep(ws, ceil, heads_list, seq, deadline) -> list[dict]:
 
 
 def best_configs(sweep: list[dict]) -> dict:
-    """Fastest correct launch shape per head count."""
+    """Fastest correct (path, launch shape) per head count."""
     best: dict = {}
     for r in sweep:
         if "error" in r or r["rel_err_vs_torch"] > 1e-2:
@@ -266,14 +285,14 @@ def run_decode(ws, ceil, heads_list, batches, seqs, with_torch, deadline, config
                 row = {"H": heads, "B": bsz, "S": seq, "kv_bytes": kv_bytes(bsz, seq, LKV, R, 2),
                        "flops": flops(bsz, heads, seq, LKV, R)}
                 st: dict = {}
-                cfg = (configs or {}).get(heads)
-                o, lse = mla_decode_triton(qn, qp, kv, bt, sl, scale, config=cfg, stats=st)
+                path, cfg = (configs or {}).get(heads, ("cuda" if heads in CUDA_AUTO_HEADS else "triton", None))
+                o, lse = SPLIT_KERNELS[path](qn, qp, kv, bt, sl, scale, config=cfg, stats=st)
                 row["launch"] = {k: v for k, v in st.items() if k != "grid"}
-                if cfg is None:  # the public entry point with its default launch shape
+                if cfg is None:  # the public entry point with its default path and launch shape
                     t = time_graph(lambda: mla_decode(qn, qp, kv, bt, sl, scale))
                 else:
-                    t = time_graph(lambda: mla_decode_triton(qn, qp, kv, bt, sl, scale, config=cfg))
-                row["triton"] = figures(t, bsz, heads, seq, ceil)
+                    t = time_graph(lambda: SPLIT_KERNELS[path](qn, qp, kv, bt, sl, scale, config=cfg))
+                row["kernel"] = figures(t, bsz, heads, seq, ceil)
                 # torch needs the contiguous copy plus [B, H, S] scores in bf16 and float32 (x2)
                 need = bsz * seq * (LKV + R) * 2 + bsz * heads * seq * 14
                 if with_torch and need < 0.8 * free:
@@ -338,18 +357,21 @@ def markdown(res: dict) -> str:
            f"{c['read_best']}), copy {c['copy_GBps']:.0f} GB/s (read + write), bf16 matmul {c['matmul_TFLOPs']:.0f} "
            "TFLOP/s, all measured in this run; floor = max(KV bytes / read, FLOPs / matmul). "
            f"Lkv {LKV}, R {R}, {TPB} tokens/block, shuffled block table, bf16; median of CUDA-graph replays.", "",
-           "## mla_decode (Triton) vs plain-torch absorbed decode (contiguous cache, gather not timed)", "",
-           "Launch shape per H: " + (", ".join(f"H={h}: {c}" for h, c in res["table_configs"].items())
-                                     + " (fastest of the sweep below)" if res.get("table_configs")
-                                     else "the defaults of kernels.mla_decode.default_config") + ".", "",
-           "| H | B | S | KV MB | floor us (bytes / flops) | triton us | GB/s | TFLOP/s | x floor | %read | %matmul "
+           "## mla_decode vs plain-torch absorbed decode (contiguous cache, gather not timed)", "",
+           "Path and launch shape per H: " + (", ".join(f"H={h}: {c}" for h, c in res["table_configs"].items())
+                                              + " (fastest of the sweep below)" if res.get("table_configs")
+                                              else "mla_decode's defaults (" + ", ".join(
+                                                  f"H={h}: {c}" for h, c in res["default_configs"].items()) + ")")
+           + ".", "",
+           "| H | B | S | KV MB | floor us (bytes / flops) | us | GB/s | TFLOP/s | x floor | %read | %matmul "
            "| torch us | torch GB/s | torch TFLOP/s | speedup | launch |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res.get("decode", []):
-        t = r["triton"]
+        t = r["kernel"]
         tt = r["torch"] if isinstance(r["torch"], dict) else None
         la = r["launch"]
-        launch = (f"h{la['block_h']}/n{la['block_n']}/w{la['num_warps']}/s{la['num_stages']}/splits {la['splits']}"
+        launch = (f"cuda s{la['num_stages']}/splits {la['splits']}" if la.get("path") == "cuda" else
+                  f"h{la['block_h']}/n{la['block_n']}/w{la['num_warps']}/s{la['num_stages']}/splits {la['splits']}"
                   + ("/tma" if la.get("tma") else ""))
         out.append(
             f"| {r['H']} | {r['B']} | {r['S'] // 1024}K | {r['kv_bytes'] / 1e6:.0f} | {t['floor_us']:.0f} "
@@ -359,7 +381,7 @@ def markdown(res: dict) -> str:
                if tt else f"{r['torch']} | | | ") + f" | {launch} |")
     if res.get("sweep"):
         out += ["", "## launch-shape sweep (S = 1M, B = 1)", "",
-                "| H | config (h/n/warps/stages/programs per SM/tma) | us | x floor | GB/s | TFLOP/s | splits | regs | spills | smem | wgmma | rel err vs torch |",
+                "| H | config (Triton h/n/warps/stages/programs per SM/tma, or cuda stages/programs per SM) | us | x floor | GB/s | TFLOP/s | splits | regs | spills | smem | wgmma | rel err vs torch |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["sweep"]:
             if "error" in r:
@@ -395,7 +417,7 @@ def main(argv=None) -> int:
     deadline = time.time() + args.budget_s
     res = {**environment(), "sms": torch.cuda.get_device_properties(0).multi_processor_count,
            "shape": {"Lkv": LKV, "R": R, "tokens_per_block": TPB, "dtype": "bfloat16"},
-           "default_configs": {h: cfg_str(default_config(h, LKV, DT, False)) for h in args.heads}}
+           "default_configs": {h: default_launch(h) for h in args.heads}}
     res["ceilings"] = measure_ceilings()
     log("ceilings", json.dumps(res["ceilings"]))
     max_tokens = max(b * s for b in args.batches for s in args.seqs)
@@ -417,7 +439,7 @@ def main(argv=None) -> int:
         res["sweep"] = run_sweep(ws, res["ceilings"], args.heads, max(args.seqs), deadline)
         if args.tuned:
             configs = best_configs(res["sweep"])
-            res["table_configs"] = {h: cfg_str(c) for h, c in configs.items()}
+            res["table_configs"] = {h: cfg_str(*pc) for h, pc in configs.items()}
             log("table configs", res["table_configs"])
         for r in res["sweep"]:
             r.pop("_cfg", None)

@@ -36,11 +36,19 @@ Triton kernel (flash-decoding, two launches):
 The number of splits is chosen on the host from the block table's capacity (never from ``seq_lens``,
 which stays on the device, so the call can be captured in a CUDA graph); each program derives its token
 range from the actual length at run time.
+
+CUDA kernel (``kernels/mla_decode.cu``, :func:`mla_decode_cuda`; bf16, Lkv 512, R 64): the same split contract
+and merge, 32 heads and 32-token tiles a program, tiles copied by cp.async (one page lookup a row) a few stages
+ahead, both products on mma.sync; its header comment gives the algorithm. Built on first use through
+torch.utils.cpp_extension. ``path="auto"`` takes it for head counts in CUDA_AUTO_HEADS, where it measured
+faster than the Triton kernel on H200 (golden/perf/kernels-h200.md).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -48,7 +56,7 @@ from kernels._triton import (HAS_TENSOR_DESCRIPTOR, TensorDescriptor, interpreti
                              triton, use_triton)
 from kernels.helix_combine import launch_lse_combine
 
-__all__ = ["mla_decode", "mla_decode_torch", "mla_decode_triton", "MLAConfig", "default_config"]
+__all__ = ["mla_decode", "mla_decode_torch", "mla_decode_triton", "mla_decode_cuda", "MLAConfig", "default_config"]
 
 LOG2E = 1.4426950408889634
 FP8 = torch.float8_e4m3fn
@@ -324,17 +332,9 @@ def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
     the launch shape and, when compiled, the split kernel's registers, spills, shared memory and whether
     it uses Hopper's wgmma."""
     bsz, heads, lkv, rope = _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, kv_scale, float64_ok=False)
-    dev = kv_cache.device
-    o = torch.empty((bsz, heads, lkv), dtype=q_nope_abs.dtype, device=dev)
-    lse = torch.empty((bsz, heads), dtype=torch.float32, device=dev)
+    o, lse, q_nope_abs, q_pe = _outputs_and_queries(q_nope_abs, q_pe, kv_cache)
     if bsz == 0 or heads == 0:
         return o, lse
-
-    # the kernel indexes rows by strides; only the innermost dimension must be unit-stride
-    if q_nope_abs.stride(-1) != 1:
-        q_nope_abs = q_nope_abs.contiguous()
-    if q_pe.stride(-1) != 1:
-        q_pe = q_pe.contiguous()
     if kv_cache.stride(-1) != 1:
         raise ValueError("kv_cache must be contiguous in its last dimension")
 
@@ -355,15 +355,9 @@ def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
         c_desc = TensorDescriptor.from_tensor(rows, [cfg.block_n, block_lkv])
         pe_desc = TensorDescriptor.from_tensor(rows, [cfg.block_n, block_r])
 
-    if splits == 1:  # write the final output directly
-        o_s, lse_s = o, lse
-        so = (o.stride(0), o.stride(1), 0)
-        sl = (lse.stride(0), lse.stride(1), 0)
-    else:
-        o_s = torch.empty((bsz, heads, splits, lkv), dtype=torch.float32, device=dev)
-        lse_s = torch.empty((bsz, heads, splits), dtype=torch.float32, device=dev)
-        so = (o_s.stride(0), o_s.stride(1), o_s.stride(2))
-        sl = (lse_s.stride(0), lse_s.stride(1), lse_s.stride(2))
+    o_s, lse_s = _split_outputs(o, lse, splits)
+    so = (o_s.stride(0), o_s.stride(1), o_s.stride(2) if splits > 1 else 0)
+    sl = (lse_s.stride(0), lse_s.stride(1), lse_s.stride(2) if splits > 1 else 0)
 
     grid = (head_tiles, splits, bsz)
     compiled = launcher(_mla_split_kernel, interpret)[grid](
@@ -388,9 +382,113 @@ def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
                          wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
                          cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
                          tma_copies=ptx.count("cp.async.bulk.tensor"))
-    if splits > 1:
-        # splits as the "parts" axis of the Helix merge: views [S, B, H, Lkv] / [S, B, H]
+    _merge_splits(o_s, lse_s, o, lse, interpret)
+    return o, lse
+
+
+def _outputs_and_queries(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor):
+    """(o [B, H, Lkv] in the queries' dtype, lse [B, H] float32, q_nope_abs, q_pe with unit-stride rows): the
+    split kernels index rows by strides, so only the innermost dimension must be unit-stride."""
+    bsz, heads, lkv = q_nope_abs.shape
+    o = torch.empty((bsz, heads, lkv), dtype=q_nope_abs.dtype, device=kv_cache.device)
+    lse = torch.empty((bsz, heads), dtype=torch.float32, device=kv_cache.device)
+    return (o, lse, q_nope_abs if q_nope_abs.stride(-1) == 1 else q_nope_abs.contiguous(),
+            q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous())
+
+
+def _split_outputs(o: torch.Tensor, lse: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the split kernel writes: ``o`` and ``lse`` themselves for one split (the final output), else
+    float32 partials [B, H, splits, Lkv] and their lse [B, H, splits]."""
+    if splits == 1:
+        return o, lse
+    bsz, heads, lkv = o.shape
+    return (torch.empty((bsz, heads, splits, lkv), dtype=torch.float32, device=o.device),
+            torch.empty((bsz, heads, splits), dtype=torch.float32, device=o.device))
+
+
+def _merge_splits(o_s, lse_s, o, lse, interpret: bool) -> None:
+    """Merge the split partials into ``o``, ``lse`` (nothing to do for one split): the splits are the "parts"
+    axis of the Helix merge, as views [S, B, H, Lkv] / [S, B, H]."""
+    if o_s is not o:
         launch_lse_combine(o_s.permute(2, 0, 1, 3), lse_s.permute(2, 0, 1), o, lse, interpret)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA C++ path (kernels/mla_decode.cu)
+# ----------------------------------------------------------------------------------------------------
+CUDA_HEADS = 32       # heads per program of the CUDA kernel (fewer are padded; more take several head tiles)
+CUDA_BLOCK_N = 32     # tokens per tile
+CUDA_WARPS = 8
+CUDA_STAGES = (3, 4, 5)  # compiled pipeline depths
+# path="auto" takes the CUDA kernel for head counts in this range: on H200 it beats Triton's 64-head wgmma tile up
+# to 32 heads, while Triton's 16-head tile is faster at 16 and the wgmma tile at 128 (golden/perf/kernels-h200.md)
+CUDA_AUTO_HEADS = range(17, CUDA_HEADS + 1)
+CUDA_CONFIG = MLAConfig(block_h=CUDA_HEADS, block_n=CUDA_BLOCK_N, num_warps=CUDA_WARPS, num_stages=4,
+                        programs_per_sm=1, tma=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _extension():
+    """The CUDA path's torch extension, built on first use by torch.utils.cpp_extension (ninja and nvcc;
+    ~1 min, then cached under TORCH_EXTENSIONS_DIR for the same sources)."""
+    from torch.utils.cpp_extension import load
+
+    here = Path(__file__).resolve().parent
+    return load(name="helix_mla_decode", sources=[str(here / "mla_decode_ext.cpp"), str(here / "mla_decode.cu")],
+                extra_include_paths=[str(here)], extra_cflags=["-O3"], extra_cuda_cflags=["-O3"])
+
+
+def cuda_unsupported(q_nope_abs: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor, kv_scale: torch.Tensor | None) -> str | None:
+    """Why the CUDA kernel cannot take this call, or None: it is compiled for the DeepSeek-V3 row (Lkv 512,
+    R 64) in bf16, int32 tables, a cache whose rows start 16-byte aligned (cp.async copies), sm_80 or newer."""
+    lkv, row = q_nope_abs.shape[-1], kv_cache.shape[-1]
+    if not kv_cache.is_cuda:
+        return f"needs CUDA tensors, got {kv_cache.device}"
+    if torch.cuda.get_device_capability(kv_cache.device) < (8, 0):
+        return "needs compute capability 8.0 or newer"
+    if kv_scale is not None or kv_cache.dtype != torch.bfloat16 or q_nope_abs.dtype != torch.bfloat16:
+        return f"is compiled for bf16 queries and cache, got {q_nope_abs.dtype} / {kv_cache.dtype}"
+    if (lkv, row - lkv) != (512, 64):
+        return f"is compiled for Lkv 512, R 64, got Lkv {lkv}, R {row - lkv}"
+    if block_table.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        return f"takes int32 block_table and seq_lens, got {block_table.dtype} / {seq_lens.dtype}"
+    if (kv_cache.stride(-1) != 1 or kv_cache.stride(0) % 8 or kv_cache.stride(1) % 8
+            or kv_cache.data_ptr() % 16):
+        return "needs cache rows contiguous and 16-byte aligned"
+    return None
+
+
+def mla_decode_cuda(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                    block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                    kv_scale: torch.Tensor | None = None, config: MLAConfig | None = None, stats: dict | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CUDA C++ path of :func:`mla_decode` (kernels/mla_decode.cu): the same split contract as the Triton
+    kernel, merged by the same combine; no host sync, so capturable in a CUDA graph. ``config`` may change
+    ``num_stages`` (one of CUDA_STAGES), ``programs_per_sm``, ``min_tiles_per_split`` and ``num_splits``; its
+    tile shape must be the compiled one (CUDA_CONFIG)."""
+    bsz, heads, lkv, rope = _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, kv_scale, float64_ok=False)
+    why = cuda_unsupported(q_nope_abs, kv_cache, block_table, seq_lens, kv_scale)
+    if why:
+        raise ValueError(f"mla_decode path='cuda': the CUDA kernel {why}")
+    cfg = config or CUDA_CONFIG
+    if ((cfg.block_h, cfg.block_n, cfg.num_warps) != (CUDA_HEADS, CUDA_BLOCK_N, CUDA_WARPS)
+            or cfg.num_stages not in CUDA_STAGES):
+        raise ValueError(f"mla_decode path='cuda': config {cfg} must keep the compiled tile (block_h {CUDA_HEADS}, "
+                         f"block_n {CUDA_BLOCK_N}, num_warps {CUDA_WARPS}) and num_stages in {CUDA_STAGES}")
+    o, lse, q_nope_abs, q_pe = _outputs_and_queries(q_nope_abs, q_pe, kv_cache)
+    if bsz == 0 or heads == 0:
+        return o, lse
+    head_tiles = triton.cdiv(heads, CUDA_HEADS)
+    splits = _choose_splits(cfg, bsz, head_tiles, block_table.shape[1] * kv_cache.shape[1], num_sms(kv_cache))
+    o_s, lse_s = _split_outputs(o, lse, splits)
+    _extension().split(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, o_s, lse_s, float(scale) * LOG2E,
+                       splits, cfg.num_stages, torch.cuda.current_stream(kv_cache.device).cuda_stream)
+    if stats is not None:
+        stats.update(path="cuda", block_h=CUDA_HEADS, block_n=CUDA_BLOCK_N, num_warps=CUDA_WARPS,
+                     num_stages=cfg.num_stages, tma=False, splits=splits, grid=(head_tiles, splits, bsz),
+                     shared=_extension().smem_bytes(cfg.num_stages))
+    _merge_splits(o_s, lse_s, o, lse, interpret=False)
     return o, lse
 
 
@@ -418,12 +516,17 @@ def mla_decode(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Ten
         A sequence with no local tokens gives o = 0 and lse = -inf, never NaN. Cache slots past
         seq_lens[b] are never read (they may hold NaN). B = 0 gives empty outputs.
 
-    ``path``: kernels/_triton.py's rule: auto = Triton on CUDA tensors (split-KV flash-decoding,
-    graph-capturable), the torch reference on CPU; triton (on CPU under the interpreter); torch.
+    ``path``: kernels/_triton.py's rule: cuda = the CUDA C++ kernel (:func:`mla_decode_cuda`; a call it was
+    not compiled for is refused); triton = the Triton kernel (on CPU under the interpreter); torch; auto = on
+    CUDA tensors the CUDA kernel for head counts in CUDA_AUTO_HEADS when it supports the call, else Triton (both
+    split-KV flash-decoding, graph-capturable); the torch reference on CPU.
     """
-    if use_triton(kv_cache, path):
-        return mla_decode_triton(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale)
-    return mla_decode_torch(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale)
+    if not use_triton(kv_cache, path):
+        return mla_decode_torch(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale)
+    if path == "cuda" or (path == "auto" and q_nope_abs.shape[1] in CUDA_AUTO_HEADS
+                          and cuda_unsupported(q_nope_abs, kv_cache, block_table, seq_lens, kv_scale) is None):
+        return mla_decode_cuda(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale)
+    return mla_decode_triton(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale)
 
 
 def flops(bsz: int, heads: int, seq: int, lkv: int, rope: int) -> int:

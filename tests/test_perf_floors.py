@@ -35,7 +35,7 @@ def _recorded() -> list[Path]:
 def _kernel_points(res: dict):
     """(label, seconds, bytes, FLOPs, recorded floor us) of every timed mla_decode / torch point."""
     for r in res.get("decode", []):
-        for impl in ("triton", "torch"):
+        for impl in ("kernel", "torch"):
             f = r[impl]
             if isinstance(f, dict):
                 yield f"{impl} H={r['H']} B={r['B']} S={r['S']}", f["us"] * 1e-6, r["kv_bytes"], r["flops"], f["floor_us"]

@@ -25,7 +25,7 @@ def test_execution_defaults_come_from_the_environment_then_overrides():
 
 
 @pytest.mark.parametrize("env, match", [
-    ({"HELIX_KERNELS": "cuda"}, "HELIX_KERNELS='cuda': must be one of"),
+    ({"HELIX_KERNELS": "gpu"}, "HELIX_KERNELS='gpu': must be one of"),
     ({"HELIX_FUSE": "yes"}, "HELIX_FUSE='yes': must be 0"),
     ({"HELIX_COLLECTIVE_TIMEOUT_S": "soon"}, "HELIX_COLLECTIVE_TIMEOUT_S='soon'"),
     ({"HELIX_COLLECTIVE_TIMEOUT_S": "0"}, "HELIX_COLLECTIVE_TIMEOUT_S='0'"),

@@ -18,8 +18,8 @@ GARBAGE_BLOCK_IDS = (-1, 2**30)  # what unused block-table entries hold: never d
 
 def assert_path_selection(monkeypatch, kernel: str, call) -> None:
     """``call(path=...)`` on CPU tensors takes the path kernels/_triton.py's rule names for each value, the default
-    is auto, and an unknown value is refused. ``kernel`` names the module and its ``<kernel>_torch`` /
-    ``<kernel>_triton``."""
+    is auto, ``cuda`` is refused on CPU tensors, and an unknown value is refused. ``kernel`` names the module and
+    its ``<kernel>_torch`` / ``<kernel>_triton``."""
     mod = importlib.import_module(f"kernels.{kernel}")  # the package attribute of that name is the function
     calls = []
     for path in ("torch", "triton"):
@@ -27,8 +27,10 @@ def assert_path_selection(monkeypatch, kernel: str, call) -> None:
     for mode, want in [("auto", "torch"), ("torch", "torch"), ("triton", "triton"), (None, "torch")]:
         call(**({} if mode is None else {"path": mode}))
         assert calls[-1] == want, f"path={mode!r} on CPU picked {calls[-1]}"
-    with pytest.raises(ValueError, match="path='cuda'"):
+    with pytest.raises(ValueError, match="path='cuda' needs CUDA tensors"):
         call(path="cuda")
+    with pytest.raises(ValueError, match="path='gpu': expected one of auto, cuda, triton, torch"):
+        call(path="gpu")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The Triton kernels on CUDA at DeepSeek-V3 sizes (Lkv 512, R 64; H 16, 32, 128; S up to 1M tokens).
+"""The GPU kernels (Triton, and mla_decode's CUDA C++ path) at DeepSeek-V3 sizes (Lkv 512, R 64; H 16, 32, 128;
+S up to 1M tokens).
 
 Oracle: the float64 token-by-token reference of tests/kernels/cases.py, computed on the GPU.
 """
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from kernels import helix_combine, mla_decode
-from kernels.mla_decode import mla_decode_triton
+from kernels.mla_decode import CUDA_CONFIG, mla_decode_cuda, mla_decode_triton
 from tests.kernels.cases import (combine_lowp_baseline, combine_oracle64, make_combine_case, make_mla_case,
                                  mla_bf16_baseline, mla_oracle64)
 from tests.tolerance import assert_bf16_policy, assert_f32_parity, error_report
@@ -56,22 +57,23 @@ def test_mla_decode_f32_parity(heads):
     assert_f32_parity(lse, lse_ref, f"f32 H={heads} lse")
 
 
-def test_mla_decode_cuda_graph_replay():
+@pytest.mark.parametrize("path,heads", [("auto", 128), ("triton", 32), ("cuda", 32)])
+def test_mla_decode_cuda_graph_replay(path, heads):
     """Captured once with static buffers; replays follow new lengths and queries without host syncs."""
-    case = make_mla_case([3_000, 10_000], 128, lkv=LKV, rope=R, tpb=TPB, dtype=torch.bfloat16, seed=3,
+    case = make_mla_case([3_000, 10_000], heads, lkv=LKV, rope=R, tpb=TPB, dtype=torch.bfloat16, seed=3,
                          device="cuda", poison=False)
     qn, qp, kv, bt, sl, scale = case.args
     for _ in range(2):
-        mla_decode(qn, qp, kv, bt, sl, scale)  # compile outside the capture
+        mla_decode(qn, qp, kv, bt, sl, scale, path=path)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        o, lse = mla_decode(qn, qp, kv, bt, sl, scale)
+        o, lse = mla_decode(qn, qp, kv, bt, sl, scale, path=path)
     for lens in ([3_000, 10_000], [1, 0], [2_999, 6_001]):
         sl.copy_(torch.tensor(lens, dtype=torch.int32))
         qn.normal_()
         graph.replay()
         torch.cuda.synchronize()
-        _check_bf16(o, lse, case, f"graph replay lens={lens}")
+        _check_bf16(o, lse, case, f"{path} graph replay lens={lens}")
 
 
 @pytest.mark.parametrize("heads,block_h,num_warps", [(128, 64, 8), (128, 32, 4), (32, 64, 8), (32, 32, 4), (16, 16, 4)])
@@ -85,6 +87,47 @@ def test_mla_decode_tile_variants(heads, block_h, num_warps):
             MLAConfig(block_h=block_h, block_n=32, num_warps=num_warps, tma=False)]  # per-token page lookups
     for cfg in cfgs:
         _check_bf16(*mla_decode_triton(*case.args, config=cfg), case, f"H={heads} {cfg}")
+
+
+@pytest.mark.parametrize("heads", [5, 16, 32, 128])
+@pytest.mark.parametrize("lens,tpb", [
+    pytest.param([1 << 20], 64, id="S1M"),
+    pytest.param([65_537, 1, 0, 4_095], 64, id="ragged-batch"),
+    pytest.param([3_001, 77, 40], 48, id="T48-tiles-across-blocks"),
+    pytest.param([1_000, 33], 16, id="T16"),
+])
+def test_mla_decode_cuda_bf16(heads, lens, tpb):
+    """The CUDA path against the float64 oracle: padded and multiple head tiles, S not a multiple of the
+    32-token tile, empty and one-token sequences, cache blocks smaller than a tile or not dividing it."""
+    case = make_mla_case(lens, heads, lkv=LKV, rope=R, tpb=tpb, dtype=torch.bfloat16, seed=heads + tpb,
+                         device="cuda", spare_blocks=5, q_layout="slice")
+    _check_bf16(*mla_decode(*case.args, path="cuda"), case, f"cuda H={heads} T={tpb} lens={lens}")
+
+
+@pytest.mark.parametrize("stages", [3, 4, 5])
+@pytest.mark.parametrize("num_splits", [1, 7, None])
+def test_mla_decode_cuda_configs(stages, num_splits):
+    """Every compiled pipeline depth; one split (the kernel writes the final bf16 output), a few, the default."""
+    from dataclasses import replace
+
+    case = make_mla_case([20_000, 77, 0], 32, lkv=LKV, rope=R, tpb=TPB, dtype=torch.bfloat16, seed=stages,
+                         device="cuda")
+    cfg = replace(CUDA_CONFIG, num_stages=stages, num_splits=num_splits)
+    _check_bf16(*mla_decode_cuda(*case.args, config=cfg), case, f"cuda stages={stages} splits={num_splits}")
+
+
+def test_mla_decode_cuda_strided_cache_and_refusals():
+    """A cache that is a view with padded rows (row stride 584) is read in place; a call the kernel was not
+    compiled for is refused by name under path='cuda' and takes Triton under auto."""
+    case = make_mla_case([5_000, 129], 32, lkv=LKV, rope=R, tpb=TPB, dtype=torch.bfloat16, seed=5, device="cuda")
+    padded = torch.full((*case.kv_cache.shape[:2], LKV + R + 8), float("nan"), dtype=torch.bfloat16, device="cuda")
+    padded[..., :LKV + R] = case.kv_cache
+    qn, qp, _, bt, sl, scale = case.args
+    _check_bf16(*mla_decode(qn, qp, padded[..., :LKV + R], bt, sl, scale, path="cuda"), case, "cuda strided cache")
+    half = make_mla_case([300], 32, lkv=LKV, rope=R, tpb=TPB, dtype=torch.float16, seed=6, device="cuda")
+    with pytest.raises(ValueError, match="path='cuda': the CUDA kernel is compiled for bf16"):
+        mla_decode(*half.args, path="cuda")
+    _check_bf16(*mla_decode(*half.args), half, "auto fp16 (Triton)")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

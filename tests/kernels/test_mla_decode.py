@@ -210,3 +210,15 @@ def test_fp8_cache_and_kv_scale_come_together():
             fn(*case.args, kv_scale)
         with pytest.raises(ValueError, match="kv_scale must be float32"):
             fn(*fp8.args, kv_scale[:, :1])
+
+
+def test_cuda_path_refuses_what_it_was_not_compiled_for():
+    """mla_decode_cuda (kernels/mla_decode.cu; its GPU tests are in test_kernels_gpu.py) names why it cannot take
+    a call: CPU tensors here; the other reasons (dtype, Lkv / R, table dtype, alignment) are checked on CUDA."""
+    from kernels.mla_decode import cuda_unsupported, mla_decode_cuda
+
+    case = make_mla_case([5, 0], 4, dtype=torch.bfloat16)
+    assert cuda_unsupported(case.q_nope_abs, case.kv_cache, case.block_table, case.seq_lens, None) == \
+        "needs CUDA tensors, got cpu"
+    with pytest.raises(ValueError, match="path='cuda': the CUDA kernel needs CUDA tensors"):
+        mla_decode_cuda(*case.args)

@@ -1,0 +1,359 @@
+// CUDA path of kernels/mla_decode.py: the split kernel of absorbed-MLA decode (flash-decoding), for the
+// DeepSeek-V3 row (Lkv 512, R 64) in bf16. Same contract as the Triton split kernel: each program writes
+// the normalised partial output of its split and the split's natural-log lse (o = 0, lse = -inf when empty);
+// kernels/helix_combine.py merges the splits.
+//
+// Symbols: HT = 32 heads per program (rows past H are zero queries, never stored), BN = 32 tokens per tile,
+// 8 warps. Grid (head tiles, splits, B), head tiles fastest so that the programs of one split read a tile
+// from HBM once and from L2 after.
+//
+//   for each tile of BN tokens of this split (cp.async ring, STAGES deep, one page lookup per row):
+//     S_w  = Q[:, dims_w] K[:, dims_w]^T         warp w: latent dims [64w, 64w+64) + rope dims [8w, 8w+8);
+//                                                its slice of Q stays in registers for the whole split
+//     S    = sum_w S_w (shared memory), scaled to base 2, tokens past the end -> -inf
+//     m'   = max(m, rowmax S); alpha = 2^(m - m'); P = 2^(S - m'); l = l alpha + rowsum P
+//     O[:, cols_w] = O[:, cols_w] alpha + P C[:, cols_w]       warp w: latent columns [64w, 64w+64)
+//   o = O / l, lse = (m + log2 l) ln 2
+//
+// Both products run on mma.sync m16n8k16 (heads as M), operands through ldmatrix; the score and output
+// accumulators live in registers (32 + 64 floats a thread). 32 heads read ~60 flop per cache byte, well
+// under the tensor cores' ridge, so the kernel's job is to keep HBM busy: STAGES - 1 tiles in flight.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "mla_decode_cuda.h"
+
+namespace {
+
+constexpr int LKV = 512, R = 64, ROW = LKV + R;
+constexpr int HT = 32, MT = HT / 16, BN = 32, NT = BN / 8;
+constexpr int WARPS = 8, THREADS = WARPS * 32;
+constexpr int ROW_S = ROW + 8;    // smem row of a cache tile, in bf16: 1168 B, so ldmatrix's 8 rows hit 8 bank groups
+constexpr int SP_S = BN + 8;      // float row of a partial-score tile (conflict-free float2 stores / float4 loads)
+constexpr int P_S = BN + 8;       // bf16 row of P (80 B: conflict-free ldmatrix)
+constexpr int TPH = THREADS / HT; // softmax threads per head (8), each owning BN / TPH = 4 tokens
+constexpr float LN2 = 0.6931471805599453f;
+
+static_assert(LKV == WARPS * 64 && R == WARPS * 8 && BN == TPH * 4, "warp tiling assumes Lkv 512, R 64, 8 warps");
+
+constexpr int TILE_BYTES = BN * ROW_S * 2;
+constexpr int smem_bytes(int stages) { return stages * TILE_BYTES + WARPS * HT * SP_S * 4 + HT * P_S * 2 + 2 * HT * 4; }
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  // src_bytes 0 fills the 16 bytes with zeros (rows past the end: never read from memory)
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// d += a b: m16n8k16 (a 4 regs, b 2 regs) and m16n8k8 (a 2 regs, b 1 reg), bf16 in, float32 accumulate
+__device__ __forceinline__ void mma16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+               "{%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma8(float (&d)[4], const uint32_t (&a)[2], uint32_t b0) {
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
+               "{%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(b0));
+}
+
+// two bf16 of one query row (zero for padded heads) packed as an mma operand register
+__device__ __forceinline__ uint32_t q_pair(const __nv_bfloat16* row, int col, bool live) {
+  if (!live) return 0u;
+  __nv_bfloat162 v;
+  v.x = row[col];
+  v.y = row[col + 1];
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+template <int STAGES>
+__global__ void __launch_bounds__(THREADS, 1) mla_split_kernel(const MLASplitArgs a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t kv_s = smem_addr(smem);                                                // [STAGES][BN][ROW_S] bf16
+  float* sp = reinterpret_cast<float*>(smem + STAGES * TILE_BYTES);                   // [WARPS][HT][SP_S]
+  __nv_bfloat16* p_s = reinterpret_cast<__nv_bfloat16*>(sp + WARPS * HT * SP_S);        // [HT][P_S]
+  float* alpha_s = reinterpret_cast<float*>(p_s + HT * P_S);                            // [HT]
+  float* inv_l_s = alpha_s + HT;                                                         // [HT]
+  const uint32_t p_addr = smem_addr(p_s);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const int head0 = blockIdx.x * HT, split = blockIdx.y, b = blockIdx.z;
+
+  // this split's token range (the Triton kernel's rule): splits are whole tiles
+  const int seq_len = a.seq_lens[b];
+  const int tiles_per_split = ((seq_len + BN - 1) / BN + a.num_splits - 1) / a.num_splits;
+  const int start = split * tiles_per_split * BN;
+  const int end = min(start + tiles_per_split * BN, seq_len);
+  const int n_tiles = end > start ? (end - start + BN - 1) / BN : 0;
+
+  // this warp's query slice as mma A fragments: rows head0 + 16m + {g, g + 8}
+  uint32_t qa[MT][4][4], qr[MT][2];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int h = head0 + 16 * m + g + 8 * half;
+      const bool live = h < a.heads;
+      const __nv_bfloat16* qn = a.q_nope + (live ? (int64_t)b * a.s_qn_b + (int64_t)h * a.s_qn_h : 0);
+      const __nv_bfloat16* qp = a.q_pe + (live ? (int64_t)b * a.s_qp_b + (int64_t)h * a.s_qp_h : 0);
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const int d = 64 * warp + 16 * kk + 2 * c;
+        qa[m][kk][half] = q_pair(qn, d, live);         // a0 / a1: columns 2c, 2c+1
+        qa[m][kk][2 + half] = q_pair(qn, d + 8, live); // a2 / a3: columns 2c+8, 2c+9
+      }
+      qr[m][half] = q_pair(qp, 8 * warp + 2 * c, live);
+    }
+  }
+
+  // loader: thread tid copies row tid / 8 of a tile, 16-byte chunks (tid % 8) + 8 i; one page lookup a row
+  const int ld_row = tid >> 3, ld_sub = tid & 7;
+  const int* bt_row = a.block_table + (int64_t)b * a.s_bt_b;
+  auto page_of = [&](int k) -> int {
+    const int t = start + k * BN + ld_row;
+    return t < end ? __ldg(bt_row + t / a.tpb) : -1;
+  };
+  auto issue = [&](int k, int page) {
+    const int t = start + k * BN + ld_row;
+    const char* src = reinterpret_cast<const char*>(a.kv);
+    if (page >= 0) src += ((int64_t)page * a.s_kv_blk + (int64_t)(t % a.tpb) * a.s_kv_tok) * 2;
+    const uint32_t dst = kv_s + (k % STAGES) * TILE_BYTES + ld_row * ROW_S * 2 + ld_sub * 16;
+#pragma unroll
+    for (int i = 0; i < ROW * 2 / 128; ++i) cp_async16(dst + 128 * i, src + ld_sub * 16 + 128 * i, page >= 0 ? 16 : 0);
+  };
+
+  // softmax state: thread tid owns head tid / TPH, tokens 4 (tid % TPH) .. + 3 of each tile
+  const int sm_h = tid / TPH, sm_j = tid % TPH;
+  float m_run = -INFINITY, l_run = 0.f;
+  float acc[MT][8][4];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.f;
+
+  // ---- partial scores over this warp's dims into sp[warp]: S_w [HT, BN]. Fragments are loaded one k-step
+  // ahead of their products (the asm statements keep source order, so the prefetch is written out).
+  auto scores = [&](uint32_t tile) {
+    float s[MT][NT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[m][n][e] = 0.f;
+    // matrices: (tokens 16np + 0..7 | 8..15) x (dims d0 + 0..7 | 8..15): b0, b1 of n-tiles 2np, 2np + 1
+    const int mi = lane >> 3;
+    const uint32_t kb_addr = tile + ((((mi >> 1) << 3) + (lane & 7)) * ROW_S + 64 * warp + ((mi & 1) << 3)) * 2;
+    uint32_t kb[2][NT / 2][4], rb[4];
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) ldsm_x4(kb[0][np], kb_addr + 16 * np * ROW_S * 2);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      if (kk < 3) {
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) ldsm_x4(kb[(kk + 1) & 1][np], kb_addr + (16 * np * ROW_S + 16 * (kk + 1)) * 2);
+      } else {  // rope dims [LKV + 8w, +8): one k8 step, matrix n = n-tile n
+        ldsm_x4(rb, tile + ((8 * (lane >> 3) + (lane & 7)) * ROW_S + LKV + 8 * warp) * 2);
+      }
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          mma16(s[m][2 * np], qa[m][kk], kb[kk & 1][np][0], kb[kk & 1][np][1]);
+          mma16(s[m][2 * np + 1], qa[m][kk], kb[kk & 1][np][2], kb[kk & 1][np][3]);
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int n = 0; n < NT; ++n) mma8(s[m][n], qr[m], rb[n]);
+    float* spw = sp + warp * HT * SP_S;
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const int h = 16 * m + g, t = 8 * n + 2 * c;
+        *reinterpret_cast<float2*>(spw + h * SP_S + t) = make_float2(s[m][n][0], s[m][n][1]);
+        *reinterpret_cast<float2*>(spw + (h + 8) * SP_S + t) = make_float2(s[m][n][2], s[m][n][3]);
+      }
+  };
+
+  // ---- online softmax (base 2) of head sm_h over its 4 tokens of tile i; the row max across the head's 8 lanes
+  auto softmax = [&](int i) {
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float4 x = *reinterpret_cast<const float4*>(sp + (w * HT + sm_h) * SP_S + 4 * sm_j);
+      v.x += x.x; v.y += x.y; v.z += x.z; v.w += x.w;
+    }
+    float sc[4] = {v.x, v.y, v.z, v.w};
+    const int t0 = start + i * BN + 4 * sm_j;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      sc[q] = t0 + q < end ? sc[q] * a.qk_scale : -INFINITY;
+      mx = fmaxf(mx, sc[q]);
+    }
+#pragma unroll
+    for (int o = 1; o < TPH; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    const float m_new = fmaxf(m_run, mx);  // finite: every tile holds a live token
+    const float alpha = exp2f(m_run - m_new);
+    float p[4], sum = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      p[q] = exp2f(sc[q] - m_new);
+      sum += p[q];
+    }
+    l_run = l_run * alpha + sum;  // this thread's tokens only; the head's lanes are summed at the end
+    m_run = m_new;
+    __nv_bfloat162 p01 = __floats2bfloat162_rn(p[0], p[1]), p23 = __floats2bfloat162_rn(p[2], p[3]);
+    uint2 pk;
+    pk.x = *reinterpret_cast<uint32_t*>(&p01);
+    pk.y = *reinterpret_cast<uint32_t*>(&p23);
+    *reinterpret_cast<uint2*>(p_s + sm_h * P_S + 4 * sm_j) = pk;
+    if (sm_j == 0) alpha_s[sm_h] = alpha;
+  };
+
+  // ---- O[:, 64w .. 64w + 64) = O alpha + P C; both k-steps' fragments loaded before the products
+  auto pv = [&](uint32_t tile) {
+    uint32_t pa[BN / 16][MT][4], cb[BN / 16][4][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+      for (int m = 0; m < MT; ++m)  // rows 16m + (lane & 15), tokens 16kk + 8 (lane >> 4)
+        ldsm_x4(pa[kk][m], p_addr + ((16 * m + (lane & 15)) * P_S + 16 * kk + ((lane >> 4) << 3)) * 2);
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        // matrices (transposed): (tokens 16kk + 0..7 | 8..15) x (columns c0 + 0..7 | 8..15)
+        const int tok = 16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3);
+        const int col = 64 * warp + 16 * np + ((lane >> 4) << 3);
+        ldsm_x4_t(cb[kk][np], tile + (tok * ROW_S + col) * 2);
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const float a0 = alpha_s[16 * m + g], a1 = alpha_s[16 * m + g + 8];
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        acc[m][n][0] *= a0; acc[m][n][1] *= a0;
+        acc[m][n][2] *= a1; acc[m][n][3] *= a1;
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+      for (int np = 0; np < 4; ++np)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          mma16(acc[m][2 * np], pa[kk][m], cb[kk][np][0], cb[kk][np][1]);
+          mma16(acc[m][2 * np + 1], pa[kk][m], cb[kk][np][2], cb[kk][np][3]);
+        }
+  };
+
+  // ---- the pipeline: two barriers a tile. Tile k is copied into stage k % STAGES, STAGES - 1 tiles ahead of
+  // its scores; scores of tile i + 1 run beside the output products of tile i, between the same barriers.
+  auto stage = [&](int k) { return kv_s + (k % STAGES) * TILE_BYTES; };
+#pragma unroll
+  for (int k = 0; k < STAGES - 1; ++k) {
+    if (k < n_tiles) issue(k, page_of(k));
+    cp_async_commit();  // group k holds tile k (empty past the end), so waits count tiles
+  }
+  int next_page = STAGES - 1 < n_tiles ? page_of(STAGES - 1) : -1;  // looked up a tile ahead of its copy
+  if (n_tiles > 0) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile 0 landed
+    scores(stage(0));
+    __syncthreads();
+  }
+  for (int i = 0; i < n_tiles; ++i) {
+    // stage (i - 1) % STAGES: tile i - 1's products finished before the last barrier
+    if (i + STAGES - 1 < n_tiles) issue(i + STAGES - 1, next_page);
+    cp_async_commit();
+    if (i + STAGES < n_tiles) next_page = page_of(i + STAGES);
+    softmax(i);
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // P and alpha of tile i visible, sp free, tile i + 1 landed
+    pv(stage(i));
+    if (i + 1 < n_tiles) scores(stage(i + 1));
+    __syncthreads();  // sp of tile i + 1 visible, P free, stage i free
+  }
+  // ---- epilogue: l over the head's lanes, o = O / l, lse = (m + log2 l) ln 2; empty split: o = 0, lse = -inf
+#pragma unroll
+  for (int o = 1; o < TPH; o <<= 1) l_run += __shfl_xor_sync(0xffffffffu, l_run, o);
+  if (sm_j == 0) {
+    inv_l_s[sm_h] = l_run > 0.f ? 1.f / l_run : 0.f;
+    if (head0 + sm_h < a.heads)
+      a.lse[(int64_t)b * a.s_l_b + (int64_t)(head0 + sm_h) * a.s_l_h + (int64_t)split * a.s_l_s] =
+          l_run > 0.f ? (m_run + log2f(l_run)) * LN2 : -INFINITY;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int hl = 16 * m + g + 8 * half, h = head0 + hl;
+      if (h >= a.heads) continue;
+      const float il = inv_l_s[hl];
+      const int64_t row = (int64_t)b * a.s_o_b + (int64_t)h * a.s_o_h + (int64_t)split * a.s_o_s;
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        const int col = 64 * warp + 8 * n + 2 * c;
+        const float x = acc[m][n][2 * half] * il, y = acc[m][n][2 * half + 1] * il;
+        if (a.o_direct)
+          *reinterpret_cast<__nv_bfloat162*>(a.o_direct + row + col) = __floats2bfloat162_rn(x, y);
+        else
+          *reinterpret_cast<float2*>(a.o_part + row + col) = make_float2(x, y);
+      }
+    }
+}
+
+template <int STAGES>
+const char* launch(const MLASplitArgs& a, cudaStream_t stream) {
+  constexpr int bytes = smem_bytes(STAGES);
+  // per call: the attribute belongs to the device current now (one process may drive several)
+  const cudaError_t attr =
+      cudaFuncSetAttribute(mla_split_kernel<STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (attr != cudaSuccess) return cudaGetErrorString(attr);
+  const dim3 grid((a.heads + HT - 1) / HT, a.num_splits, a.batch);
+  mla_split_kernel<STAGES><<<grid, THREADS, bytes, stream>>>(a);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace
+
+const char* mla_split_launch(const MLASplitArgs& a, int stages, int device, void* stream) {
+  int current = -1;
+  cudaGetDevice(&current);
+  if (current != device) cudaSetDevice(device);  // the inputs' device for the launch, restored after
+  auto s = static_cast<cudaStream_t>(stream);
+  const char* err = stages == 3 ? launch<3>(a, s)
+                    : stages == 4 ? launch<4>(a, s)
+                    : stages == 5 ? launch<5>(a, s)
+                                  : "stages must be 3, 4 or 5";
+  if (current != device) cudaSetDevice(current);
+  return err;
+}
+
+int mla_split_smem_bytes(int stages) { return smem_bytes(stages); }
