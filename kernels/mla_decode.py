@@ -47,6 +47,7 @@ faster than the Triton kernel on H200 (golden/perf/kernels-h200.md).
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,8 @@ from kernels._triton import (HAS_TENSOR_DESCRIPTOR, TensorDescriptor, interpreti
 from kernels.helix_combine import launch_lse_combine
 
 __all__ = ["mla_decode", "mla_decode_torch", "mla_decode_triton", "mla_decode_cuda", "MLAConfig", "default_config"]
+
+log = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
 FP8 = torch.float8_e4m3fn
@@ -428,14 +431,24 @@ CUDA_CONFIG = MLAConfig(block_h=CUDA_HEADS, block_n=CUDA_BLOCK_N, num_warps=CUDA
 
 
 @functools.lru_cache(maxsize=None)
-def _extension():
-    """The CUDA path's torch extension, built on first use by torch.utils.cpp_extension (ninja and nvcc;
-    ~1 min, then cached under TORCH_EXTENSIONS_DIR for the same sources)."""
+def _build() -> tuple[object | None, str | None]:
+    """(the CUDA path's torch extension, None), or (None, why it could not be built): built once per process on
+    first use by torch.utils.cpp_extension (ninja and nvcc; ~20 s, then cached under TORCH_EXTENSIONS_DIR for the
+    same sources). A host without the toolchain keeps path="auto" on the Triton kernel (logged once)."""
     from torch.utils.cpp_extension import load
 
     here = Path(__file__).resolve().parent
-    return load(name="helix_mla_decode", sources=[str(here / "mla_decode_ext.cpp"), str(here / "mla_decode.cu")],
-                extra_include_paths=[str(here)], extra_cflags=["-O3"], extra_cuda_cflags=["-O3"])
+    try:
+        return load(name="helix_mla_decode", sources=[str(here / "mla_decode_ext.cpp"), str(here / "mla_decode.cu")],
+                    extra_include_paths=[str(here)], extra_cflags=["-O3"], extra_cuda_cflags=["-O3"]), None
+    except Exception as e:  # no nvcc / ninja / compiler: the reason, in one line
+        why = f"could not be built ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''})"
+        log.warning("mla_decode: the CUDA kernel %s; path='auto' uses the Triton kernel", why)
+        return None, why
+
+
+def _extension():
+    return _build()[0]  # never None here: cuda_unsupported refuses every call when the build failed
 
 
 def cuda_unsupported(q_nope_abs: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -456,7 +469,7 @@ def cuda_unsupported(q_nope_abs: torch.Tensor, kv_cache: torch.Tensor, block_tab
     if (kv_cache.stride(-1) != 1 or kv_cache.stride(0) % 8 or kv_cache.stride(1) % 8
             or kv_cache.data_ptr() % 16):
         return "needs cache rows contiguous and 16-byte aligned"
-    return None
+    return _build()[1]
 
 
 def mla_decode_cuda(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,

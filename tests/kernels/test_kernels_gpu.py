@@ -130,6 +130,20 @@ def test_mla_decode_cuda_strided_cache_and_refusals():
     _check_bf16(*mla_decode(*half.args), half, "auto fp16 (Triton)")
 
 
+def test_mla_decode_without_a_cuda_toolchain_auto_takes_triton(monkeypatch):
+    """A host where the extension cannot be built (no nvcc or ninja): path='cuda' is refused naming why, and
+    auto at 32 heads (the CUDA kernel's range) runs the Triton kernel instead of failing."""
+    import kernels.mla_decode as md
+
+    monkeypatch.setattr(md, "_build", lambda: (None, "could not be built (RuntimeError: Ninja is required)"))
+    case = make_mla_case([700, 33], 32, lkv=LKV, rope=R, tpb=TPB, dtype=torch.bfloat16, seed=7, device="cuda")
+    with pytest.raises(ValueError, match=r"path='cuda': the CUDA kernel could not be built \(RuntimeError: Ninja"):
+        mla_decode(*case.args, path="cuda")
+    o, lse = mla_decode(*case.args)
+    _check_bf16(o, lse, case, "auto without the extension")
+    assert torch.equal(o, mla_decode_triton(*case.args)[0])  # the Triton kernel's output, bit for bit
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
 def test_helix_combine_gpu(n, dtype):
