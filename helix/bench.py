@@ -119,7 +119,7 @@ def step_bytes_and_flops(model: HelixModel, batch: int, context: int, kv_dtype: 
     w = 0
     for layer in model.layers:
         a = layer.attn
-        for name in ("q_proj", "q_a", "q_b", "kv_a", "w_uk", "w_uv", "o_proj"):
+        for name in ("w_qkv_a", "q_b", "w_uk", "w_uv", "o_proj"):
             t = getattr(a, name, None)
             w += t.numel() * BF16 if t is not None else 0
         ffn = layer.ffn
