@@ -20,6 +20,14 @@ from kernels._triton import interpreting, launcher, next_pow2, tl, triton, use_t
 __all__ = ["add_rms_norm", "add_rms_norm_torch", "add_rms_norm_triton", "rms_norm_torch"]
 
 
+def _validate(x, delta, weight):
+    if x.dim() != 2 or weight.shape != (x.shape[1],) or (delta is not None and delta.shape != x.shape):
+        raise ValueError(f"add_rms_norm: x and delta must be [T, D] and weight [D]; got {tuple(x.shape)}, "
+                         f"{None if delta is None else tuple(delta.shape)}, {tuple(weight.shape)}")
+    if weight.dtype != x.dtype or (delta is not None and delta.dtype != x.dtype):
+        raise TypeError(f"add_rms_norm: x, delta and weight must share one dtype (x is {x.dtype})")
+
+
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm in float32, cast back before the weight (as transformers does)."""
     xf = x.float()
@@ -29,6 +37,7 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 def add_rms_norm_torch(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, h) of the module docstring; without ``delta``, h is x itself."""
+    _validate(x, delta, weight)
     h = x if delta is None else x + delta
     return rms_norm_torch(h, weight, eps), h
 
@@ -49,14 +58,6 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, h_ptr, D, s_x, s_d, s_y, s_
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = n.to(y_ptr.dtype.element_ty).to(tl.float32) * w
     tl.store(y_ptr + t * s_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def _validate(x, delta, weight):
-    if x.dim() != 2 or weight.shape != (x.shape[1],) or (delta is not None and delta.shape != x.shape):
-        raise ValueError(f"add_rms_norm: x and delta must be [T, D] and weight [D]; got {tuple(x.shape)}, "
-                         f"{None if delta is None else tuple(delta.shape)}, {tuple(weight.shape)}")
-    if weight.dtype != x.dtype or (delta is not None and delta.dtype != x.dtype):
-        raise TypeError(f"add_rms_norm: x, delta and weight must share one dtype (x is {x.dtype})")
 
 
 def add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,

@@ -57,12 +57,23 @@ class RouterSpec:
                              f"k = {self.k}: need groups | experts, 1 <= keep <= groups and 1 <= k <= experts")
 
 
+def _validate(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None, spec: RouterSpec) -> None:
+    if x.dim() != 2 or gate.shape != (spec.experts, x.shape[1]):
+        raise ValueError(f"router: x must be [T, D] and gate [E={spec.experts}, D]; got {tuple(x.shape)}, "
+                         f"{tuple(gate.shape)}")
+    if gate.dtype != torch.float32 or not gate.is_contiguous():
+        raise TypeError(f"router: gate must be a contiguous float32 [E, D] (got {gate.dtype})")
+    if spec.sigmoid and (bias is None or bias.shape != (spec.experts,) or bias.dtype != torch.float32):
+        raise ValueError("router: sigmoid scoring needs the float32 correction bias [E]")
+
+
 # ----------------------------------------------------------------------------------------------------
 # torch reference
 # ----------------------------------------------------------------------------------------------------
 def route_torch(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None, spec: RouterSpec,
                 offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, D] -> (ids [T, k] int64 minus ``offset``, weights [T, k] float32): the module docstring's math."""
+    _validate(x, gate, bias, spec)
     logits = F.linear(x.float(), gate)
     t, e = logits.shape
     g = spec.groups
@@ -168,16 +179,6 @@ def _select_kernel(logits_ptr, bias_ptr, ids_ptr, wts_ptr, E, K, GROUP, G, KEEP,
 # ----------------------------------------------------------------------------------------------------
 # wrappers
 # ----------------------------------------------------------------------------------------------------
-def _validate(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None, spec: RouterSpec) -> None:
-    if x.dim() != 2 or gate.shape != (spec.experts, x.shape[1]):
-        raise ValueError(f"router: x must be [T, D] and gate [E={spec.experts}, D]; got {tuple(x.shape)}, "
-                         f"{tuple(gate.shape)}")
-    if gate.dtype != torch.float32 or not gate.is_contiguous():
-        raise TypeError(f"router: gate must be a contiguous float32 [E, D] (got {gate.dtype})")
-    if spec.sigmoid and (bias is None or bias.shape != (spec.experts,) or bias.dtype != torch.float32):
-        raise ValueError("router: sigmoid scoring needs the float32 correction bias [E]")
-
-
 def route_triton(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None, spec: RouterSpec,
                  offset: int = 0, block_e: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton path of :func:`route` (CUDA, or CPU under the interpreter); ids int32. ``block_e``: gate rows per
