@@ -43,15 +43,23 @@ from helix.comm import Comm
 from helix.config import ModelConfig
 from helix.kv_cache import PagedKVCache
 from helix.mapping import HelixMapping
-from helix.rope import Rope
+from helix.fusion import fused_on_cuda
+from helix.rope import Rope, rotate
 from helix.spec import Execution
 from kernels import helix_combine, mla_decode
-from kernels.rms_norm import add_rms_norm
+from kernels.rms_norm import add_rms_norm, rms_norm_torch
 
 
 # transformers and DeepSeek's own code build q_a_layernorm / kv_a_layernorm with the default eps, not
 # config.rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
+
+
+def latent_rows(kv: torch.Tensor, norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lkv: int,
+                interleave: bool) -> torch.Tensor:
+    """kv [T, Lkv + R] = W_DKV x -> cache rows [T, Lkv + R] = [RMSNorm(c_kv) | RoPE(k_pe)] (one kernel when fused)."""
+    c_kv, k_pe = kv[:, :lkv], kv[:, lkv:]
+    return torch.cat([rms_norm_torch(c_kv, norm, LATENT_NORM_EPS), rotate(k_pe, cos, sin, interleave)], -1)
 
 
 @dataclass
@@ -116,6 +124,7 @@ class HelixMLA:
                  rope: Rope, dtype: torch.dtype, device, layout: AttentionLayout, execution: Execution = Execution()):
         self.cfg, self.layer, self.mapping, self.comm, self.rope = cfg, layer, mapping, comm, rope
         self.layout, self.kernels = layout, execution.kernels  # kernels: the path rule of kernels/_triton.py
+        self.latent_rows = fused_on_cuda(latent_rows, execution.fuse)
 
         p = f"model.layers.{layer}.self_attn."
         H, P, V, L, qk = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.qk_head_dim
@@ -149,14 +158,11 @@ class HelixMLA:
         """x [T, D] -> (q input [T, q rows], kv [T, Lkv + R]): one GEMV over the concatenated weights."""
         return F.linear(x, self.w_qkv_a).split([self.q_rows, self.w_qkv_a.shape[0] - self.q_rows], dim=-1)
 
-    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return add_rms_norm(x, None, weight, LATENT_NORM_EPS, path=self.kernels)[0]
-
     def queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, q rows] (``project``'s) -> q_abs [T, a, Lkv], q_pe [T, a, R] (roped) for the a attended heads."""
         cfg = self.cfg
         if cfg.q_lora_rank:
-            q = F.linear(self.norm(q, self.q_a_norm), self.q_b)
+            q = F.linear(add_rms_norm(q, None, self.q_a_norm, LATENT_NORM_EPS, path=self.kernels)[0], self.q_b)
         q = q.view(q.shape[0], self.layout.num_heads, cfg.qk_head_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         q_abs = torch.einsum("thp,hpl->thl", q_nope, self.w_uk)
@@ -164,8 +170,7 @@ class HelixMLA:
 
     def kv_entries(self, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """kv [T, Lkv + R] (``project``'s) -> cache rows [T, Lkv + R] = [RMSNorm(c_kv) | RoPE(k_pe)]."""
-        c_kv, k_pe = kv.split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
-        return torch.cat([self.norm(c_kv, self.kv_a_norm), self.rope.apply(k_pe, cos, sin)], -1)
+        return self.latent_rows(kv, self.kv_a_norm, cos, sin, self.cfg.kv_lora_rank, self.rope.interleave)
 
     def output(self, o_lat: torch.Tensor) -> torch.Tensor:
         """o_lat [T, h, Lkv] of the local heads -> W_UV -> row-parallel o_proj -> all-reduce -> [T, D]."""

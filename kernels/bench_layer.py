@@ -54,7 +54,7 @@ def bench_router(layers: int, tokens: int) -> dict:
     assert torch.equal(ids_old.int(), ids_new), (ids_old, ids_new)
     out = {"check_weights_rel_err": rel(w_new, w_old),
            "inductor (previous)": per_layer(lambda i: old(xs[i], gates[i], biases[i], SPEC), layers)}
-    for block_e in (2, 4, 8):
+    for block_e in (1, 2, 4):
         out[f"triton block_e={block_e}"] = per_layer(lambda i: route_triton(xs[i], gates[i], biases[i], SPEC,
                                                                            block_e=block_e), layers)
     return out
@@ -97,10 +97,16 @@ def bench_moe(layers: int, tokens: int, experts: int, shared_width: int) -> dict
     mb = (local * 3 * I * D + 3 * shared_width * D) * 2 / 1e6
     out = {"check_rel_err": rel(new(0), old(0)), "local_choices": local, "MB_per_layer": mb,
            "shared GEMVs + moe_decode + add (previous)": per_layer(old, layers)}
-    for cfg in (MoEConfig(), MoEConfig(block_n=8), MoEConfig(block_n=32, warps_2=8), MoEConfig(block_k=512),
-                MoEConfig(block_i=32, warps_1=8), MoEConfig(block_i=8, block_n=8)):
+    for cfg in MOE_CONFIGS:
         out[f"fused {cfg}"] = per_layer(lambda i: new(i, cfg), layers)
     return out
+
+
+MOE_CONFIGS = (MoEConfig(), MoEConfig(block_k=512), MoEConfig(block_k=1024, warps_2=8),
+               MoEConfig(block_k=512, block_n=8), MoEConfig(block_k=512, block_n=32, warps_2=8),
+               MoEConfig(block_k=512, stages=4), MoEConfig(block_k=512, stages=2),
+               MoEConfig(block_k=512, block_d=512, warps_1=8), MoEConfig(block_k=512, block_i=8),
+               MoEConfig(block_k=512, block_d=512, block_i=8, warps_1=8, stages=4))
 
 
 def bench_qkv(layers: int, tokens: int) -> dict:
@@ -119,7 +125,8 @@ def markdown(res: dict) -> str:
              f"replays over {res['layers']} weight sets (`python -m kernels.bench_layer`).", ""]
     for part, figures in res["parts"].items():
         lines += [f"## {part}", "", "| variant | us / layer |", "|---|---|"]
-        lines += [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in figures.items()]
+        lines += [f"| {k} | {v:.2e} |" if k.startswith("check") else f"| {k} | {v:.2f} |" if isinstance(v, float)
+                  else f"| {k} | {v} |" for k, v in figures.items()]
         lines.append("")
     return "\n".join(lines)
 

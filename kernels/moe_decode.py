@@ -147,6 +147,7 @@ class MoEConfig:
     block_n: int = 16
     block_k: int = 256
     warps_2: int = 4
+    stages: int = 3  # software-pipelining depth of both kernels' loops
 
 
 def default_config(interpret: bool) -> MoEConfig:
@@ -252,14 +253,14 @@ def moe_decode_triton(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
         x, w_gate, w_up, expert_ids, h, sg, su, h_s,
         tokens, k, experts, inter, hidden, inter_s,
         x.stride(0), expert_ids.stride(0), expert_ids.stride(1), w_gate.stride(0),
-        BLOCK_I=block_i, BLOCK_D=block_d, num_warps=cfg.warps_1,
+        BLOCK_I=block_i, BLOCK_D=block_d, num_warps=cfg.warps_1, num_stages=cfg.stages,
     )
     launcher(_down_kernel, interpret)[(tokens, triton.cdiv(hidden, block_n))](
         h, w_down, expert_ids, weights, y, h_s, sd,
         k, experts, inter, hidden, inter_s,
         expert_ids.stride(0), expert_ids.stride(1), weights.stride(0), weights.stride(1),
         w_down.stride(0), y.stride(0),
-        HAS_SHARED=inter_s > 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg.warps_2,
+        HAS_SHARED=inter_s > 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg.warps_2, num_stages=cfg.stages,
     )
     return y
 

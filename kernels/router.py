@@ -180,7 +180,7 @@ def _select_kernel(logits_ptr, bias_ptr, ids_ptr, wts_ptr, E, K, GROUP, G, KEEP,
 # wrappers
 # ----------------------------------------------------------------------------------------------------
 def route_triton(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None, spec: RouterSpec,
-                 offset: int = 0, block_e: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+                 offset: int = 0, block_e: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton path of :func:`route` (CUDA, or CPU under the interpreter); ids int32. ``block_e``: gate rows per
     program of the logits GEMV (benchmarks)."""
     _validate(x, gate, bias, spec)
