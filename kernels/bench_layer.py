@@ -106,7 +106,9 @@ MOE_CONFIGS = (MoEConfig(), MoEConfig(block_k=512), MoEConfig(block_k=1024, warp
                MoEConfig(block_k=512, block_n=8), MoEConfig(block_k=512, block_n=32, warps_2=8),
                MoEConfig(block_k=512, stages=4), MoEConfig(block_k=512, stages=2),
                MoEConfig(block_k=512, block_d=512, warps_1=8), MoEConfig(block_k=512, block_i=8),
-               MoEConfig(block_k=512, block_d=512, block_i=8, warps_1=8, stages=4))
+               MoEConfig(block_k=512, block_d=512, block_i=8, warps_1=8, stages=4),
+               MoEConfig(block_k=512, flat=True), MoEConfig(block_k=256, flat=True),
+               MoEConfig(block_k=512, block_n=8, flat=True), MoEConfig(block_k=512, flat=True, stages=4))
 
 
 def bench_qkv(layers: int, tokens: int) -> dict:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import moe_decode, moe_decode_torch, moe_decode_triton
+from kernels import MoEConfig, moe_decode, moe_decode_torch, moe_decode_triton
 from tests.kernels.cases import assert_path_selection
 from tests.tolerance import assert_bf16_policy, assert_exact, assert_f32_parity
 
@@ -260,3 +260,16 @@ def test_gpu_cuda_graph_replay(fn):
         graph.replay()
         torch.cuda.synchronize()
         check(y, (x, wg, wu, wd, ids, w), f"graph replay seed {seed}")
+
+
+@pytest.mark.parametrize("config", [MoEConfig(block_i=16, block_d=32, block_n=16, block_k=16),
+                                    MoEConfig(block_i=16, block_d=32, block_n=16, block_k=16, flat=True)],
+                         ids=["per-choice", "flat"])
+@pytest.mark.parametrize("inter_s", [0, 56])
+def test_launch_shapes_match_oracle(config, inter_s):
+    """Tiles smaller than I and D (several chunks per row) under both stage-2 loop orders, with NaN weights of
+    foreign choices and with or without a shared expert."""
+    case = make_case(3, 6, 5, 40, 72, torch.float32, 0.5, seed=11)
+    shared = make_shared(inter_s, 72) if inter_s else None
+    y = moe_decode_triton(*case, shared, config=config)
+    check(y, (*case, shared) if shared else case, f"{config} I_s={inter_s}")
