@@ -102,7 +102,7 @@ def bench_moe(layers: int, tokens: int, experts: int, shared_width: int) -> dict
     return out
 
 
-MOE_CONFIGS = (MoEConfig(), MoEConfig(block_k=512), MoEConfig(block_k=1024, warps_2=8),
+MOE_CONFIGS = (MoEConfig(block_k=256), MoEConfig(), MoEConfig(block_k=1024, warps_2=8),
                MoEConfig(block_k=512, block_n=8), MoEConfig(block_k=512, block_n=32, warps_2=8),
                MoEConfig(block_k=512, stages=4), MoEConfig(block_k=512, stages=2),
                MoEConfig(block_k=512, block_d=512, warps_1=8), MoEConfig(block_k=512, block_i=8),
