@@ -106,9 +106,7 @@ MOE_CONFIGS = (MoEConfig(block_k=256), MoEConfig(), MoEConfig(block_k=1024, warp
                MoEConfig(block_k=512, block_n=8), MoEConfig(block_k=512, block_n=32, warps_2=8),
                MoEConfig(block_k=512, stages=4), MoEConfig(block_k=512, stages=2),
                MoEConfig(block_k=512, block_d=512, warps_1=8), MoEConfig(block_k=512, block_i=8),
-               MoEConfig(block_k=512, block_d=512, block_i=8, warps_1=8, stages=4),
-               MoEConfig(block_k=512, flat=True), MoEConfig(block_k=256, flat=True),
-               MoEConfig(block_k=512, block_n=8, flat=True), MoEConfig(block_k=512, flat=True, stages=4))
+               MoEConfig(block_k=512, block_d=512, block_i=8, warps_1=8, stages=4))
 
 
 def bench_qkv(layers: int, tokens: int) -> dict:
@@ -123,7 +121,7 @@ def bench_qkv(layers: int, tokens: int) -> dict:
 
 def markdown(res: dict) -> str:
     lines = [f"# Decode layer pieces outside the KV kernel: {res['card']}, T = {res['tokens']}", "",
-             f"Read bandwidth {res['ceilings']['read_GBps']:.0f} GB/s (same run). us per layer, median of CUDA-graph "
+             f"Read bandwidth {res['read_GBps']:.0f} GB/s (same run). us per layer, median of CUDA-graph "
              f"replays over {res['layers']} weight sets (`python -m kernels.bench_layer`).", ""]
     for part, figures in res["parts"].items():
         lines += [f"## {part}", "", "| variant | us / layer |", "|---|---|"]
@@ -145,7 +143,8 @@ def main(argv=None) -> int:
              "MoE, one GPU (E_r 72, shared 3072)": bench_moe(4, args.tokens, 72, 2 * I),
              "MoE, EP N=2 rank (E_r 36, shared 1536)": bench_moe(4, args.tokens, 36, I),
              "q + kv_a projections": bench_qkv(args.layers, args.tokens)}
-    res = {"card": card, "tokens": args.tokens, "layers": args.layers, "ceilings": ceil, "parts": parts}
+    # the read bandwidth beside, not as "ceilings": these are no floor-checked points (tests/test_perf_floors.py)
+    res = {"card": card, "tokens": args.tokens, "layers": args.layers, "read_GBps": ceil["read_GBps"], "parts": parts}
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"layer-{card_tag(card)}")
     with open(base + ".json", "w") as f:

@@ -118,7 +118,7 @@ def _down_kernel(
     s_wt_t, s_wt_k,                         # weights [T, K] float32
     s_w_e,                                  # w_down [E, D, I], contiguous
     s_y_t,                                  # y [T, D], last dim contiguous
-    HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLAT: tl.constexpr,
+    HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -127,29 +127,12 @@ def _down_kernel(
     y = tl.zeros([BLOCK_N], tl.float32)
     if HAS_SHARED:  # the shared expert first, weight 1
         y += _down_rows(hs_ptr + t.to(tl.int64) * I_S, sd_ptr, offs_n, mask_n, I_S, BLOCK_N, BLOCK_K)
-    if FLAT:  # one loop over (choice, I chunk): the loads of consecutive experts pipeline into each other
-        offs_k = tl.arange(0, BLOCK_K)
-        chunks = tl.cdiv(I, BLOCK_K)
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for j in range(K * chunks):  # fixed order: the sum over choices is deterministic
-            s = j // chunks
-            kk = (j % chunks) * BLOCK_K + offs_k
-            e = tl.load(ids_ptr + t * s_id_t + s * s_id_k).to(tl.int64)
-            local = (e >= 0) & (e < E)  # a foreign choice: no weight row read
-            w = tl.where(local, tl.load(wts_ptr + t * s_wt_t + s * s_wt_k), 0.0)  # a foreign weight may be NaN
-            mask_k = kk < tl.where(local, I, 0)  # nothing of a foreign choice
-            hv = tl.load(h_ptr + (t * K + s).to(tl.int64) * I + kk, mask=mask_k, other=0.0)
-            wv = tl.load(wd_ptr + tl.where(local, e, 0) * s_w_e + offs_n[:, None].to(tl.int64) * I + kk[None, :],
-                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            acc += wv.to(tl.float32) * (w * hv)[None, :]
-        y += tl.sum(acc, axis=1)
-    else:
-        for s in range(K):  # fixed order: the sum over choices is deterministic
-            e = tl.load(ids_ptr + t * s_id_t + s * s_id_k).to(tl.int64)
-            if (e >= 0) & (e < E):
-                w = tl.load(wts_ptr + t * s_wt_t + s * s_wt_k)
-                y += w * _down_rows(h_ptr + (t * K + s).to(tl.int64) * I, wd_ptr + e * s_w_e, offs_n, mask_n, I,
-                                    BLOCK_N, BLOCK_K)
+    for s in range(K):  # fixed order: the sum over choices is deterministic
+        e = tl.load(ids_ptr + t * s_id_t + s * s_id_k).to(tl.int64)
+        if (e >= 0) & (e < E):
+            w = tl.load(wts_ptr + t * s_wt_t + s * s_wt_k)
+            y += w * _down_rows(h_ptr + (t * K + s).to(tl.int64) * I, wd_ptr + e * s_w_e, offs_n, mask_n, I,
+                                BLOCK_N, BLOCK_K)
     tl.store(y_ptr + t.to(tl.int64) * s_y_t + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
@@ -165,7 +148,6 @@ class MoEConfig:
     block_k: int = 512  # 1.14-1.2x faster than 256 on H200 at DeepSeek-V3-Lite shapes (golden/perf/layer-h200.md)
     warps_2: int = 4
     stages: int = 3  # software-pipelining depth of both kernels' loops
-    flat: bool = False  # stage 2 as one loop over (choice, I chunk) instead of a loop per choice
 
 
 def default_config(interpret: bool) -> MoEConfig:
@@ -278,8 +260,7 @@ def moe_decode_triton(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
         k, experts, inter, hidden, inter_s,
         expert_ids.stride(0), expert_ids.stride(1), weights.stride(0), weights.stride(1),
         w_down.stride(0), y.stride(0),
-        HAS_SHARED=inter_s > 0, BLOCK_N=block_n, BLOCK_K=block_k, FLAT=cfg.flat, num_warps=cfg.warps_2,
-        num_stages=cfg.stages,
+        HAS_SHARED=inter_s > 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg.warps_2, num_stages=cfg.stages,
     )
     return y
 
