@@ -13,9 +13,10 @@ W_UK [H, P, Lkv] and W_UV [H, V, Lkv]; o_proj = W_O [D, H V]. The cache row of a
 
 Helix decode step of one layer, on every rank r (docs/design.md §3.3)::
 
-    q_nope, q_pe  = W_Q x                          [B, H, P], [B, H, R]   all H heads, weights replicated
+    q, kv         = [W_Q; W_DKV] x                 one GEMV: the two projections concatenated at load time
+    q_nope, q_pe  = q                              [B, H, P], [B, H, R]   all H heads, weights replicated
     q_pe          = RoPE(q_pe, global position)
-    c_kv, k_pe    = RMSNorm(W_DKV x)[:Lkv], RoPE(W_DKV x [Lkv:], global position)
+    c_kv, k_pe    = RMSNorm(kv[:Lkv]), RoPE(kv[Lkv:], global position)
     if r owns the position's block: cache_r <- [c_kv | k_pe]     (block b lives on rank b mod N)
     q_abs         = einsum(q_nope, W_UK)           [B, H, Lkv]
     o_r, lse_r    = mla_decode(q_abs, q_pe, cache_r)   o_r [B, H, Lkv] locally normalised, lse_r [B, H] fp32
@@ -40,12 +41,13 @@ import torch.nn.functional as F
 from helix.checkpoint import Checkpoint
 from helix.comm import Comm
 from helix.config import ModelConfig
-from helix.fusion import fused_on_cuda
 from helix.kv_cache import PagedKVCache
 from helix.mapping import HelixMapping
-from helix.rope import Rope
+from helix.fusion import fused_on_cuda
+from helix.rope import Rope, rotate
 from helix.spec import Execution
 from kernels import helix_combine, mla_decode
+from kernels.rms_norm import add_rms_norm, rms_norm_torch
 
 
 # transformers and DeepSeek's own code build q_a_layernorm / kv_a_layernorm with the default eps, not
@@ -53,11 +55,11 @@ from kernels import helix_combine, mla_decode
 LATENT_NORM_EPS = 1e-6
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in float32, cast back before the weight (as transformers does)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+def latent_rows(kv: torch.Tensor, norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lkv: int,
+                interleave: bool) -> torch.Tensor:
+    """kv [T, Lkv + R] = W_DKV x -> cache rows [T, Lkv + R] = [RMSNorm(c_kv) | RoPE(k_pe)] (one kernel when fused)."""
+    c_kv, k_pe = kv[:, :lkv], kv[:, lkv:]
+    return torch.cat([rms_norm_torch(c_kv, norm, LATENT_NORM_EPS), rotate(k_pe, cos, sin, interleave)], -1)
 
 
 @dataclass
@@ -79,7 +81,11 @@ def pack_lse(o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_lse(buf: torch.Tensor, lkv: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return buf[..., :lkv], buf[..., lkv:].contiguous().view(torch.float32).squeeze(-1)
+    """pack_lse's inverse as views of ``buf`` (no copy; helix_combine reads any strides): the lse is element
+    lkv * itemsize / 4 of the row read as float32 (Lkv * itemsize is a multiple of 4 for every MLA shape)."""
+    if lkv * buf.element_size() % 4:
+        raise ValueError(f"unpack_lse: Lkv = {lkv} of {buf.dtype} does not end on a 4-byte boundary")
+    return buf[..., :lkv], buf.view(torch.float32)[..., lkv * buf.element_size() // 4]
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,8 @@ class HelixMLA:
                  rope: Rope, dtype: torch.dtype, device, layout: AttentionLayout, execution: Execution = Execution()):
         self.cfg, self.layer, self.mapping, self.comm, self.rope = cfg, layer, mapping, comm, rope
         self.layout, self.kernels = layout, execution.kernels  # kernels: the path rule of kernels/_triton.py
-        self.norm = fused_on_cuda(rms_norm, execution.fuse)
+        self.latent_rows = fused_on_cuda(latent_rows, execution.fuse)
+
         p = f"model.layers.{layer}.self_attn."
         H, P, V, L, qk = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.qk_head_dim
         a0, a1 = layout.heads
@@ -128,12 +135,17 @@ class HelixMLA:
 
         # The q projection's output rows and W_UK only for the heads this rank attends with: all H (Helix, the
         # weights replicated) or a column-parallel slice (TP attention).
+        # The two projections of x, concatenated once here so that a step reads them in one GEMV:
+        # w_qkv_a = [q_proj (a (P + R) rows) or q_a_proj (q_lora_rank rows); kv_a_proj_with_mqa (Lkv + R rows)].
         if cfg.q_lora_rank:
-            self.q_a, self.q_a_norm = get("q_a_proj.weight"), get("q_a_layernorm.weight")
+            q_in = get("q_a_proj.weight")  # [q_lora_rank, D]
+            self.q_a_norm = get("q_a_layernorm.weight")
             self.q_b = get("q_b_proj.weight", 0, a0 * qk, a1 * qk)  # [a (P + R), q_lora_rank]
         else:
-            self.q_proj = get("q_proj.weight", 0, a0 * qk, a1 * qk)  # [a (P + R), D]
-        self.kv_a = get("kv_a_proj_with_mqa.weight")  # [Lkv + R, D]
+            q_in = get("q_proj.weight", 0, a0 * qk, a1 * qk)  # [a (P + R), D]
+        self.q_rows = q_in.shape[0]
+        self.w_qkv_a = torch.cat([q_in, get("kv_a_proj_with_mqa.weight")])  # [q rows + Lkv + R, D]
+        del q_in
         self.kv_a_norm = get("kv_a_layernorm.weight")
         kv_b = get("kv_b_proj.weight").view(H, P + V, L)
         self.w_uk = kv_b[a0:a1, :P].contiguous()  # [a, P, Lkv]  the attended heads (absorbed into q)
@@ -142,22 +154,23 @@ class HelixMLA:
         self.o_proj = get("o_proj.weight", 1, self.h0 * V, self.h1 * V)  # [D, h V]  row-parallel slice
 
     # ------------------------------------------------------------------ shared pieces
-    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] -> q_abs [T, a, Lkv], q_pe [T, a, R] (roped) for the layout's a attended heads."""
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (q input [T, q rows], kv [T, Lkv + R]): one GEMV over the concatenated weights."""
+        return F.linear(x, self.w_qkv_a).split([self.q_rows, self.w_qkv_a.shape[0] - self.q_rows], dim=-1)
+
+    def queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, q rows] (``project``'s) -> q_abs [T, a, Lkv], q_pe [T, a, R] (roped) for the a attended heads."""
         cfg = self.cfg
         if cfg.q_lora_rank:
-            q = F.linear(self.norm(F.linear(x, self.q_a), self.q_a_norm, LATENT_NORM_EPS), self.q_b)
-        else:
-            q = F.linear(x, self.q_proj)
-        q = q.view(x.shape[0], self.layout.num_heads, cfg.qk_head_dim)
+            q = F.linear(add_rms_norm(q, None, self.q_a_norm, LATENT_NORM_EPS, path=self.kernels)[0], self.q_b)
+        q = q.view(q.shape[0], self.layout.num_heads, cfg.qk_head_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         q_abs = torch.einsum("thp,hpl->thl", q_nope, self.w_uk)
         return q_abs, self.rope.apply(q_pe, cos, sin)
 
-    def kv_entries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, D] -> cache rows [T, Lkv + R] = [RMSNorm(c_kv) | RoPE(k_pe)]."""
-        c_kv, k_pe = F.linear(x, self.kv_a).split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
-        return torch.cat([self.norm(c_kv, self.kv_a_norm, LATENT_NORM_EPS), self.rope.apply(k_pe, cos, sin)], -1)
+    def kv_entries(self, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """kv [T, Lkv + R] (``project``'s) -> cache rows [T, Lkv + R] = [RMSNorm(c_kv) | RoPE(k_pe)]."""
+        return self.latent_rows(kv, self.kv_a_norm, cos, sin, self.cfg.kv_lora_rank, self.rope.interleave)
 
     def output(self, o_lat: torch.Tensor) -> torch.Tensor:
         """o_lat [T, h, Lkv] of the local heads -> W_UV -> row-parallel o_proj -> all-reduce -> [T, D]."""
@@ -174,8 +187,9 @@ class HelixMLA:
         """
         cfg, n = self.cfg, self.mapping.world_size
         H, L = cfg.num_attention_heads, cfg.kv_lora_rank
-        cache.write(self.layer, meta.slots, self.kv_entries(x, meta.cos, meta.sin))
-        q_abs, q_pe = self.queries(x, meta.cos, meta.sin)
+        q, kv = self.project(x)
+        cache.write(self.layer, meta.slots, self.kv_entries(kv, meta.cos, meta.sin))
+        q_abs, q_pe = self.queries(q, meta.cos, meta.sin)
         in_flight = []
         for part in torch.arange(x.shape[0]).tensor_split(min(self.layout.microbatches, x.shape[0])):
             sl = slice(int(part[0]), int(part[-1]) + 1)
@@ -197,9 +211,10 @@ class HelixMLA:
                 cache: PagedKVCache) -> torch.Tensor:
         """x [T, D] of one sequence starting at position 0 -> [T, D]; writes the owned KV rows."""
         cfg = self.cfg
-        entries = self.kv_entries(x, cos, sin)  # [T, Lkv + R], every rank computes all tokens
+        q, kv = self.project(x)
+        entries = self.kv_entries(kv, cos, sin)  # [T, Lkv + R], every rank computes all tokens
         cache.write(self.layer, slots, entries)
-        q_abs, q_pe = self.queries(x, cos, sin)
+        q_abs, q_pe = self.queries(q, cos, sin)
         local = slice(self.h0 - self.layout.heads[0], self.h1 - self.layout.heads[0])  # the o_proj heads among the attended
         q = torch.cat([q_abs[:, local], q_pe[:, local]], dim=-1).transpose(0, 1)  # [h, T, Lkv + R] this rank's heads
         # Absorbed MQA: every local head attends to the one latent head, k = v = the cache rows [c_kv | k_pe]

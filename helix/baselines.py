@@ -26,8 +26,9 @@ class TPAttentionMLA(HelixMLA):
         return AttentionLayout(mapping.head_range(num_heads), HelixMapping(0, 1, mapping.tokens_per_block))
 
     def decode(self, x: torch.Tensor, meta: StepMeta, cache: PagedKVCache) -> torch.Tensor:
-        cache.write(self.layer, meta.slots, self.kv_entries(x, meta.cos, meta.sin))
-        q_abs, q_pe = self.queries(x, meta.cos, meta.sin)  # [B, h, *] local heads only
+        q, kv = self.project(x)
+        cache.write(self.layer, meta.slots, self.kv_entries(kv, meta.cos, meta.sin))
+        q_abs, q_pe = self.queries(q, meta.cos, meta.sin)  # [B, h, *] local heads only
         o, _ = mla_decode(q_abs, q_pe, cache.layers[self.layer], meta.block_table, meta.local_lens,
                           self.cfg.softmax_scale, cache.scale(self.layer), path=self.kernels)
         return self.output(o)

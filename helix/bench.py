@@ -119,7 +119,7 @@ def step_bytes_and_flops(model: HelixModel, batch: int, context: int, kv_dtype: 
     w = 0
     for layer in model.layers:
         a = layer.attn
-        for name in ("q_proj", "q_a", "q_b", "kv_a", "w_uk", "w_uv", "o_proj"):
+        for name in ("w_qkv_a", "q_b", "w_uk", "w_uv", "o_proj"):
             t = getattr(a, name, None)
             w += t.numel() * BF16 if t is not None else 0
         ffn = layer.ffn
@@ -202,7 +202,7 @@ def rank_bench(ctx: RankContext, preset: str, layers: int, mode: str, n: int, ba
     built.clear()
     del cache
     torch.cuda.empty_cache()
-    return rows if ctx.rank == 0 else None
+    return rows
 
 
 def _time_point(ctx, model, cache, graph, comm, coll, ceilings, name, mode, n, layers, batch, context, width, gen,
@@ -228,12 +228,37 @@ def _time_point(ctx, model, cache, graph, comm, coll, ceilings, name, mode, n, l
                      {"memory_ms": t_mem, "flops_ms": t_flop, "collectives_ms": t_coll, **coll}, med / floor))
     if profile:
         row["profile"] = kernel_profile(lambda: graph(tokens, positions, slots, table, lens), ctx.device)
+        row["profile"]["per_layer_us"] = per_layer(row["profile"]["categories_us"], med, layers)
     return row
 
 
+# Kernel name -> part of the step, first match wins (names as torch.profiler reports them: Triton kernels by their
+# function name, cuBLAS GEMVs as nvjet / gemv / splitK / dot kernels, NCCL as ncclDevKernel_*).
+CATEGORIES = (("kv_kernel", ("mla",)), ("merge", ("lse_combine",)), ("collectives", ("nccl",)),
+              ("weights", ("nvjet", "gemv", "gemm", "splitk", "dot_kernel", "reduce_1block", "cutlass", "xmma",
+                           "_gate_up", "_down_kernel", "_logits_kernel")))
+
+
+def category(kernel: str) -> str:
+    """The step part a GPU kernel belongs to: kv_kernel, merge (log-sum-exp merges: the KV splits' and Helix's),
+    collectives, weights (GEMVs and the expert kernels), or other (norms, RoPE, routing choice, copies)."""
+    name = kernel.lower()
+    return next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
+
+
+def per_layer(categories_us: dict, step_ms: float, layers: int) -> dict:
+    """A step's per-category GPU time, per layer (us), plus idle (step time not covered by any kernel) and
+    outside_kv: everything but the KV kernel, the figure issue 15 targets."""
+    out = {c: t / layers for c, t in categories_us.items()}
+    out["idle"] = max(0.0, step_ms * 1e3 - sum(categories_us.values())) / layers
+    out["outside_kv"] = (step_ms * 1e3 - categories_us.get("kv_kernel", 0.0)) / layers
+    return out
+
+
 def kernel_profile(replay, device, steps: int = 5, top: int = 25) -> dict:
-    """Per decode step: GPU kernels by total time (torch.profiler over graph replays), their count, and the
-    step's busy time, so the gap to the floor can be read as 'which kernels' versus 'idle between kernels'."""
+    """Per decode step: GPU kernels by total time (torch.profiler over graph replays), their count, the
+    step's busy time and its split by ``category``, so the gap to the floor can be read as 'which kernels'
+    versus 'idle between kernels'."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize(device)
@@ -245,9 +270,12 @@ def kernel_profile(replay, device, steps: int = 5, top: int = 25) -> dict:
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             kernels.setdefault(e.name, []).append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
-    table = sorted(((sum(v) / steps, len(v) / steps, k[:90]) for k, v in kernels.items()), reverse=True)
+    table = sorted(((sum(v) / steps, len(v) / steps, k) for k, v in kernels.items()), reverse=True)
+    categories = {c: 0.0 for c, _ in CATEGORIES} | {"other": 0.0}
+    for t, _, k in table:
+        categories[category(k)] += t
     return {"kernels_per_step": sum(c for _, c, _ in table), "busy_us_per_step": sum(t for t, _, _ in table),
-            "top": [{"us": round(t, 1), "count": c, "name": k} for t, c, k in table[:top]]}
+            "categories_us": categories, "top": [{"us": round(t, 1), "count": c, "name": k[:90]} for t, c, k in table[:top]]}
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -282,8 +310,12 @@ def run_bench(out_dir: str, preset: str = "deepseek-v3-lite", layers: int = 4, g
     with RankPool(gpus, [f"cuda:{i}" for i in range(gpus)], collective_timeout_s=execution.collective_timeout_s) as pool:
         for mode, n in configs:
             for kv_dtype in kv_dtypes:
-                rows += pool.run(rank_bench, preset, layers, mode, n, list(batches), list(contexts), tpb, iters,
-                                 ceilings, execution, profile, moe_parallel, kv_dtype, n=n)[0]
+                per_rank = pool.run(rank_bench, preset, layers, mode, n, list(batches), list(contexts), tpb, iters,
+                                    ceilings, execution, profile, moe_parallel, kv_dtype, n=n)
+                for i, row in enumerate(per_rank[0]):  # rank 0's rows; each rank's profile split beside it
+                    if profile:  # ranks that wait for each other show it as collective time on the faster one
+                        row["profile"]["per_layer_us_by_rank"] = [r[i]["profile"]["per_layer_us"] for r in per_rank]
+                    rows.append(row)
     full_cfg = get_preset(preset)
     gpu_mem = torch.cuda.get_device_properties(0).total_memory
     capacity = {f"{m}-x{n}" + ("-fp8" if kv == "fp8" else ""):
@@ -302,6 +334,13 @@ def run_bench(out_dir: str, preset: str = "deepseek-v3-lite", layers: int = 4, g
     return result
 
 
+BREAKDOWN = ("outside_kv", "kv_kernel", "merge", "weights", "collectives", "other", "idle")
+
+
+def breakdown_line(b: dict) -> str:
+    return ", ".join(f"{c} {b[c]:.1f}" for c in BREAKDOWN)
+
+
 def profile_text(result: dict) -> str:
     out = []
     for r in result["rows"]:
@@ -309,6 +348,8 @@ def profile_text(result: dict) -> str:
             p = r["profile"]
             out.append(f"## {label(r)} B={r['batch']} S={r['context']}: {r['ms']:.3f} ms/step, GPU busy "
                        f"{p['busy_us_per_step'] / 1e3:.3f} ms in {p['kernels_per_step']:.0f} kernels")
+            for rank, b in enumerate(p.get("per_layer_us_by_rank", [p["per_layer_us"]])):
+                out.append(f"  per layer, rank {rank} (us): {breakdown_line(b)}")
             out += [f"  {k['us']:8.1f} us  x{k['count']:<5g} {k['name']}" for k in p["top"]]
     return "\n".join(out)
 
@@ -335,6 +376,16 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {label(r)} | {r['batch']} | {r['context'] // 1024}K | {r['ms']:.3f} | {r['tokens_per_s_per_user']:.0f} | "
                      f"{r['kv_bytes'] / 1e9:.2f} | {r['weight_bytes'] / 1e9:.2f} | {r['floor_ms']:.3f} | "
                      f"{r['vs_floor']:.2f} | {r['floor_parts']['collectives_ms']:.3f} |")
+    profiled = [r for r in result["rows"] if "profile" in r]
+    if profiled:
+        lines += ["", "Per layer (us, rank 0, from `--profile`): outside_kv = (step time - KV kernel time) / layers; the "
+                  "rest splits the GPU time by kernel (merge: log-sum-exp merges; weights: GEMVs and expert kernels; "
+                  "other: norms, RoPE, routing choice, copies; idle: no kernel running).", "",
+                  "| config | B | context | " + " | ".join(BREAKDOWN) + " |", "|---|---|---|" + "---|" * len(BREAKDOWN)]
+        for r in profiled:
+            b = r["profile"]["per_layer_us"]
+            lines.append(f"| {label(r)} | {r['batch']} | {r['context'] // 1024}K | " +
+                         " | ".join(f"{b[c]:.1f}" for c in BREAKDOWN) + " |")
     lines += ["", f"KV capacity per deployment (B = 1, all {result['kv_capacity_layers']} layers, 90% of GPU memory): " +
               ", ".join(f"{k}: {v / 1e6:.2f}M tokens" for k, v in result["kv_capacity_tokens"].items()), ""]
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """Fusing the decode step's small elementwise chains on CUDA.
 
-A decode step at batch 1-8 is short matrix-vector work, and the many little kernels between the GEMVs
-(RMSNorm: six, RoPE: ten, routing: fifteen) cost as much as the arithmetic. ``fused_on_cuda(fn, enabled)``
+A decode step at batch 1-8 is short matrix-vector work, and the many little kernels between the GEMVs cost as
+much as the arithmetic (RoPE unfused: ten; RMSNorm and routing have Triton kernels of their own,
+kernels/rms_norm.py and kernels/router.py). ``fused_on_cuda(fn, enabled)``
 gives the function a module calls: with ``enabled`` (the run's ``Execution.fuse``), fn runs through torch.compile
 (inductor) when its first tensor argument is a CUDA tensor of at most 64 rows, so each chain becomes one or two
 kernels; anything else (CPU, prefill-sized inputs, ``enabled`` False) runs the plain function, which stays the

@@ -7,23 +7,33 @@ slices (TP), and its vocabulary slice of the LM head. Each rank reads only those
 Per layer and step there are three collectives, all visible here and in attention.py: the attention
 all-to-all, the o_proj all-reduce and the FFN all-reduce; plus one all-gather of the vocab-parallel logits
 per step. A step ends with the same float32 logits [B, V] on every rank.
+
+The residual stream h travels between layers together with the last sub-block's output that is not yet added
+to it (``delta``): each RMSNorm adds it first, in one kernel (kernels/rms_norm.py), so the step has no
+separate residual adds::
+
+    y, h = add_rms_norm(h, delta, input_norm)      h += delta; y = RMSNorm(h)     (delta None: first layer)
+    y, h = add_rms_norm(h, attention(y), post_norm)
+    delta = all_reduce(ffn(y))                     added by the next layer's input norm or the final norm
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from helix.attention import AttentionLayout, HelixMLA, StepMeta, rms_norm
+from helix.attention import AttentionLayout, HelixMLA, StepMeta
 from helix.checkpoint import Checkpoint
 from helix.comm import Comm
 from helix.config import ModelConfig
-from helix.fusion import fused_on_cuda
 from helix.kv_cache import PagedKVCache
 from helix.mapping import HelixMapping
 from helix.moe import GatedMLP, MoE
 from helix.rope import Rope
 from helix.spec import Execution
+from kernels.rms_norm import add_rms_norm
 
 
 class HelixDecoderLayer:
@@ -31,8 +41,8 @@ class HelixDecoderLayer:
                  rope: Rope, moe_parallel: str, dtype: torch.dtype, device, attention: type, layout: AttentionLayout,
                  execution: Execution):
         p = f"model.layers.{layer}."
-        self.eps, self.comm = cfg.rms_norm_eps, comm
-        self.norm = fused_on_cuda(rms_norm, execution.fuse)
+        self.comm = comm
+        self.add_norm = functools.partial(add_rms_norm, eps=cfg.rms_norm_eps, path=execution.kernels)
         self.input_norm = ckpt.get(p + "input_layernorm.weight", dtype=dtype, device=device)
         self.post_norm = ckpt.get(p + "post_attention_layernorm.weight", dtype=dtype, device=device)
         self.attn = attention(cfg, layer, ckpt, mapping, comm, rope, dtype, device, layout, execution)
@@ -41,14 +51,19 @@ class HelixDecoderLayer:
         else:
             self.ffn = GatedMLP(ckpt, p + "mlp.", cfg.intermediate_size, mapping, dtype, device)
 
-    def _ffn(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.comm.all_reduce(self.ffn(self.norm(h, self.post_norm, self.eps)))
+    def _ffn(self, h: torch.Tensor, attn_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, h = self.add_norm(h, attn_out, self.post_norm)
+        return h, self.comm.all_reduce(self.ffn(y))
 
-    def decode(self, x: torch.Tensor, meta: StepMeta, cache: PagedKVCache) -> torch.Tensor:
-        return self._ffn(x + self.attn.decode(self.norm(x, self.input_norm, self.eps), meta, cache))
+    def decode(self, h: torch.Tensor, delta: torch.Tensor | None, meta: StepMeta,
+               cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual h [B, D], delta [B, D] or None) -> the next layer's (h, delta) (module docstring)."""
+        y, h = self.add_norm(h, delta, self.input_norm)
+        return self._ffn(h, self.attn.decode(y, meta, cache))
 
-    def prefill(self, x, cos, sin, slots, cache) -> torch.Tensor:
-        return self._ffn(x + self.attn.prefill(self.norm(x, self.input_norm, self.eps), cos, sin, slots, cache))
+    def prefill(self, h, delta, cos, sin, slots, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        y, h = self.add_norm(h, delta, self.input_norm)
+        return self._ffn(h, self.attn.prefill(y, cos, sin, slots, cache))
 
 
 class HelixModel:
@@ -65,7 +80,7 @@ class HelixModel:
         self.mapping, self.comm, self.dtype, self.device = mapping, comm, dtype, torch.device(device)
         self.layout = attention.layout_for(mapping, cfg.num_attention_heads, execution.microbatches)
         self.rope = Rope(cfg, self.device, execution.fuse)
-        self.norm_fn = fused_on_cuda(rms_norm, execution.fuse)
+        self.add_norm = functools.partial(add_rms_norm, eps=cfg.rms_norm_eps, path=execution.kernels)
         self.embed = ckpt.get("model.embed_tokens.weight", dtype=dtype, device=device)  # [V, D] replicated lookup
         self.layers = [HelixDecoderLayer(cfg, i, ckpt, mapping, comm, self.rope, moe_parallel, dtype, device, attention,
                                          self.layout, execution) for i in range(cfg.num_hidden_layers)]
@@ -81,9 +96,10 @@ class HelixModel:
         return PagedKVCache.for_config(self.layout.cache, self.cfg.num_hidden_layers, self.cfg.kv_cache_dim,
                                        max_tokens_per_seq, max_batch_size, self.dtype, self.device, kv_dtype)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h [T, D] -> float32 logits [T, V], the same on every rank (vocab-parallel head + all-gather)."""
-        local = F.linear(self.norm_fn(h, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()
+    def logits(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """(h, delta) [T, D] of the last layer -> float32 logits [T, V] of h + delta, the same on every rank
+        (vocab-parallel head + all-gather)."""
+        local = F.linear(self.add_norm(h, delta, self.norm)[0], self.lm_head).float()
         local = F.pad(local, (0, max(self.shard_sizes) - local.shape[1]))  # all-gather needs equal shards
         parts = self.comm.all_gather(local)  # [N, T, ceil(V/N)]
         return torch.cat([parts[r, :, :size] for r, size in enumerate(self.shard_sizes)], dim=-1)
@@ -95,10 +111,10 @@ class HelixModel:
         (this rank's, the new token included) -> logits [B, V] float32."""
         cos, sin = self.rope.cos_sin(positions)
         meta = StepMeta(cos, sin, slots, block_table, local_lens)
-        x = self.embed[tokens]
+        h, delta = self.embed[tokens], None
         for layer in self.layers:
-            x = layer.decode(x, meta, cache)
-        return self.logits(x)
+            h, delta = layer.decode(h, delta, meta, cache)
+        return self.logits(h, delta)
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, slots: torch.Tensor, cache: PagedKVCache,
@@ -107,7 +123,7 @@ class HelixModel:
         scratch elsewhere). With ``logits_from``, returns the float32 logits [T - logits_from, V] of positions
         logits_from..T-1 (row t predicts token logits_from + t + 1); without, runs no LM head."""
         cos, sin = self.rope.cos_sin(torch.arange(tokens.shape[0], device=self.device))
-        x = self.embed[tokens]
+        h, delta = self.embed[tokens], None
         for layer in self.layers:
-            x = layer.prefill(x, cos, sin, slots, cache)
-        return None if logits_from is None else self.logits(x[logits_from:])
+            h, delta = layer.prefill(h, delta, cos, sin, slots, cache)
+        return None if logits_from is None else self.logits(h[logits_from:], delta[logits_from:])

@@ -7,9 +7,10 @@ intermediate width.
 
 * ``GatedMLP``: SiLU(x W_gate^T) * (x W_up^T) W_down^T with W_gate/W_up column-sliced [I_r, D] and W_down
   row-sliced [D, I_r] (dense layers, shared experts, and routed experts in TP mode).
-* ``MoE``: routing computed identically on every rank in float32 from the replicated gate; routed experts
-  expert-parallel (rank r holds experts [r E/N, (r+1) E/N), whole) or tensor-parallel (all experts, I_r
-  slice); shared experts tensor-parallel.
+* ``MoE``: routing computed identically on every rank in float32 from the replicated gate (kernels/router.py);
+  routed experts expert-parallel (rank r holds experts [r E/N, (r+1) E/N), whole) or tensor-parallel (all
+  experts, I_r slice); shared experts tensor-parallel. A decode batch runs router + shared + routed experts in
+  four launches (two router, two kernels.moe_decode, which reads the shared slice beside the chosen experts).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import torch.nn.functional as F
 
 from helix.checkpoint import Checkpoint
 from helix.config import ModelConfig
-from helix.fusion import fused_on_cuda
 from helix.mapping import HelixMapping
 from helix.spec import Execution
 from kernels import moe_decode
 from kernels._triton import use_triton
+from kernels.router import RouterSpec, route, route_torch
 
 # up to this many tokens (decode batches) the routed experts run the kernels.moe_decode kernel, which reads each
 # chosen expert once per choice (repeats from L2); larger batches (prefill) group the tokens by expert
@@ -39,45 +40,10 @@ class GatedMLP:
         lo, hi = (0, width) if mapping is None else mapping.tp_range(width)
         self.gate = ckpt.get(prefix + "gate_proj.weight", 0, lo, hi, dtype, device)  # [I_r, D]
         self.up = ckpt.get(prefix + "up_proj.weight", 0, lo, hi, dtype, device)  # [I_r, D]
-        self.down = ckpt.get(prefix + "down_proj.weight", 1, lo, hi, dtype, device)  # [D, I_r]
+        self.down = ckpt.get(prefix + "down_proj.weight", 1, lo, hi, dtype, device).contiguous()  # [D, I_r]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
-
-
-def route(cfg: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 router logits [T, E] -> (expert ids [T, k], weights [T, k] float32).
-
-    V3: sigmoid scores; the correction bias only steers the choice; groups ranked by the sum of their two best
-    biased scores, the best ``topk_group`` groups kept, top-k experts among them; weights are the unbiased
-    scores, normalised if ``norm_topk_prob``, times ``routed_scaling_factor``.
-    V2: softmax scores; ``greedy`` top-k, or ``group_limited_greedy`` with groups ranked by their best score;
-    weights normalised if ``norm_topk_prob`` (and k > 1), otherwise scaled (DeepSeek-V2's code).
-    """
-    t, e = logits.shape
-    g = cfg.n_group
-    if cfg.scoring_func == "sigmoid":
-        scores = logits.sigmoid()
-        choice = scores + bias
-        group_score = choice.view(t, g, e // g).topk(2, dim=-1).values.sum(-1)
-        masked_fill = float("-inf")
-    else:
-        scores = logits.softmax(dim=-1)
-        choice = scores
-        group_score = choice.view(t, g, e // g).max(dim=-1).values
-        masked_fill = 0.0  # as transformers' DeepseekV2TopkRouter
-    if cfg.scoring_func == "sigmoid" or cfg.topk_method == "group_limited_greedy":
-        keep_groups = group_score.topk(cfg.topk_group, dim=-1).indices
-        group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep_groups, True)
-        choice = choice.masked_fill(~group_mask.repeat_interleave(e // g, dim=1), masked_fill)
-    ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
-    weights = scores.gather(1, ids)
-    normalise = cfg.norm_topk_prob and (cfg.scoring_func == "sigmoid" or cfg.num_experts_per_tok > 1)
-    if normalise:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    if cfg.scoring_func == "sigmoid" or not normalise:  # DeepSeek-V2 normalises *or* scales, V3 does both
-        weights = weights * cfg.routed_scaling_factor
-    return ids, weights
 
 
 class MoE:
@@ -86,7 +52,7 @@ class MoE:
     def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, prefix: str, mapping: HelixMapping, moe_parallel: str,
                  dtype: torch.dtype, device, execution: Execution = Execution()):
         self.cfg, self.kernels = cfg, execution.kernels  # kernels: the path rule of kernels/_triton.py
-        self.route = fused_on_cuda(route, execution.fuse)
+        self.router = router_spec(cfg)
         self.gate = ckpt.get(prefix + "gate.weight", dtype=torch.float32, device=device)  # [E, D], replicated
         self.bias = (ckpt.get(prefix + "gate.e_score_correction_bias", dtype=torch.float32, device=device)
                      if cfg.scoring_func == "sigmoid" else None)
@@ -106,15 +72,30 @@ class MoE:
                        if cfg.n_shared_experts else None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        ids, weights = self.route(self.cfg, F.linear(x.float(), self.gate), self.bias)
-        out = self.shared(x) if self.shared is not None else torch.zeros_like(x)
-        local = ids - self.first  # [T, k]; in [0, E_r) for this rank's experts, out of range for the others
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         if capturing or (use_triton(x, self.kernels) and x.shape[0] <= DECODE_TOKENS):
             # decode (on CUDA, or kernels 'triton'): no host sync, so CUDA graphs can capture it, and
-            # only the chosen local experts are read; eager and captured decode steps run the same kernels
-            return out + moe_decode(x, self.w_gate, self.w_up, self.w_down, local, weights, path=self.kernels)
+            # only the chosen local experts are read; eager and captured decode steps run the same kernels.
+            # ids come shifted to this rank's numbering: in [0, E_r) for its experts, out of range for others.
+            local, weights = route(x, self.gate, self.bias, self.router, self.first, path=self.kernels)
+            shared = (self.shared.gate, self.shared.up, self.shared.down) if self.shared is not None else None
+            return moe_decode(x, self.w_gate, self.w_up, self.w_down, local, weights, shared, path=self.kernels)
+        local, weights = route_torch(x, self.gate, self.bias, self.router, self.first)
+        out = self.shared(x) if self.shared is not None else torch.zeros_like(x)
         return out + grouped_experts(x, self.w_gate, self.w_up, self.w_down, local, weights)
+
+
+def router_spec(cfg: ModelConfig) -> RouterSpec:
+    """The config's routing rule. V3: sigmoid scores, groups ranked by their two best biased scores, weights
+    normalised if ``norm_topk_prob`` and scaled. V2: softmax, ``greedy`` or ``group_limited_greedy`` (groups
+    ranked by their best score), weights normalised if ``norm_topk_prob`` (and k > 1), otherwise scaled
+    (DeepSeek-V2's code: it normalises *or* scales, V3 does both)."""
+    sigmoid = cfg.scoring_func == "sigmoid"
+    normalise = cfg.norm_topk_prob and (sigmoid or cfg.num_experts_per_tok > 1)
+    limit = sigmoid or cfg.topk_method == "group_limited_greedy"
+    groups, keep = (cfg.n_group, cfg.topk_group) if limit else (1, 1)
+    return RouterSpec(cfg.n_routed_experts, cfg.num_experts_per_tok, groups, keep, sigmoid, limit, normalise,
+                      cfg.routed_scaling_factor if sigmoid or not normalise else 1.0)
 
 
 def grouped_experts(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,

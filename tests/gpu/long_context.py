@@ -7,12 +7,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from helix.attention import HelixMLA, StepMeta, rms_norm, LATENT_NORM_EPS
+from helix.attention import LATENT_NORM_EPS, HelixMLA, StepMeta
 from helix.checkpoint import SyntheticCheckpoint
 from helix.kv_cache import PagedKVCache
 from helix.mapping import HelixMapping
 from helix.presets import get_preset
 from helix.rope import Rope
+from kernels.rms_norm import rms_norm_torch as rms_norm
 
 PRESET = "deepseek-v3-lite"  # H = 32, Lkv = 512, R = 64: the production layer shape
 

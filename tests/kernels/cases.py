@@ -16,14 +16,14 @@ import torch
 GARBAGE_BLOCK_IDS = (-1, 2**30)  # what unused block-table entries hold: never dereferenced
 
 
-def assert_path_selection(monkeypatch, kernel: str, call) -> None:
+def assert_path_selection(monkeypatch, kernel: str, call, name: str | None = None) -> None:
     """``call(path=...)`` on CPU tensors takes the path kernels/_triton.py's rule names for each value, the default
-    is auto, ``cuda`` is refused on CPU tensors, and an unknown value is refused. ``kernel`` names the module and
-    its ``<kernel>_torch`` / ``<kernel>_triton``."""
+    is auto, ``cuda`` is refused on CPU tensors, and an unknown value is refused. ``kernel`` names the module,
+    ``name`` (default ``kernel``) its ``<name>_torch`` / ``<name>_triton``."""
     mod = importlib.import_module(f"kernels.{kernel}")  # the package attribute of that name is the function
     calls = []
     for path in ("torch", "triton"):
-        monkeypatch.setattr(mod, f"{kernel}_{path}", lambda *a, path=path, **k: calls.append(path) or (None, None))
+        monkeypatch.setattr(mod, f"{name or kernel}_{path}", lambda *a, path=path, **k: calls.append(path) or (None, None))
     for mode, want in [("auto", "torch"), ("torch", "torch"), ("triton", "triton"), (None, "torch")]:
         call(**({} if mode is None else {"path": mode}))
         assert calls[-1] == want, f"path={mode!r} on CPU picked {calls[-1]}"

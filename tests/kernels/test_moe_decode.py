@@ -1,6 +1,7 @@
 """moe_decode: the torch reference and the Triton kernel (under the interpreter on CPU, compiled on CUDA)
 against a float64 slot-by-slot oracle. Hostile inputs: choices of other ranks' experts (-1, E_r, far out
-of range) whose routing weights are NaN, a NaN-poisoned expert nobody chose, awkward I and D."""
+of range) whose routing weights are NaN, a NaN-poisoned expert nobody chose, awkward I and D, a shared expert
+of another width than the routed ones."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import moe_decode, moe_decode_torch, moe_decode_triton
+from kernels import MoEConfig, moe_decode, moe_decode_torch, moe_decode_triton
 from tests.kernels.cases import assert_path_selection
 from tests.tolerance import assert_bf16_policy, assert_exact, assert_f32_parity
 
@@ -47,14 +48,24 @@ def make_case(tokens, k, experts, inter, hidden, dtype=torch.float32, local=1.0,
     return x, w_gate, w_up, w_down, ids.to(id_dtype), weights
 
 
+def make_shared(inter_s, hidden, dtype=torch.float32, seed=0, device="cpu"):
+    """A shared expert (or its TP slice): gate / up [I_s, D], down [D, I_s]."""
+    g = torch.Generator(device=device).manual_seed(seed + 100)
+    return tuple((torch.randn(*shape, generator=g, device=device) * shape[1] ** -0.5).to(dtype)
+                 for shape in ((inter_s, hidden), (inter_s, hidden), (hidden, inter_s)))
+
+
 def _local_slots(ids, experts):
     return [(t, s, int(ids[t, s])) for t in range(ids.shape[0]) for s in range(ids.shape[1])
             if 0 <= int(ids[t, s]) < experts]
 
 
-def oracle64(x, w_gate, w_up, w_down, ids, weights):
+def oracle64(x, w_gate, w_up, w_down, ids, weights, shared=None):
     """Slot by slot in float64 (independent of the grouped torch reference)."""
     y = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    if shared is not None:
+        sg, su, sd = (w.double() for w in shared)
+        y += (F.silu(x.double() @ sg.T) * (x.double() @ su.T)) @ sd.T
     for t, s, e in _local_slots(ids, w_gate.shape[0]):
         xt = x[t].double()
         h = F.silu(w_gate[e].double() @ xt) * (w_up[e].double() @ xt)
@@ -62,9 +73,12 @@ def oracle64(x, w_gate, w_up, w_down, ids, weights):
     return y
 
 
-def bf16_baseline(x, w_gate, w_up, w_down, ids, weights):
+def bf16_baseline(x, w_gate, w_up, w_down, ids, weights, shared=None):
     """The same sum in plain low-precision torch (every matmul and the sum over choices in x's dtype)."""
     y = torch.zeros_like(x)
+    if shared is not None:
+        sg, su, sd = shared
+        y += (F.silu(x @ sg.T) * (x @ su.T)) @ sd.T
     for t, s, e in _local_slots(ids, w_gate.shape[0]):
         h = F.silu(w_gate[e] @ x[t]) * (w_up[e] @ x[t])
         y[t] += (w_down[e] @ h) * weights[t, s].to(x.dtype)
@@ -72,6 +86,7 @@ def bf16_baseline(x, w_gate, w_up, w_down, ids, weights):
 
 
 def check(y, case, what):
+    """``case``: moe_decode's arguments (the shared expert optional, last)."""
     x = case[0]
     assert y.shape == x.shape and y.dtype == x.dtype, f"{what}: {tuple(y.shape)} {y.dtype}"
     assert not torch.isnan(y).any(), f"{what}: NaN leaked from a foreign choice or an unchosen expert"
@@ -114,6 +129,25 @@ def test_noncontiguous_x_int32_ids_and_empty(fn):
     assert empty.shape == x.shape and torch.all(empty == 0)
 
 
+@pytest.mark.parametrize("fn", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("tokens,inter_s,local", [(1, 40, 0.5), (3, 56, 0.6), (2, 24, 0.0), (4, 96, 1.0)])
+def test_shared_expert_matches_oracle(fn, dtype, tokens, inter_s, local):
+    """The shared expert (I_s narrower, equal or wider than I = 40) adds to every token, also one whose
+    choices are all another rank's, and the NaN expert nobody chose stays unread."""
+    case = (*make_case(tokens, 6, 5, 40, 72, dtype, local, seed=inter_s), make_shared(inter_s, 72, dtype, inter_s))
+    check(fn(*case), case, f"{fn.__name__} shared I_s={inter_s} T={tokens} local={local} {dtype}")
+
+
+def test_shared_expert_with_no_routed_experts():
+    """An expert-parallel rank with no local experts still runs its shared slice."""
+    x, wg, wu, wd, ids, w = make_case(3, 4, 3, 40, 72, seed=4)
+    shared = make_shared(32, 72)
+    for fn in (moe_decode_torch, moe_decode_triton):
+        check(fn(x, wg[:0], wu[:0], wd[:0], ids, w, shared), (x, wg[:0], wu[:0], wd[:0], ids, w, shared),
+              f"{fn.__name__} E_r = 0 with a shared expert")
+
+
 def test_triton_matches_reference_order_free():
     """float32, all choices local: kernel and reference agree to float32 rounding of the sums."""
     case = make_case(2, 6, 5, 40, 72, seed=3)
@@ -134,6 +168,11 @@ def test_validation_and_path(monkeypatch):
         moe_decode(x.bfloat16(), wg, wu, wd, ids, w)
     with pytest.raises(ValueError):
         moe_decode(x, wg.transpose(1, 2).contiguous().transpose(1, 2), wu, wd, ids, w)
+    sg, su, sd = make_shared(24, 72)
+    with pytest.raises(ValueError, match="shared expert"):
+        moe_decode(x, wg, wu, wd, ids, w, (sg, su, sd.T.contiguous()))  # down must be [D, I_s]
+    with pytest.raises(TypeError, match="shared expert"):
+        moe_decode(x, wg, wu, wd, ids, w, (sg, su, sd.bfloat16()))
 
     assert_path_selection(monkeypatch, "moe_decode", lambda **kw: moe_decode(x, wg, wu, wd, ids, w, **kw))
 
@@ -194,9 +233,12 @@ REAL = dict(k=6, experts=18 + 1, inter=1536, hidden=2560)  # + the NaN expert no
 @pytest.mark.parametrize("tokens", [1, 8])
 @pytest.mark.parametrize("local", [1.0, 0.25], ids=["all-local", "ep4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("inter_s", [0, 1536, 3072], ids=["no-shared", "shared-tp2", "shared-whole"])
 @pytest.mark.parametrize("fn", [pytest.param(moe_decode, marks=gpu)])
-def test_gpu_real_shape(fn, dtype, local, tokens):
+def test_gpu_real_shape(fn, inter_s, dtype, local, tokens):
     case = make_case(tokens, dtype=dtype, local=local, seed=tokens, device="cuda", **REAL)
+    if inter_s:
+        case = (*case, make_shared(inter_s, REAL["hidden"], dtype, tokens, "cuda"))
     y = fn(*case)
     err = check(y, case, f"GPU T={tokens} local={local} {dtype}")
     assert_exact(fn(*case), y, "second call (deterministic)")
@@ -218,3 +260,14 @@ def test_gpu_cuda_graph_replay(fn):
         graph.replay()
         torch.cuda.synchronize()
         check(y, (x, wg, wu, wd, ids, w), f"graph replay seed {seed}")
+
+
+
+@pytest.mark.parametrize("inter_s", [0, 56])
+def test_small_tiles_match_oracle(inter_s):
+    """Tiles smaller than I and D (several chunks per row), NaN weights of foreign choices, with or without a
+    shared expert."""
+    case = make_case(3, 6, 5, 40, 72, torch.float32, 0.5, seed=11)
+    shared = make_shared(inter_s, 72) if inter_s else None
+    config = MoEConfig(block_i=16, block_d=32, block_n=16, block_k=16)
+    check(moe_decode_triton(*case, shared, config=config), (*case, shared) if shared else case, f"I_s={inter_s}")
