@@ -6,6 +6,8 @@ Oracle: the float64 token-by-token reference of tests/kernels/cases.py, computed
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -133,7 +135,7 @@ def test_mla_decode_cuda_strided_cache_and_refusals():
 def test_mla_decode_without_a_cuda_toolchain_auto_takes_triton(monkeypatch):
     """A host where the extension cannot be built (no nvcc or ninja): path='cuda' is refused naming why, and
     auto at 32 heads (the CUDA kernel's range) runs the Triton kernel instead of failing."""
-    import kernels.mla_decode as md
+    md = importlib.import_module("kernels.mla_decode")  # the package's attribute of that name is the function
 
     monkeypatch.setattr(md, "_build", lambda: (None, "could not be built (RuntimeError: Ninja is required)"))
     case = make_mla_case([700, 33], 32, lkv=LKV, rope=R, tpb=TPB, dtype=torch.bfloat16, seed=7, device="cuda")
