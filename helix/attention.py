@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from helix.checkpoint import Checkpoint
 from helix.comm import Comm
 from helix.config import ModelConfig
+from helix.fusion import fused_on_cuda
 from helix.kv_cache import PagedKVCache
 from helix.mapping import HelixMapping
-from helix.fusion import fused_on_cuda
 from helix.rope import Rope, rotate
 from helix.spec import Execution
 from kernels import helix_combine, mla_decode
@@ -125,7 +125,6 @@ class HelixMLA:
         self.cfg, self.layer, self.mapping, self.comm, self.rope = cfg, layer, mapping, comm, rope
         self.layout, self.kernels = layout, execution.kernels  # kernels: the path rule of kernels/_triton.py
         self.latent_rows = fused_on_cuda(latent_rows, execution.fuse)
-
         p = f"model.layers.{layer}.self_attn."
         H, P, V, L, qk = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.qk_head_dim
         a0, a1 = layout.heads
