@@ -25,6 +25,7 @@ from helix.mapping import HelixMapping
 from helix.model import HelixModel
 from helix.reference import mla_reference
 from helix.rope import Rope
+from helix.spec import Execution
 from helix.runner import rank_generate
 
 
@@ -111,9 +112,10 @@ def rank_generate_with_fault(ctx, fault, spec, requests):
 
 # ----------------------------------------------------------------------------------------------- MLA module
 def run_mla_module(ctx, ckpt_dir: str, n: int, tpb: int, dtype: str, contexts: list[torch.Tensor],
-                   decode_x: torch.Tensor, fault: str | None = None, microbatches: int = 1):
+                   decode_x: torch.Tensor, fault: str | None = None, microbatches: int = 1, kernels: str = "auto"):
     """contexts: per sequence [S_i, D]; decode_x [steps, B, D]. Returns (prefill outs, decode outs [steps, B, D])
-    from rank 0 (every rank computes the same). ``microbatches`` > 1 runs the decode with HOP-B."""
+    from rank 0 (every rank computes the same). ``microbatches`` > 1 runs the decode with HOP-B; ``kernels`` is
+    the run's kernel path (``triton`` on CPU: the GPU kernels under Triton's interpreter)."""
     with planted(fault, n, tpb):
         dt = DTYPES[dtype]
         ckpt = Checkpoint(ckpt_dir)
@@ -122,7 +124,7 @@ def run_mla_module(ctx, ckpt_dir: str, n: int, tpb: int, dtype: str, contexts: l
         comm = ctx.comm(n)
         rope = Rope(cfg, ctx.device)
         attn = HelixMLA(cfg, 0, ckpt, mapping, comm, rope, dt, ctx.device,
-                        HelixMLA.layout_for(mapping, cfg.num_attention_heads, microbatches))
+                        HelixMLA.layout_for(mapping, cfg.num_attention_heads, microbatches), Execution(kernels=kernels))
         total = max(c.shape[0] for c in contexts) + decode_x.shape[0]
         cache = PagedKVCache.for_config(mapping, 1, cfg.kv_cache_dim, total, len(contexts), dt, ctx.device)
         # NaN-poison every block: a kernel that reads past a sequence's end (or an unowned slot) shows up.
