@@ -19,10 +19,11 @@ Helix decode step of one layer, on every rank r (docs/design.md §3.3)::
     c_kv, k_pe    = RMSNorm(kv[:Lkv]), RoPE(kv[Lkv:], global position)
     if r owns the position's block: cache_r <- [c_kv | k_pe]     (block b lives on rank b mod N)
     q_abs         = einsum(q_nope, W_UK)           [B, H, Lkv]
-    o_r, lse_r    = mla_decode(q_abs, q_pe, cache_r)   o_r [B, H, Lkv] locally normalised, lse_r [B, H] fp32
+    o_r, lse_r    = mla_decode(q_abs, q_pe, cache_r)   o_r [B, H, Lkv] locally normalised, lse_r [B, H] fp32,
+                                                   written in place as rows [o_r | lse_r] of the send buffer
     all-to-all over heads: rank j gets heads [j h, (j+1) h) of every rank   -> [N, B, h, Lkv + lse]
-    o, lse        = helix_combine(parts)           exact: o = sum_r exp(lse_r - lse) o_r
-    o_v           = einsum(o, W_UV[local heads])   [B, h, V]
+    o_v           = helix_combine_uv(parts, W_UV[local heads])   [B, h, V]   one kernel:
+                    o = sum_r exp(lse_r - lse) o_r (exact), then o_v = einsum(o, W_UV)
     out           = all_reduce(o_v W_O[:, local heads]^T)                   row-parallel o_proj
 
 The all-to-all moves B H (Lkv + 1) values per rank, independent of S. Prefill (local prefill on the Helix
@@ -46,7 +47,7 @@ from helix.kv_cache import PagedKVCache
 from helix.mapping import HelixMapping
 from helix.rope import Rope, rotate
 from helix.spec import Execution
-from kernels import helix_combine, mla_decode
+from kernels import helix_combine_uv, mla_decode
 from kernels.rms_norm import add_rms_norm, rms_norm_torch
 
 
@@ -73,16 +74,17 @@ class StepMeta:
     local_lens: torch.Tensor  # [B] int32 this rank's tokens per sequence, the new one included
 
 
-def pack_lse(o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """[.., Lkv] in o's dtype + [..] float32 -> [.., Lkv + k]: the lse's bytes ride as k extra elements of o's
-    dtype (k = 1 for float32, 2 for bf16), so one all-to-all carries both without rounding the lse."""
-    k = 4 // o.element_size()
-    return torch.cat([o, lse.contiguous().view(o.dtype).view(*lse.shape, k)], dim=-1)
+def lse_rows(bsz: int, heads: int, lkv: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised [B, H, Lkv + k] buffer in o's dtype whose rows hold [o (Lkv) | lse]: the lse's float32
+    bytes ride as k extra elements (k = 1 for float32 and float64, 2 for bf16), so one all-to-all carries both
+    without rounding the lse. ``unpack_lse`` gives the views mla_decode writes and helix_combine_uv reads."""
+    return torch.empty((bsz, heads, lkv + -(-4 // dtype.itemsize)), dtype=dtype, device=device)
 
 
 def unpack_lse(buf: torch.Tensor, lkv: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """pack_lse's inverse as views of ``buf`` (no copy; helix_combine reads any strides): the lse is element
-    lkv * itemsize / 4 of the row read as float32 (Lkv * itemsize is a multiple of 4 for every MLA shape)."""
+    """``lse_rows``' buffer (or a view of it) as (o [.., Lkv], lse [..] float32) views, no copy (the kernels read
+    and write any strides): the lse is element lkv * itemsize / 4 of the row read as float32 (Lkv * itemsize is
+    a multiple of 4 for every MLA shape)."""
     if lkv * buf.element_size() % 4:
         raise ValueError(f"unpack_lse: Lkv = {lkv} of {buf.dtype} does not end on a 4-byte boundary")
     return buf[..., :lkv], buf.view(torch.float32)[..., lkv * buf.element_size() // 4]
@@ -172,38 +174,49 @@ class HelixMLA:
         return self.latent_rows(kv, self.kv_a_norm, cos, sin, self.cfg.kv_lora_rank, self.rope.interleave)
 
     def output(self, o_lat: torch.Tensor) -> torch.Tensor:
-        """o_lat [T, h, Lkv] of the local heads -> W_UV -> row-parallel o_proj -> all-reduce -> [T, D]."""
-        o_v = torch.einsum("thl,hvl->thv", o_lat, self.w_uv).reshape(o_lat.shape[0], -1)
-        return self.comm.all_reduce(F.linear(o_v, self.o_proj))
+        """o_lat [T, h, Lkv] of the local heads -> W_UV -> ``o_project``."""
+        return self.o_project(torch.einsum("thl,hvl->thv", o_lat, self.w_uv))
+
+    def o_project(self, o_v: torch.Tensor) -> torch.Tensor:
+        """o_v [T, h, V] of the local heads -> row-parallel o_proj -> all-reduce -> [T, D]."""
+        return self.comm.all_reduce(F.linear(o_v.reshape(o_v.shape[0], -1), self.o_proj))
 
     # ------------------------------------------------------------------ decode (Helix)
     def decode(self, x: torch.Tensor, meta: StepMeta, cache: PagedKVCache) -> torch.Tensor:
         """x [B, D] normed hidden states of the batch -> attention output [B, D] (identical on all ranks).
 
         HOP-B (``layout.microbatches`` > 1): the batch is cut into micro-batches whose all-to-all is started
-        asynchronously, so it travels while the next micro-batch's attention runs; with 1 the exchange is
-        simply the step's one all-to-all.
+        asynchronously (on NCCL's stream), so it travels while the next micro-batch's attention runs; with one
+        part the exchange is the step's one all-to-all, synchronous: NCCL runs it on the step's own stream, with
+        no stream fork and join around it (in a CUDA graph each is a dependency edge, idle time on the GPU).
         """
         cfg, n = self.cfg, self.mapping.world_size
         H, L = cfg.num_attention_heads, cfg.kv_lora_rank
         q, kv = self.project(x)
         cache.write(self.layer, meta.slots, self.kv_entries(kv, meta.cos, meta.sin))
         q_abs, q_pe = self.queries(q, meta.cos, meta.sin)
+        # mla_decode writes o_r and lse_r straight into the rows the all-to-all sends: no packing copy.
+        rows = lse_rows(x.shape[0], H, L, q_abs.dtype, x.device)  # [B, H, Lkv + k]
+        o_r, lse_r = unpack_lse(rows, L)
+        parts = torch.arange(x.shape[0]).tensor_split(min(self.layout.microbatches, x.shape[0]))
         in_flight = []
-        for part in torch.arange(x.shape[0]).tensor_split(min(self.layout.microbatches, x.shape[0])):
+        for part in parts:
             sl = slice(int(part[0]), int(part[-1]) + 1)
-            o, lse = mla_decode(q_abs[sl], q_pe[sl], cache.layers[self.layer], meta.block_table[sl],
-                                meta.local_lens[sl], cfg.softmax_scale, cache.scale(self.layer), path=self.kernels)
+            mla_decode(q_abs[sl], q_pe[sl], cache.layers[self.layer], meta.block_table[sl], meta.local_lens[sl],
+                       cfg.softmax_scale, cache.scale(self.layer), path=self.kernels, out=(o_r[sl], lse_r[sl]))
             # [b, H, *] -> [N, b, h, *]: slice j of the send buffer holds the heads rank j combines.
-            send = pack_lse(o, lse).view(o.shape[0], n, H // n, -1).transpose(0, 1)
-            in_flight.append(self.comm.all_to_all(send, async_op=True))
-        o_lat = []
+            send = rows[sl].view(sl.stop - sl.start, n, H // n, -1).transpose(0, 1)
+            if len(parts) > 1:
+                in_flight.append(self.comm.all_to_all(send, async_op=True))
+            else:
+                in_flight.append((self.comm.all_to_all(send), None))
+        o_v = []
         for recv, work in in_flight:
             if work is not None:
                 work.wait()  # stream-ordered on CUDA: no host sync
             o_parts, lse_parts = unpack_lse(recv, L)  # [N, b, h, Lkv], [N, b, h]
-            o_lat.append(helix_combine(o_parts, lse_parts, path=self.kernels)[0])
-        return self.output(torch.cat(o_lat))
+            o_v.append(helix_combine_uv(o_parts, lse_parts, self.w_uv, path=self.kernels))  # [b, h, V]
+        return self.o_project(torch.cat(o_v) if len(o_v) > 1 else o_v[0])
 
     # ------------------------------------------------------------------ prefill (heads split, whole prompt)
     def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,

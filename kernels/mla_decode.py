@@ -287,15 +287,31 @@ def _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, kv_scale, float
     return bsz, heads, lkv, rope
 
 
+def _check_out(out, q_nope_abs: torch.Tensor, kv_cache: torch.Tensor) -> None:
+    """``out`` = (o [B, H, Lkv] in the queries' dtype with unit-stride rows, lse [B, H] float32), any other
+    strides (e.g. views into the buffer an all-to-all sends), or None."""
+    if out is None:
+        return
+    o, lse = out
+    bsz, heads, lkv = q_nope_abs.shape
+    if (o.shape != (bsz, heads, lkv) or o.dtype != q_nope_abs.dtype or (o.numel() and o.stride(-1) != 1)
+            or lse.shape != (bsz, heads) or lse.dtype != torch.float32
+            or o.device != kv_cache.device or lse.device != kv_cache.device):
+        raise ValueError(f"out must be (o [{bsz}, {heads}, {lkv}] {q_nope_abs.dtype} with unit-stride rows, lse "
+                         f"[{bsz}, {heads}] float32) on {kv_cache.device}; got o {o.dtype} {tuple(o.shape)} "
+                         f"strides {o.stride()}, lse {lse.dtype} {tuple(lse.shape)}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # torch reference
 # ----------------------------------------------------------------------------------------------------
 def mla_decode_torch(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     kv_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     kv_scale: torch.Tensor | None = None, out=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference of :func:`mla_decode`: gather each sequence's blocks (an FP8 row times its scale), float32
     math (float64 for float64 inputs). Not graph-capturable (reads max(seq_lens) on the host)."""
     bsz, heads, lkv, rope = _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, kv_scale, float64_ok=True)
+    _check_out(out, q_nope_abs, kv_cache)
     cdt = torch.float64 if q_nope_abs.dtype == torch.float64 else torch.float32
     dev = kv_cache.device
     tpb = kv_cache.shape[1]
@@ -320,7 +336,11 @@ def mla_decode_torch(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: tor
     lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)       # empty rows: p = 0, not NaN
     p = torch.exp(s - lse_safe[..., None])
     o = torch.einsum("bhs,bsl->bhl", p, c_kv)
-    return o.to(q_nope_abs.dtype), lse.to(torch.float32)
+    if out is None:
+        return o.to(q_nope_abs.dtype), lse.to(torch.float32)
+    out[0].copy_(o)
+    out[1].copy_(lse)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -328,14 +348,14 @@ def mla_decode_torch(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: tor
 # ----------------------------------------------------------------------------------------------------
 def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                       block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                      kv_scale: torch.Tensor | None = None, config: MLAConfig | None = None, stats: dict | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      kv_scale: torch.Tensor | None = None, config: MLAConfig | None = None, stats: dict | None = None,
+                      out=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton path of :func:`mla_decode` (CUDA, or CPU under the interpreter). No host sync: capturable
     in a CUDA graph. ``config`` overrides the launch shape (benchmarks, tests); a ``stats`` dict receives
     the launch shape and, when compiled, the split kernel's registers, spills, shared memory and whether
     it uses Hopper's wgmma."""
     bsz, heads, lkv, rope = _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, kv_scale, float64_ok=False)
-    o, lse, q_nope_abs, q_pe = _outputs_and_queries(q_nope_abs, q_pe, kv_cache)
+    o, lse, q_nope_abs, q_pe = _outputs_and_queries(q_nope_abs, q_pe, kv_cache, out)
     if bsz == 0 or heads == 0:
         return o, lse
     if kv_cache.stride(-1) != 1:
@@ -389,12 +409,14 @@ def mla_decode_triton(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
     return o, lse
 
 
-def _outputs_and_queries(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor):
-    """(o [B, H, Lkv] in the queries' dtype, lse [B, H] float32, q_nope_abs, q_pe with unit-stride rows): the
-    split kernels index rows by strides, so only the innermost dimension must be unit-stride."""
+def _outputs_and_queries(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, out):
+    """(o [B, H, Lkv] in the queries' dtype, lse [B, H] float32: ``out``'s views or new, q_nope_abs, q_pe with
+    unit-stride rows): the split kernels and the merge index rows by strides, so only the innermost dimension
+    must be unit-stride."""
+    _check_out(out, q_nope_abs, kv_cache)
     bsz, heads, lkv = q_nope_abs.shape
-    o = torch.empty((bsz, heads, lkv), dtype=q_nope_abs.dtype, device=kv_cache.device)
-    lse = torch.empty((bsz, heads), dtype=torch.float32, device=kv_cache.device)
+    o, lse = out or (torch.empty((bsz, heads, lkv), dtype=q_nope_abs.dtype, device=kv_cache.device),
+                     torch.empty((bsz, heads), dtype=torch.float32, device=kv_cache.device))
     return (o, lse, q_nope_abs if q_nope_abs.stride(-1) == 1 else q_nope_abs.contiguous(),
             q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous())
 
@@ -474,8 +496,8 @@ def cuda_unsupported(q_nope_abs: torch.Tensor, kv_cache: torch.Tensor, block_tab
 
 def mla_decode_cuda(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                     block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                    kv_scale: torch.Tensor | None = None, config: MLAConfig | None = None, stats: dict | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    kv_scale: torch.Tensor | None = None, config: MLAConfig | None = None, stats: dict | None = None,
+                    out=None) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA C++ path of :func:`mla_decode` (kernels/mla_decode.cu): the same split contract as the Triton
     kernel, merged by the same combine; no host sync, so capturable in a CUDA graph. ``config`` may change
     ``num_stages`` (one of CUDA_STAGES), ``programs_per_sm``, ``min_tiles_per_split`` and ``num_splits``; its
@@ -489,7 +511,7 @@ def mla_decode_cuda(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torc
             or cfg.num_stages not in CUDA_STAGES):
         raise ValueError(f"mla_decode path='cuda': config {cfg} must keep the compiled tile (block_h {CUDA_HEADS}, "
                          f"block_n {CUDA_BLOCK_N}, num_warps {CUDA_WARPS}) and num_stages in {CUDA_STAGES}")
-    o, lse, q_nope_abs, q_pe = _outputs_and_queries(q_nope_abs, q_pe, kv_cache)
+    o, lse, q_nope_abs, q_pe = _outputs_and_queries(q_nope_abs, q_pe, kv_cache, out)
     if bsz == 0 or heads == 0:
         return o, lse
     head_tiles = triton.cdiv(heads, CUDA_HEADS)
@@ -507,7 +529,7 @@ def mla_decode_cuda(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torc
 
 def mla_decode(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-               kv_scale: torch.Tensor | None = None, path: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+               kv_scale: torch.Tensor | None = None, path: str = "auto", out=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed-MLA decode attention of one new token per sequence over this rank's paged latent cache.
 
     Args:
@@ -521,6 +543,8 @@ def mla_decode(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Ten
             max_blocks * tokens_per_block.
         scale: softmax scale applied to the raw score.
         kv_scale: [num_blocks, tokens_per_block] float32, an FP8 cache's per-row scale: row = e4m3 x scale.
+        out: optional (o, lse) to write the results into, any strides but unit-stride rows of o (Helix passes
+            views of the buffer its all-to-all sends, so the partial and its lse need no packing copy).
 
     Returns:
         o: [B, H, Lkv] in the input dtype, softmax over the local tokens applied to c_kv (normalised
@@ -535,11 +559,11 @@ def mla_decode(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Ten
     split-KV flash-decoding, graph-capturable); the torch reference on CPU.
     """
     if not use_triton(kv_cache, path):
-        return mla_decode_torch(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale)
+        return mla_decode_torch(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale, out=out)
     if path == "cuda" or (path == "auto" and q_nope_abs.shape[1] in CUDA_AUTO_HEADS
                           and cuda_unsupported(q_nope_abs, kv_cache, block_table, seq_lens, kv_scale) is None):
-        return mla_decode_cuda(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale)
-    return mla_decode_triton(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale)
+        return mla_decode_cuda(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale, out=out)
+    return mla_decode_triton(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale, out=out)
 
 
 def flops(bsz: int, heads: int, seq: int, lkv: int, rope: int) -> int:

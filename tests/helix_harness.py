@@ -25,20 +25,21 @@ from helix.mapping import HelixMapping
 from helix.model import HelixModel
 from helix.reference import mla_reference
 from helix.rope import Rope
+from helix.spec import Execution
 from helix.runner import rank_generate
 
 
 # ----------------------------------------------------------------------------------------------- faults
-def _uniform_combine(o_parts, lse_parts, **_):
+def _uniform_combine(o_parts, lse_parts, w_uv, **_):
     """Wrong combine weights: every rank's partial weighted equally, ignoring its lse."""
     live = torch.isfinite(lse_parts)[..., None]
     o = (o_parts.float() * live).sum(0) / live.sum(0).clamp(min=1)
-    return o.to(o_parts.dtype), lse_parts.logsumexp(0)
+    return torch.einsum("bhl,hvl->bhv", o, w_uv.float()).to(o_parts.dtype)
 
 
-def _drop_last_shard(o_parts, lse_parts, **kwargs):
+def _drop_last_shard(o_parts, lse_parts, w_uv, **kwargs):
     """A dropped shard: the last rank's partial never reaches the combine."""
-    return _ORIGINAL["combine"](o_parts[:-1], lse_parts[:-1], **kwargs)
+    return _ORIGINAL["combine"](o_parts[:-1], lse_parts[:-1], w_uv, **kwargs)
 
 
 def _shifted_owner_slots(self, seq_id, positions):
@@ -63,12 +64,14 @@ def _local_rope_positions(n: int, tpb: int):
 
 def _base2_lse(*args, **kwargs):
     """A base-2 log-sum-exp (log2 sum 2^(s log2 e) = lse / ln 2, what an exp2-based kernel keeps) fed to the
-    natural-log combine: each rank's weight becomes exp(lse_r / ln 2), too sharp across ranks."""
+    natural-log combine: each rank's weight becomes exp(lse_r / ln 2), too sharp across ranks. In place: Helix
+    reads the lse where mla_decode's ``out`` put it, in the all-to-all's send buffer."""
     o, lse = _ORIGINAL["decode"](*args, **kwargs)
-    return o, lse / math.log(2)
+    lse.div_(math.log(2))
+    return o, lse
 
 
-_ORIGINAL = {"combine": helix.attention.helix_combine, "cos_sin": Rope.cos_sin, "decode": helix.attention.mla_decode}
+_ORIGINAL = {"combine": helix.attention.helix_combine_uv, "cos_sin": Rope.cos_sin, "decode": helix.attention.mla_decode}
 
 
 @contextlib.contextmanager
@@ -76,12 +79,12 @@ def planted(fault: str | None, n: int, tpb: int):
     if fault is None:
         yield
         return
-    saved = (helix.attention.helix_combine, PagedKVCache.slots, Rope.cos_sin, helix.attention.mla_decode)
+    saved = (helix.attention.helix_combine_uv, PagedKVCache.slots, Rope.cos_sin, helix.attention.mla_decode)
     try:
         if fault == "uniform_combine":
-            helix.attention.helix_combine = _uniform_combine
+            helix.attention.helix_combine_uv = _uniform_combine
         elif fault == "drop_shard":
-            helix.attention.helix_combine = _drop_last_shard
+            helix.attention.helix_combine_uv = _drop_last_shard
         elif fault == "wrong_owner":
             PagedKVCache.slots = _shifted_owner_slots
         elif fault == "local_rope":
@@ -92,7 +95,7 @@ def planted(fault: str | None, n: int, tpb: int):
             raise ValueError(fault)
         yield
     finally:
-        helix.attention.helix_combine, PagedKVCache.slots, Rope.cos_sin, helix.attention.mla_decode = saved
+        helix.attention.helix_combine_uv, PagedKVCache.slots, Rope.cos_sin, helix.attention.mla_decode = saved
 
 
 FAULTS = ["uniform_combine", "drop_shard", "wrong_owner", "local_rope", "base2_lse"]
@@ -109,9 +112,10 @@ def rank_generate_with_fault(ctx, fault, spec, requests):
 
 # ----------------------------------------------------------------------------------------------- MLA module
 def run_mla_module(ctx, ckpt_dir: str, n: int, tpb: int, dtype: str, contexts: list[torch.Tensor],
-                   decode_x: torch.Tensor, fault: str | None = None, microbatches: int = 1):
+                   decode_x: torch.Tensor, fault: str | None = None, microbatches: int = 1, kernels: str = "auto"):
     """contexts: per sequence [S_i, D]; decode_x [steps, B, D]. Returns (prefill outs, decode outs [steps, B, D])
-    from rank 0 (every rank computes the same). ``microbatches`` > 1 runs the decode with HOP-B."""
+    from rank 0 (every rank computes the same). ``microbatches`` > 1 runs the decode with HOP-B; ``kernels`` is
+    the run's kernel path (``triton`` on CPU: the GPU kernels under Triton's interpreter)."""
     with planted(fault, n, tpb):
         dt = DTYPES[dtype]
         ckpt = Checkpoint(ckpt_dir)
@@ -120,7 +124,7 @@ def run_mla_module(ctx, ckpt_dir: str, n: int, tpb: int, dtype: str, contexts: l
         comm = ctx.comm(n)
         rope = Rope(cfg, ctx.device)
         attn = HelixMLA(cfg, 0, ckpt, mapping, comm, rope, dt, ctx.device,
-                        HelixMLA.layout_for(mapping, cfg.num_attention_heads, microbatches))
+                        HelixMLA.layout_for(mapping, cfg.num_attention_heads, microbatches), Execution(kernels=kernels))
         total = max(c.shape[0] for c in contexts) + decode_x.shape[0]
         cache = PagedKVCache.for_config(mapping, 1, cfg.kv_cache_dim, total, len(contexts), dt, ctx.device)
         # NaN-poison every block: a kernel that reads past a sequence's end (or an unowned slot) shows up.

@@ -11,8 +11,8 @@ import importlib
 import pytest
 import torch
 
-from kernels import helix_combine, mla_decode
-from kernels.mla_decode import CUDA_CONFIG, mla_decode_cuda, mla_decode_triton
+from kernels import helix_combine, helix_combine_uv, mla_decode
+from kernels.mla_decode import CUDA_CONFIG, MLAConfig, mla_decode_cuda, mla_decode_triton
 from tests.kernels.cases import (combine_lowp_baseline, combine_oracle64, make_combine_case, make_mla_case,
                                  mla_bf16_baseline, mla_oracle64)
 from tests.tolerance import assert_bf16_policy, assert_f32_parity, error_report
@@ -158,3 +158,35 @@ def test_helix_combine_gpu(n, dtype):
         assert_bf16_policy(o, o_ref, combine_lowp_baseline(o_parts, lse_parts)[0], f"combine bf16 N={n} o")
     assert_f32_parity(lse, lse_ref, f"combine N={n} lse")
     assert torch.all(o[0, 0] == 0) and lse[0, 0] == float("-inf"), error_report(o[0, 0], torch.zeros_like(o[0, 0]))[3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_helix_combine_uv_gpu(n, dtype):
+    """The merge fused with W_UV at a Helix rank's V3 sizes (h = 128 / N heads, V 128, Lkv 512), B = 3."""
+    heads = 128 // n
+    o_parts, lse_parts = make_combine_case(n, 3, heads, lkv=LKV, dtype=dtype, seed=n, device="cuda", neg_inf="row")
+    g = torch.Generator().manual_seed(n)
+    w_uv = (torch.randn(heads, 128, LKV, generator=g, dtype=torch.float64) / LKV ** 0.5).to(dtype).cuda()
+    o_v = helix_combine_uv(o_parts, lse_parts, w_uv)
+    ref = torch.einsum("bhl,hvl->bhv", combine_oracle64(o_parts, lse_parts)[0], w_uv.double().cpu())
+    if dtype == torch.float32:
+        assert_f32_parity(o_v, ref, f"combine_uv N={n}")
+    else:
+        base = torch.einsum("bhl,hvl->bhv", combine_lowp_baseline(o_parts, lse_parts)[0], w_uv)
+        assert_bf16_policy(o_v, ref, base, f"combine_uv bf16 N={n}")
+    assert torch.all(o_v[0, 0] == 0) and not torch.isnan(o_v).any()
+
+
+@pytest.mark.parametrize("path,num_splits", [("cuda", 1), ("cuda", None), ("triton", 1), ("triton", None)])
+def test_mla_decode_out_into_send_rows(path, num_splits):
+    """out=: o and lse written into the rows Helix's all-to-all sends ([B, H, Lkv + 2] bf16, the lse's bytes in
+    the last two elements), through one split (the split kernel stores) or the default (the merge stores)."""
+    from dataclasses import replace
+
+    case = make_mla_case([20_000, 77, 0], 32, lkv=LKV, rope=R, tpb=TPB, dtype=torch.bfloat16, seed=11, device="cuda")
+    rows = torch.full((3, 32, LKV + 2), float("nan"), dtype=torch.bfloat16, device="cuda")
+    o, lse = rows[..., :LKV], rows.view(torch.float32)[..., LKV // 2]
+    fn, base = (mla_decode_cuda, CUDA_CONFIG) if path == "cuda" else (mla_decode_triton, MLAConfig(block_h=32))
+    fn(*case.args, config=replace(base, num_splits=num_splits), out=(o, lse))
+    _check_bf16(o, lse, case, f"{path} out= splits={num_splits}")

@@ -136,6 +136,34 @@ def test_non_contiguous_q(layout, path):
     _check_f32(*fn(*case.args), case, f"{path} q {layout}")
 
 
+@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_out_writes_strided_views_in_place(path, splits):
+    """``out``: o and lse written where the caller says (Helix: the rows its all-to-all sends, lse's float32 bytes
+    after o's), through one split (the split kernel stores the result) or several (the merge does); nothing
+    else in the buffer is touched."""
+    case = make_mla_case([0, 1, 45, 16], 5, tpb=8, seed=41)
+    bsz, heads, lkv = case.q_nope_abs.shape
+    buf = torch.full((bsz, heads, lkv + 3), float("nan"))
+    lse = torch.full((heads, bsz), float("nan")).t()  # [B, H], column-major
+    out = (buf[..., 1:lkv + 1], lse)
+    kw = {} if path == "torch" else {"config": MLAConfig(block_h=16, block_n=16, num_splits=splits)}
+    fn = mla_decode_torch if path == "torch" else mla_decode_triton
+    got = fn(*case.args, out=out, **kw)
+    assert got[0] is out[0] and got[1] is out[1]
+    _check_f32(*out, case, f"{path} out= splits={splits}")
+    assert torch.isnan(buf[..., 0]).all() and torch.isnan(buf[..., lkv + 1:]).all(), "out= wrote outside o"
+
+
+def test_out_is_validated():
+    case = make_mla_case([3], 2, tpb=8, seed=2)
+    o = torch.empty(case.q_nope_abs.shape)
+    lse = torch.empty(case.q_nope_abs.shape[:2])
+    for bad in [(o[..., :-1], lse), (o.double(), lse), (o, lse.double()), (o.transpose(1, 2).contiguous().transpose(1, 2), lse)]:
+        with pytest.raises(ValueError, match="out must be"):
+            mla_decode(*case.args, out=bad)
+
+
 def test_all_empty_and_zero_batch():
     case = make_mla_case([0, 0], 3, seed=1)
     for fn in (mla_decode_torch, mla_decode_triton):

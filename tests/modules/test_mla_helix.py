@@ -50,6 +50,20 @@ def test_hop_b_microbatches_match_reference(rank_pool, tiny_checkpoint, microbat
         assert_f32_parity(dec[step], ref_dec[step], f"HOP-B x{microbatches}: decode step {step}")
 
 
+@pytest.mark.parametrize("n,microbatches", [(2, 1), (3, 2)])
+def test_gpu_kernel_path_matches_reference(rank_pool, tiny_checkpoint, n, microbatches):
+    """The decode step as it runs on CUDA (kernels="triton", here under Triton's interpreter): mla_decode
+    writing o and lse into the rows the all-to-all sends, the combine fused with W_UV reading the receive
+    buffer in place; with one part and with HOP-B."""
+    pytest.importorskip("triton", reason="triton not installed: the interpreted kernel path needs it")
+    contexts, decode_x = _inputs(96, CASES["batch3_ragged"], seed=20 + n)
+    _, ref_dec = reference_mla(tiny_checkpoint, torch.float64, contexts, decode_x)
+    _, dec = rank_pool.run(run_mla_module, str(tiny_checkpoint), n, TPB, "float32", contexts, decode_x, None,
+                           microbatches, "triton", n=n)[0]
+    for step in range(STEPS):
+        assert_f32_parity(dec[step], ref_dec[step], f"N={n} x{microbatches} triton: decode step {step}")
+
+
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_helix_mla_bf16_policy_and_trtllm_criterion(rank_pool, tiny_checkpoint, checkpoint_factory, n):
     ckpt = checkpoint_factory(dtype="bfloat16")  # same seed, weights stored in bf16: one set of weights for all
