@@ -1,9 +1,9 @@
-"""Local rank processes: spawned once, they run many commands, and any failure surfaces in the driver.
+"""Local rank processes: started once, they run many commands, and any failure surfaces in the driver.
 
 ``RankPool(world_size)`` starts one process per rank (torch.multiprocessing, forked from a server that imported
 torch once: see ``rank_processes``), joins them in a
 torch.distributed world (gloo on CPU, nccl on CUDA; gloo for any group whose ranks share a GPU) and creates
-the prefix groups {0..n-1} for every n, so one spawn serves Helix runs with N = 1..world_size.
+the prefix groups {0..n-1} for every n, so one pool serves Helix runs with N = 1..world_size.
 ``pool.run(fn, *args, n=N)`` calls ``fn(ctx, *args)`` on ranks 0..N-1 (``fn`` must be a module-level function)
 and returns their results. A long-running command streams results as it goes: ``ctx.emit(payload)`` on a rank
 reaches ``on_event(rank, payload)`` in the driver, in emission order per rank, while ``run`` waits.
