@@ -130,6 +130,12 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def capability(device_index: int) -> tuple[int, int]:
+    """The GPU's compute capability, queried once (kernel wrappers ask on every call)."""
+    return torch.cuda.get_device_capability(device_index)
+
+
 def num_sms(t: torch.Tensor) -> int:
     """Streaming multiprocessors of ``t``'s GPU; a small fixed number under the interpreter so that the
     split logic is exercised on CPU without launching thousands of interpreted programs."""

@@ -32,8 +32,8 @@ import torch
 
 from kernels import helix_combine, mla_decode
 from kernels._triton import tl, triton
-from kernels.mla_decode import (CUDA_AUTO_HEADS, CUDA_CONFIG, MLAConfig, default_config, flops, kv_bytes, mla_decode_cuda,
-                                 mla_decode_triton)
+from kernels.mla_decode import (CUDA_AUTO_HEADS, CUDA_CONFIG, MLAConfig, auto_path, default_config, flops, kv_bytes,
+                                 mla_decode_cuda, mla_decode_triton)
 
 LKV, R, TPB = 512, 64, 64
 DT = torch.bfloat16
@@ -285,7 +285,7 @@ def run_decode(ws, ceil, heads_list, batches, seqs, with_torch, deadline, config
                 row = {"H": heads, "B": bsz, "S": seq, "kv_bytes": kv_bytes(bsz, seq, LKV, R, 2),
                        "flops": flops(bsz, heads, seq, LKV, R)}
                 st: dict = {}
-                path, cfg = (configs or {}).get(heads, ("cuda" if heads in CUDA_AUTO_HEADS else "triton", None))
+                path, cfg = (configs or {}).get(heads, (auto_path(qn, kv, bt, sl, None), None))
                 o, lse = SPLIT_KERNELS[path](qn, qp, kv, bt, sl, scale, config=cfg, stats=st)
                 row["launch"] = {k: v for k, v in st.items() if k != "grid"}
                 if cfg is None:  # the public entry point with its default path and launch shape

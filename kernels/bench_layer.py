@@ -26,7 +26,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from kernels.bench import card_tag, log, measure_ceilings, time_graph
+from kernels.bench import card_tag, log, measure_read_bandwidth, rel_err, time_graph
 from kernels.moe_decode import MoEConfig, moe_decode_triton
 from kernels.rms_norm import add_rms_norm_triton, rms_norm_torch
 from kernels.router import RouterSpec, route_torch, route_triton
@@ -40,10 +40,6 @@ def per_layer(fn, layers: int) -> float:
     return time_graph(lambda: [fn(i) for i in range(layers)], replays=30) / layers * 1e6
 
 
-def rel(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
-
-
 def bench_router(layers: int, tokens: int) -> dict:
     xs = [torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
     gates = [torch.randn(E, D, device="cuda") * D ** -0.5 for _ in range(layers)]
@@ -52,7 +48,7 @@ def bench_router(layers: int, tokens: int) -> dict:
     ids_old, w_old = old(xs[0], gates[0], biases[0], SPEC)
     ids_new, w_new = route_triton(xs[0], gates[0], biases[0], SPEC)
     assert torch.equal(ids_old.int(), ids_new), (ids_old, ids_new)
-    out = {"check_weights_rel_err": rel(w_new, w_old),
+    out = {"check_weights_rel_err": rel_err(w_new, w_old),
            "inductor (previous)": per_layer(lambda i: old(xs[i], gates[i], biases[i], SPEC), layers)}
     for block_e in (1, 2, 4):
         out[f"triton block_e={block_e}"] = per_layer(lambda i: route_triton(xs[i], gates[i], biases[i], SPEC,
@@ -68,7 +64,7 @@ def bench_norm(layers: int, tokens: int) -> dict:
     y_old = norm(xs[0] + ds[0], w, 1e-6)
     y_new, h_new = add_rms_norm_triton(xs[0], ds[0], w, 1e-6)
     assert torch.equal(h_new, xs[0] + ds[0])
-    return {"check_rel_err": rel(y_new, y_old),
+    return {"check_rel_err": rel_err(y_new, y_old),
             "eager add + inductor norm (previous)": per_layer(lambda i: norm(xs[i] + ds[i], w, 1e-6), layers),
             "triton add_rms_norm": per_layer(lambda i: add_rms_norm_triton(xs[i], ds[i], w, 1e-6), layers)}
 
@@ -95,7 +91,7 @@ def bench_moe(layers: int, tokens: int, experts: int, shared_width: int) -> dict
 
     local = sum(int(((t >= 0) & (t < experts)).sum()) for t in ids) / layers
     mb = (local * 3 * I * D + 3 * shared_width * D) * 2 / 1e6
-    out = {"check_rel_err": rel(new(0), old(0)), "local_choices": local, "MB_per_layer": mb,
+    out = {"check_rel_err": rel_err(new(0), old(0)), "local_choices": local, "MB_per_layer": mb,
            "shared GEMVs + moe_decode + add (previous)": per_layer(old, layers)}
     for cfg in MOE_CONFIGS:
         out[f"fused {cfg}"] = per_layer(lambda i: new(i, cfg), layers)
@@ -137,7 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--out", default="golden/perf")
     args = p.parse_args(argv)
-    ceil = measure_ceilings()
+    ceil = measure_read_bandwidth()
     card = torch.cuda.get_device_name()
     parts = {"router": bench_router(64, args.tokens), "add + RMSNorm": bench_norm(args.layers, args.tokens),
              "MoE, one GPU (E_r 72, shared 3072)": bench_moe(4, args.tokens, 72, 2 * I),

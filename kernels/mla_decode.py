@@ -53,8 +53,8 @@ from pathlib import Path
 
 import torch
 
-from kernels._triton import (HAS_TENSOR_DESCRIPTOR, TensorDescriptor, interpreting, launcher, next_pow2, num_sms, tl,
-                             triton, use_triton)
+from kernels._triton import (HAS_TENSOR_DESCRIPTOR, TensorDescriptor, capability, interpreting, launcher, next_pow2,
+                             num_sms, tl, triton, use_triton)
 from kernels.helix_combine import launch_lse_combine
 
 __all__ = ["mla_decode", "mla_decode_torch", "mla_decode_triton", "mla_decode_cuda", "MLAConfig", "default_config"]
@@ -236,7 +236,7 @@ def _use_tma(kv_cache: torch.Tensor, block_n: int) -> bool:
     is one dense [blocks * T, Lkv + R] array with 16-byte aligned rows (the descriptor's rules) and the GPU
     has the copy engine (Hopper, compute capability 9.0, or newer; the interpreter emulates it)."""
     tpb, row = kv_cache.shape[1], kv_cache.shape[2]
-    engine = not kv_cache.is_cuda or torch.cuda.get_device_capability(kv_cache.device) >= (9, 0)
+    engine = not kv_cache.is_cuda or capability(kv_cache.device.index) >= (9, 0)
     return (HAS_TENSOR_DESCRIPTOR and engine and tpb % block_n == 0 and kv_cache.is_contiguous()
             and kv_cache.data_ptr() % 16 == 0 and (row * kv_cache.element_size()) % 16 == 0)
 
@@ -480,7 +480,7 @@ def cuda_unsupported(q_nope_abs: torch.Tensor, kv_cache: torch.Tensor, block_tab
     lkv, row = q_nope_abs.shape[-1], kv_cache.shape[-1]
     if not kv_cache.is_cuda:
         return f"needs CUDA tensors, got {kv_cache.device}"
-    if torch.cuda.get_device_capability(kv_cache.device) < (8, 0):
+    if capability(kv_cache.device.index) < (8, 0):
         return "needs compute capability 8.0 or newer"
     if kv_scale is not None or kv_cache.dtype != torch.bfloat16 or q_nope_abs.dtype != torch.bfloat16:
         return f"is compiled for bf16 queries and cache, got {q_nope_abs.dtype} / {kv_cache.dtype}"
@@ -492,6 +492,16 @@ def cuda_unsupported(q_nope_abs: torch.Tensor, kv_cache: torch.Tensor, block_tab
             or kv_cache.data_ptr() % 16):
         return "needs cache rows contiguous and 16-byte aligned"
     return _build()[1]
+
+
+def auto_path(q_nope_abs: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+              kv_scale: torch.Tensor | None) -> str:
+    """The GPU kernel ``path="auto"`` runs for this call: "cuda" for head counts in CUDA_AUTO_HEADS when the CUDA
+    kernel takes the call (and could be built), else "triton"."""
+    if (q_nope_abs.shape[1] in CUDA_AUTO_HEADS
+            and cuda_unsupported(q_nope_abs, kv_cache, block_table, seq_lens, kv_scale) is None):
+        return "cuda"
+    return "triton"
 
 
 def mla_decode_cuda(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
@@ -560,8 +570,7 @@ def mla_decode(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Ten
     """
     if not use_triton(kv_cache, path):
         return mla_decode_torch(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale, out=out)
-    if path == "cuda" or (path == "auto" and q_nope_abs.shape[1] in CUDA_AUTO_HEADS
-                          and cuda_unsupported(q_nope_abs, kv_cache, block_table, seq_lens, kv_scale) is None):
+    if path == "cuda" or (path == "auto" and auto_path(q_nope_abs, kv_cache, block_table, seq_lens, kv_scale) == "cuda"):
         return mla_decode_cuda(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale, out=out)
     return mla_decode_triton(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, scale, kv_scale, out=out)
 
