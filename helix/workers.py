@@ -101,6 +101,14 @@ class RankContext:
         return Comm(members.index(self.rank), len(members), self.groups[key])
 
 
+def run_command(fn: Callable, ctx: RankContext, args: tuple, kwargs: dict) -> tuple[str, Any]:
+    """One command on a rank: ("ok", its result) or ("err", the traceback), what the driver collects."""
+    try:
+        return "ok", fn(ctx, *args, **kwargs)
+    except BaseException:
+        return "err", traceback.format_exc()
+
+
 def _worker(rank: int, world: int, devices: list[str], store_port: int, extra_groups: list[tuple[int, ...]],
             commands, results, env: dict, threads: int, timeout_s: float) -> None:
     os.environ.clear()  # the fork server's environment is that of the pool's first start; the driver's is current
@@ -129,10 +137,7 @@ def _worker(rank: int, world: int, devices: list[str], store_port: int, extra_gr
         if msg is None:
             break
         fn, args, kwargs = msg
-        try:
-            results.put((rank, "ok", fn(ctx, *args, **kwargs)))
-        except BaseException:
-            results.put((rank, "err", traceback.format_exc()))
+        results.put((rank, *run_command(fn, ctx, args, kwargs)))
     destroy()
 
 

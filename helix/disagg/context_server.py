@@ -39,15 +39,17 @@ class ContextServer:
 
     def prefill(self, req: Request) -> tuple[int, PromptScores | None]:
         """Write the KV of prompt[:-1] into the cache as sequence ``req.req_id``; returns its token count and, when
-        the request asks, the log-probs of prompt[1:] (row t of the prefill predicts token t + 1)."""
+        the request asks, on context rank 0 (the one that publishes them), the log-probs of prompt[1:] (row t of
+        the prefill predicts token t + 1)."""
         n = len(req.prompt) - 1
         self.cache.add(req.req_id)
         slots = self.cache.append(req.req_id, n).to(self.model.device)
         if not n:
             return n, ([], []) if req.prompt_logprobs else None
         tokens = torch.tensor(req.prompt[:-1], device=self.model.device)
+        # Every rank takes part in the prefill's collectives; only rank 0 scores (a [T, V] host copy and softmax).
         rows = self.model.prefill(tokens, slots, self.cache, logits_from=0 if req.prompt_logprobs else None)
-        if rows is None:
+        if rows is None or self.rank != 0:
             return n, None
         logprobs, _, top = score_rows(rows.cpu(), req.prompt[1:], req.top_logprobs)
         return n, (logprobs, top)

@@ -39,13 +39,16 @@ def send_prompt_kv(cache: PagedKVCache, seq_id: int, num_tokens: int, rank: int,
     or "cpu" when the hand-over goes through host memory). Returns (work, staged tensor) pairs; keep them until
     the works are done."""
     seq, n = cache.seqs[seq_id], len(gen_ranks)
+    # (destination, physical blocks) of each generation rank this rank serves that owns any block: the same for
+    # every layer
+    routes = []
+    for g, dst in enumerate(gen_ranks):
+        blocks = HelixMapping(g, n, cache.tpb).owned_blocks(num_tokens) if kv_sender(g, context_ranks) == rank else []
+        if blocks:
+            routes.append((dst, torch.tensor([seq.blocks[b] for b in blocks], device=cache.layers[0].device)))
     pending = []
     for layer in range(len(cache.layers)):
-        for g, dst in enumerate(gen_ranks):
-            blocks = HelixMapping(g, n, cache.tpb).owned_blocks(num_tokens)
-            if not blocks or kv_sender(g, context_ranks) != rank:
-                continue
-            phys = torch.tensor([seq.blocks[b] for b in blocks], device=cache.layers[layer].device)
+        for dst, phys in routes:
             staged = cache.read_blocks(layer, phys).to(wire)  # [n_g, tpb, E] (FP8: E + 4 bytes), contiguous
             pending.append((dist.isend(staged, dst), staged))
     return pending

@@ -29,7 +29,6 @@ import pickle
 import queue
 import threading
 import time
-import traceback
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -42,7 +41,7 @@ from helix.disagg.deploy import load_deployment
 from helix.disagg.handoff import STORE_WAIT
 from helix.gpu_env import GPU_SAFE_ENV
 from helix.spec import RunSpec
-from helix.workers import RankContext, TorchrunEnv, WorkerError
+from helix.workers import RankContext, TorchrunEnv, WorkerError, run_command
 
 T = TypeVar("T")
 
@@ -62,13 +61,6 @@ class _StoreOutbox:
         rank, _, payload = item
         self.store.set(f"evt/{self.command}/{rank}/{self.count}", pickle.dumps(payload))
         self.count += 1
-
-
-def _call(fn: Callable, ctx: RankContext, args: tuple, kwargs: dict) -> tuple[str, Any]:
-    try:
-        return "ok", fn(ctx, *args, **kwargs)
-    except BaseException:
-        return "err", traceback.format_exc()
 
 
 class TorchrunPool:
@@ -125,7 +117,7 @@ class TorchrunPool:
         own: dict[int, tuple[str, Any]] = {}
         thread = None
         if 0 in ranks:
-            thread = threading.Thread(target=lambda: own.update({0: _call(fn, self.ctx, args, kwargs)}), daemon=True)
+            thread = threading.Thread(target=lambda: own.update({0: run_command(fn, self.ctx, args, kwargs)}), daemon=True)
             thread.start()
         pending, got = {r: f"res/{k}/{r}" for r in ranks if r != 0}, {}
         seen = dict.fromkeys(pending, 0)  # events delivered per rank
@@ -186,7 +178,7 @@ class TorchrunPool:
             fn, args, kwargs, ranks = msg
             self._outbox.start(k)
             if self.rank in ranks:
-                self.store.set(f"res/{k}/{self.rank}", pickle.dumps(_call(fn, self.ctx, args, kwargs)))
+                self.store.set(f"res/{k}/{self.rank}", pickle.dumps(run_command(fn, self.ctx, args, kwargs)))
             k += 1
 
 
