@@ -24,7 +24,6 @@ import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -158,7 +157,8 @@ def endpoint_model(url: str) -> tuple[str, int | None]:
     import openai
 
     try:
-        first = openai_client(url, 60).models.list().data[0]
+        with openai_client(url, 60) as client:
+            first = client.models.list().data[0]
     except (openai.APIError, IndexError) as e:
         raise ConfigError(f"url={url!r}: no model listed at {url}/models ({' '.join(str(e).split())})") from None
     return first.id, (first.model_extra or {}).get("max_model_len")

@@ -56,11 +56,6 @@ def write_seed(model_dir, tmp_path: Path) -> Path:
     return path
 
 
-def reference_tokens(model_dir, prompt: list[int], n: int) -> list[int]:
-    model = ReferenceModel.from_checkpoint(model_dir, dtype=torch.float64)
-    return model.generate(prompt, n, eos_token_ids=model.cfg.eos_token_ids)
-
-
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
             "OMP_NUM_THREADS": "1"}
@@ -161,7 +156,8 @@ def test_context_tp2_helix_cp2_generates_and_scores_as_the_reference(tiny_checkp
         assert greedy == want_greedy
 
 
-def test_helix_generate_on_the_file_across_two_torchrun_nodes_prints_the_reference_tokens(tiny_checkpoint, tmp_path):
+def test_helix_generate_on_the_file_across_two_torchrun_nodes_prints_the_reference_tokens(tiny_checkpoint, reference,
+                                                                                         tmp_path):
     """As a new user would: the TensorRT-LLM file, `helix generate --config` on it, on two torchrun "nodes" on the
     loopback address with two processes each: world ranks 0-1 the context server, 2-3 the generation server,
     roles from the file; world rank 0 prints once, and each process names the inert keys in one line.
@@ -183,11 +179,12 @@ def test_helix_generate_on_the_file_across_two_torchrun_nodes_prints_the_referen
         assert err.count("TensorRT-LLM keys accepted that change nothing here") == 2, err  # once per process
     printed = [line for out, _ in outs for line in out.splitlines() if line.startswith("{")]
     assert len(printed) == 1, outs  # world rank 0 alone prints
-    assert json.loads(printed[0])["token_ids"] == reference_tokens(tiny_checkpoint, PROMPTS[0], NEW_TOKENS)
+    want = reference.generate(PROMPTS[0], NEW_TOKENS, eos_token_ids=reference.cfg.eos_token_ids)
+    assert json.loads(printed[0])["token_ids"] == want
 
 
 def test_helix_serve_on_the_file_across_two_torchrun_nodes_answers_with_the_reference_tokens(tiny_checkpoint,
-                                                                                             tmp_path):
+                                                                                             reference, tmp_path):
     """`helix serve --config` on the same two torchrun "nodes": world rank 0 binds the socket and serves HTTP over
     the four ranks (its serving loop's events travel through the world's store), the others serve its commands; a
     completion is the reference's greedy continuation, and SIGTERM ends every process."""
@@ -212,8 +209,8 @@ def test_helix_serve_on_the_file_across_two_torchrun_nodes_answers_with_the_refe
         url = announced[0].split()[2]
         body = {"prompt": PROMPTS[0], "max_tokens": NEW_TOKENS, "temperature": 0}
         got = requests.post(url + "/completions", json=body, timeout=120).json()["choices"][0]["text"]
-        want = load_tokenizer(tiny_checkpoint).decode(reference_tokens(tiny_checkpoint, PROMPTS[0], NEW_TOKENS),
-                                                      skip_special_tokens=True)
+        want_ids = reference.generate(PROMPTS[0], NEW_TOKENS, eos_token_ids=reference.cfg.eos_token_ids)
+        want = load_tokenizer(tiny_checkpoint).decode(want_ids, skip_special_tokens=True)
         assert got == want
         for node in nodes:
             node.send_signal(signal.SIGTERM)

@@ -182,6 +182,17 @@ def combine_oracle64(o_parts: torch.Tensor, lse_parts: torch.Tensor) -> tuple[to
     return o, lse
 
 
+def make_w_uv(heads: int, v: int, lkv: int, dtype=torch.float32, seed: int = 0, device="cpu") -> torch.Tensor:
+    """W_UV [heads, V, Lkv] with unit-scale products (entries ~ 1 / sqrt(Lkv)), drawn in float64 on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(heads, v, lkv, generator=g, dtype=torch.float64) / lkv ** 0.5).to(dtype).to(device)
+
+
+def combine_uv_oracle64(o_parts: torch.Tensor, lse_parts: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+    """helix_combine_uv's contract in float64 on the CPU: the merged o [B, h, Lkv] times W_UV -> [B, h, V]."""
+    return torch.einsum("bhl,hvl->bhv", combine_oracle64(o_parts, lse_parts)[0], w_uv.double().cpu())
+
+
 def combine_lowp_baseline(o_parts: torch.Tensor, lse_parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch in the input dtype (weights rounded to it, sum in it)."""
     dt = o_parts.dtype

@@ -9,8 +9,8 @@ import torch
 
 from kernels import (helix_combine, helix_combine_torch, helix_combine_triton, helix_combine_uv, helix_combine_uv_torch,
                      helix_combine_uv_triton, mla_decode_torch, mla_decode_triton)
-from tests.kernels.cases import (assert_path_selection, combine_lowp_baseline, combine_oracle64, make_combine_case,
-                                 make_mla_case, mla_oracle64)
+from tests.kernels.cases import (assert_path_selection, combine_lowp_baseline, combine_oracle64, combine_uv_oracle64,
+                                 make_combine_case, make_mla_case, make_w_uv, mla_oracle64)
 from tests.tolerance import assert_bf16_policy, assert_f32_parity
 
 pytest.importorskip("triton", reason="triton not installed: the interpreted kernel tests need it")
@@ -80,27 +80,18 @@ def test_combine_validation_and_path(monkeypatch):
 UV_PATHS = [pytest.param(helix_combine_uv_torch, id="torch"), pytest.param(helix_combine_uv_triton, id="triton")]
 
 
-def _w_uv(heads, v, lkv, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(heads, v, lkv, generator=g, dtype=torch.float64) / lkv ** 0.5).to(dtype)
-
-
-def _uv_oracle64(o_parts, lse_parts, w_uv):
-    return torch.einsum("bhl,hvl->bhv", combine_oracle64(o_parts, lse_parts)[0], w_uv.double())
-
-
 @pytest.mark.parametrize("fn", UV_PATHS)
 @pytest.mark.parametrize("n,bsz,heads,lkv,v", [(1, 1, 2, 64, 16), (2, 3, 2, 40, 24), (3, 2, 5, 96, 7), (8, 1, 3, 64, 40)])
 def test_combine_uv_f32(fn, n, bsz, heads, lkv, v):
     """Awkward sizes: Lkv not a power of two, V over one BLOCK_V and not a multiple of it, every part of row
     (0, 0) empty (its o_v must be 0), NaN in the o of every empty part."""
     o_parts, lse_parts = make_combine_case(n, bsz, heads, lkv=lkv, seed=50 + n, neg_inf="row")
-    w_uv = _w_uv(heads, v, lkv, seed=n)
+    w_uv = make_w_uv(heads, v, lkv, seed=n)
     o_v = fn(o_parts, lse_parts, w_uv)
     assert o_v.dtype == torch.float32 and o_v.shape == (bsz, heads, v)
     assert not torch.isnan(o_v).any(), "NaN leaked from an empty part"
     assert torch.all(o_v[0, 0] == 0), "a row with every part empty is not o_v = 0"
-    assert_f32_parity(o_v, _uv_oracle64(o_parts, lse_parts, w_uv), f"combine_uv N={n} B={bsz} h={heads}")
+    assert_f32_parity(o_v, combine_uv_oracle64(o_parts, lse_parts, w_uv), f"combine_uv N={n} B={bsz} h={heads}")
 
 
 @pytest.mark.parametrize("fn", UV_PATHS)
@@ -108,11 +99,11 @@ def test_combine_uv_f32(fn, n, bsz, heads, lkv, v):
 def test_combine_uv_bf16(fn, n):
     """bf16 against the unfused bf16 torch of before: the merge rounded to bf16, then W_UV in bf16."""
     o_parts, lse_parts = make_combine_case(n, 2, 3, lkv=96, dtype=torch.bfloat16, seed=60 + n)
-    w_uv = _w_uv(3, 24, 96, torch.bfloat16, seed=n)
+    w_uv = make_w_uv(3, 24, 96, torch.bfloat16, seed=n)
     o_v = fn(o_parts, lse_parts, w_uv)
     assert o_v.dtype == torch.bfloat16
     base = torch.einsum("bhl,hvl->bhv", combine_lowp_baseline(o_parts, lse_parts)[0], w_uv)
-    assert_bf16_policy(o_v, _uv_oracle64(o_parts, lse_parts, w_uv), base, f"combine_uv bf16 N={n}")
+    assert_bf16_policy(o_v, combine_uv_oracle64(o_parts, lse_parts, w_uv), base, f"combine_uv bf16 N={n}")
 
 
 @pytest.mark.parametrize("fn", UV_PATHS)
@@ -121,14 +112,14 @@ def test_combine_uv_reads_the_all_to_all_buffer_in_place(fn):
     whose last element of each row holds the lse, W_UV a slice of a larger weight."""
     o_parts, lse_parts = make_combine_case(3, 2, 4, lkv=64, seed=7)
     recv = torch.cat([o_parts, lse_parts[..., None]], dim=-1)
-    w_uv = _w_uv(6, 16, 64, seed=8)[1:5]
+    w_uv = make_w_uv(6, 16, 64, seed=8)[1:5]
     o_v = fn(recv[..., :64], recv[..., 64], w_uv)
-    assert_f32_parity(o_v, _uv_oracle64(o_parts, lse_parts, w_uv), "combine_uv strided views")
+    assert_f32_parity(o_v, combine_uv_oracle64(o_parts, lse_parts, w_uv), "combine_uv strided views")
 
 
 def test_combine_uv_validation_and_path(monkeypatch):
     o_parts, lse_parts = make_combine_case(2, 1, 2, lkv=32)
-    w_uv = _w_uv(2, 8, 32)
+    w_uv = make_w_uv(2, 8, 32)
     for bad in [w_uv[:1], w_uv[..., :16], w_uv[0]]:
         with pytest.raises(ValueError, match="w_uv must be"):
             helix_combine_uv(o_parts, lse_parts, bad)

@@ -13,8 +13,8 @@ import torch
 
 from kernels import helix_combine, helix_combine_uv, mla_decode
 from kernels.mla_decode import CUDA_CONFIG, MLAConfig, mla_decode_cuda, mla_decode_triton
-from tests.kernels.cases import (combine_lowp_baseline, combine_oracle64, make_combine_case, make_mla_case,
-                                 mla_bf16_baseline, mla_oracle64)
+from tests.kernels.cases import (combine_lowp_baseline, combine_oracle64, combine_uv_oracle64, make_combine_case,
+                                 make_mla_case, make_w_uv, mla_bf16_baseline, mla_oracle64)
 from tests.tolerance import assert_bf16_policy, assert_f32_parity, error_report
 
 pytestmark = [
@@ -80,8 +80,6 @@ def test_mla_decode_cuda_graph_replay(path, heads):
 
 @pytest.mark.parametrize("heads,block_h,num_warps", [(128, 64, 8), (128, 32, 4), (32, 64, 8), (32, 32, 4), (16, 16, 4)])
 def test_mla_decode_tile_variants(heads, block_h, num_warps):
-    from kernels.mla_decode import MLAConfig
-
     case = make_mla_case([20_000, 77], heads, lkv=LKV, rope=R, tpb=TPB, dtype=torch.bfloat16, seed=11,
                          device="cuda")
     cfgs = [MLAConfig(block_h=block_h, block_n=32, num_warps=num_warps, num_stages=3),
@@ -166,10 +164,9 @@ def test_helix_combine_uv_gpu(n, dtype):
     """The merge fused with W_UV at a Helix rank's V3 sizes (h = 128 / N heads, V 128, Lkv 512), B = 3."""
     heads = 128 // n
     o_parts, lse_parts = make_combine_case(n, 3, heads, lkv=LKV, dtype=dtype, seed=n, device="cuda", neg_inf="row")
-    g = torch.Generator().manual_seed(n)
-    w_uv = (torch.randn(heads, 128, LKV, generator=g, dtype=torch.float64) / LKV ** 0.5).to(dtype).cuda()
+    w_uv = make_w_uv(heads, 128, LKV, dtype, seed=n, device="cuda")
     o_v = helix_combine_uv(o_parts, lse_parts, w_uv)
-    ref = torch.einsum("bhl,hvl->bhv", combine_oracle64(o_parts, lse_parts)[0], w_uv.double().cpu())
+    ref = combine_uv_oracle64(o_parts, lse_parts, w_uv)
     if dtype == torch.float32:
         assert_f32_parity(o_v, ref, f"combine_uv N={n}")
     else:

@@ -20,9 +20,6 @@ pytest.importorskip("triton", reason="triton not installed: the interpreted kern
 PATHS = [pytest.param(moe_decode_torch, id="torch"), pytest.param(moe_decode_triton, id="triton")]
 FOREIGN = (-1, 0, 1 << 20)  # offsets past E_r of ids that are not this rank's: -1, E_r, E_r + 2^20
 
-gpu = [pytest.mark.gpu,
-       pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")]
-
 
 def make_case(tokens, k, experts, inter, hidden, dtype=torch.float32, local=1.0, seed=0, device="cpu",
               id_dtype=torch.int64):
@@ -234,7 +231,7 @@ REAL = dict(k=6, experts=18 + 1, inter=1536, hidden=2560)  # + the NaN expert no
 @pytest.mark.parametrize("local", [1.0, 0.25], ids=["all-local", "ep4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("inter_s", [0, 1536, 3072], ids=["no-shared", "shared-tp2", "shared-whole"])
-@pytest.mark.parametrize("fn", [pytest.param(moe_decode, marks=gpu)])
+@pytest.mark.parametrize("fn", [pytest.param(moe_decode, marks=pytest.mark.gpu)])
 def test_gpu_real_shape(fn, inter_s, dtype, local, tokens):
     case = make_case(tokens, dtype=dtype, local=local, seed=tokens, device="cuda", **REAL)
     if inter_s:
@@ -245,7 +242,7 @@ def test_gpu_real_shape(fn, inter_s, dtype, local, tokens):
     print(f"T={tokens} local={local} {dtype}: max err {err:.3e}")
 
 
-@pytest.mark.parametrize("fn", [pytest.param(moe_decode, marks=gpu)])
+@pytest.mark.parametrize("fn", [pytest.param(moe_decode, marks=pytest.mark.gpu)])
 def test_gpu_cuda_graph_replay(fn):
     """Captured once; replays follow new tokens, routings and weights without host syncs."""
     x, wg, wu, wd, ids, w = make_case(8, device="cuda", dtype=torch.bfloat16, local=0.5, seed=5, **REAL)
@@ -260,7 +257,6 @@ def test_gpu_cuda_graph_replay(fn):
         graph.replay()
         torch.cuda.synchronize()
         check(y, (x, wg, wu, wd, ids, w), f"graph replay seed {seed}")
-
 
 
 @pytest.mark.parametrize("inter_s", [0, 56])

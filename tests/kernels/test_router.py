@@ -23,8 +23,6 @@ SPECS = [
     pytest.param(RouterSpec(20, 1, 1, 1, False, False, False, 1.5), id="v2-greedy-k1-scaled"),
     pytest.param(RouterSpec(24, 6, 4, 2, False, True, True, 1.0), id="v2-group-limited"),
 ]
-gpu = [pytest.mark.gpu,
-       pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")]
 
 
 def make_case(tokens, spec, hidden, dtype=torch.bfloat16, seed=0, device="cpu"):
@@ -99,7 +97,7 @@ def test_validation_and_path(monkeypatch):
 
 
 @pytest.mark.parametrize("tokens", [1, 8, 64])
-@pytest.mark.parametrize("fn", [pytest.param(route, marks=gpu)])
+@pytest.mark.parametrize("fn", [pytest.param(route, marks=pytest.mark.gpu)])
 def test_gpu_deepseek_shapes(fn, tokens):
     """DeepSeek-V3-Lite (72 experts, one group) and V3 (256 experts, 8 groups keep 4) on CUDA."""
     for spec, hidden in ((RouterSpec(72, 6, 1, 1, True, True, True, 2.0), 2560),
