@@ -19,15 +19,20 @@ import torch
 MAX_ROWS = 64
 
 
-@functools.cache  # one compiled wrapper per function, shared by every module and model of the process
-def _on_cuda(fn: Callable) -> Callable:
-    compiled = torch.compile(fn, fullgraph=True)  # compiles lazily, on the first CUDA call
+@functools.cache  # one compiled function per function, shared by every module and model of the process
+def _compiled(fn: Callable) -> Callable:
+    # Made at the first CUDA call, not when a module is built: torch.compile imports torch._dynamo (~4 s of CPU on
+    # a 2-core host), which a CPU-only process, and each of its rank processes, would otherwise pay for nothing.
+    return torch.compile(fn, fullgraph=True)
 
+
+@functools.cache  # one wrapper per function
+def _on_cuda(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
         if first is not None and first.is_cuda and first.shape[0] <= MAX_ROWS:
-            return compiled(*args, **kwargs)
+            return _compiled(fn)(*args, **kwargs)
         return fn(*args, **kwargs)
 
     return wrapper

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from helix.comm import init_process_group
+from helix.comm import destroy, init_process_group
 from helix.engine import HelixEngine, Request, Result
 from helix.factory import build_engine
 from helix.spec import RunSpec
@@ -52,5 +52,8 @@ def torchrun_generate(spec: RunSpec, requests: list[Request], env: TorchrunEnv) 
         torch.cuda.set_device(device)
     comm = init_process_group(env.rank, env.world_size, device, "env://",
                               timeout_s=spec.execution.collective_timeout_s)
-    results = build_engine(spec, comm, device).run(requests)
+    try:
+        results = build_engine(spec, comm, device).run(requests)
+    finally:  # left to interpreter exit, gloo's threads can be torn down while still joinable (SIGABRT)
+        destroy()
     return results if env.rank == 0 else None
