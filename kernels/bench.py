@@ -32,7 +32,7 @@ import torch
 
 from kernels import helix_combine, mla_decode
 from kernels._triton import tl, triton
-from kernels.mla_decode import (CUDA_AUTO_HEADS, CUDA_CONFIG, MLAConfig, auto_path, default_config, flops, kv_bytes,
+from kernels.mla_decode import (CUDA_AUTO_HEADS, CUDA_MMA_SYNC_CONFIG, CUDA_SM90_CONFIG, MLAConfig, cuda_config, auto_path, default_config, flops, kv_bytes,
                                  mla_decode_cuda, mla_decode_triton)
 
 LKV, R, TPB = 512, 64, 64
@@ -205,7 +205,8 @@ def _c(h, n, w, st, p, tma=True):
 
 
 def _cuda(st, p=1):
-    return "cuda", replace(CUDA_CONFIG, num_stages=st, programs_per_sm=p)
+    """The CUDA kernel: the wgmma one at 2 stages, the mma.sync one at 3 to 5."""
+    return "cuda", replace(CUDA_SM90_CONFIG if st == 2 else CUDA_MMA_SYNC_CONFIG, num_stages=st, programs_per_sm=p)
 
 
 SPLIT_KERNELS = {"triton": mla_decode_triton, "cuda": mla_decode_cuda}
@@ -221,14 +222,14 @@ SWEEP = {  # (path, launch shape). The first Triton entry of each list is kernel
 
 def cfg_str(path: str, c: MLAConfig) -> str:
     if path == "cuda":
-        return f"cuda s{c.num_stages}/p{c.programs_per_sm}"
+        return f"cuda {'wgmma' if c.block_h == CUDA_SM90_CONFIG.block_h else 'mma.sync'} s{c.num_stages}/p{c.programs_per_sm}"
     return f"h{c.block_h}/n{c.block_n}/w{c.num_warps}/s{c.num_stages}/p{c.programs_per_sm}" + ("/tma" if c.tma else "")
 
 
 def default_launch(heads: int) -> str:
     """What ``mla_decode``'s auto path runs at ``heads`` for the bench's bf16 cache."""
     if heads in CUDA_AUTO_HEADS:
-        return cfg_str("cuda", CUDA_CONFIG)
+        return cfg_str("cuda", cuda_config(torch.device("cuda")))
     return cfg_str("triton", default_config(heads, LKV, DT, False))
 
 
