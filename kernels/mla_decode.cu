@@ -385,6 +385,7 @@ __device__ __forceinline__ void wgmma_n256(float (&d)[128], uint64_t da, uint64_
 
 // Accumulator layout of both products (m64nN, f32): thread t of a warpgroup holds rows r0 = 16 (t / 32) +
 // (t % 32) / 4 and r0 + 8; d[4j + e] is row r0 + 8 (e / 2), column 8j + 2 (t % 4) + e % 2.
+template <bool CHAINS2>
 __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASplitArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
@@ -425,26 +426,33 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
     }
   }
   const int* bt_row = a.block_table + (int64_t)b * a.s_bt_b;
-  auto issue = [&](int k) {  // tile k into stage k % 2: one page lookup per row, zeros past the end
+  int page[2];  // the pages of this thread's two rows of the next tile to copy, looked up a tile ahead of the copy
+  auto lookup = [&](int k) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int tok = start + k * WN + ld_row + 32 * rr;
+      page[rr] = tok < end ? __ldg(bt_row + tok / a.tpb) : -1;
+    }
+  };
+  auto issue = [&](int k) {  // tile k into stage k % 2, zeros past the end
     const uint32_t dst = base + W_KV + (k & 1) * WTILE;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int row = ld_row + 32 * rr, tok = start + k * WN + row;
-      const bool live = tok < end;
+      const bool live = page[rr] >= 0;
       const char* src = reinterpret_cast<const char*>(a.kv);
-      if (live) {
-        const int page = __ldg(bt_row + tok / a.tpb);
-        src += ((int64_t)page * a.s_kv_blk + (int64_t)(tok % a.tpb) * a.s_kv_tok) * 2 + ld_sub * 16;
-      }
+      if (live) src += ((int64_t)page[rr] * a.s_kv_blk + (int64_t)(tok % a.tpb) * a.s_kv_tok) * 2 + ld_sub * 16;
 #pragma unroll
       for (int kb = 0; kb < 9; ++kb)
         cp_async16(dst + kb * WBLK + swz(row, ld_sub), src + (live ? 128 * kb : 0), live ? 16 : 0);
     }
   };
-  if (n_tiles > 0) issue(0);
-  cp_async_commit();
-  if (n_tiles > 1) issue(1);
-  cp_async_commit();
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    if (k < n_tiles) lookup(k), issue(k);
+    cp_async_commit();  // group k holds tile k (empty past the end), so waits count tiles
+  }
+  if (2 < n_tiles) lookup(2);
 
   float o[128];
 #pragma unroll
@@ -457,19 +465,28 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
     proxy_fence();       // the copies (and Q's stores) visible to the tensor cores' reads
     __syncthreads();
     if (wg == 0) {  // ---- S = Q K^T over all 576 dims, then the online softmax in registers
-      float s[32];
+      float s[32], s2[32];
 #pragma unroll
-      for (int e = 0; e < 32; ++e) s[e] = 0.f;
+      for (int e = 0; e < 32; ++e) s[e] = 0.f, s2[e] = 0.f;
       reg_fence(s);
+      if (CHAINS2) reg_fence(s2);
       wg_fence();
 #pragma unroll
       for (int ks = 0; ks < 36; ++ks) {
         const uint32_t off = (ks >> 2) * WBLK + (ks & 3) * 32;
-        wgmma_n64(s, sdesc(q_s + off, 16, 1024), sdesc(kv + off, 16, 1024));
+        if (CHAINS2 && (ks & 1))
+          wgmma_n64(s2, sdesc(q_s + off, 16, 1024), sdesc(kv + off, 16, 1024));
+        else
+          wgmma_n64(s, sdesc(q_s + off, 16, 1024), sdesc(kv + off, 16, 1024));
       }
       wg_commit();
       wg_wait0();
       reg_fence(s);
+      if (CHAINS2) {
+        reg_fence(s2);
+#pragma unroll
+        for (int e = 0; e < 32; ++e) s[e] += s2[e];
+      }
       const int tok0 = start + i * WN + 2 * c;
       float x0 = -INFINITY, x1 = -INFINITY;
 #pragma unroll
@@ -523,6 +540,7 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
     __syncthreads();  // stage i % 2 and P free
     if (i + 2 < n_tiles) issue(i + 2);
     cp_async_commit();
+    if (i + 3 < n_tiles) lookup(i + 3);
   }
   // ---- epilogue: l over the row's 4 lanes, o = O / l, lse = (m + log2 l) ln 2; empty split: o = 0, lse = -inf
   if (wg == 0) {
@@ -564,12 +582,13 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
 #endif
 }
 
+template <bool CHAINS2>
 const char* launch_sm90(const MLASplitArgs& a, cudaStream_t stream) {
   const cudaError_t attr =
-      cudaFuncSetAttribute(mla_split_kernel_sm90, cudaFuncAttributeMaxDynamicSharedMemorySize, W_SMEM);
+      cudaFuncSetAttribute(mla_split_kernel_sm90<CHAINS2>, cudaFuncAttributeMaxDynamicSharedMemorySize, W_SMEM);
   if (attr != cudaSuccess) return cudaGetErrorString(attr);
   const dim3 grid((a.heads + WH - 1) / WH, a.num_splits, a.batch);
-  mla_split_kernel_sm90<<<grid, WTHREADS, W_SMEM, stream>>>(a);
+  mla_split_kernel_sm90<CHAINS2><<<grid, WTHREADS, W_SMEM, stream>>>(a);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
@@ -594,7 +613,7 @@ const char* mla_split_launch(const MLASplitArgs& a, bool wgmma, int stages, int 
   cudaGetDevice(&current);
   if (current != device) cudaSetDevice(device);  // the inputs' device for the launch, restored after
   auto s = static_cast<cudaStream_t>(stream);
-  const char* err = wgmma ? (stages == 2 ? launch_sm90(a, s) : "the wgmma kernel has 2 stages")
+  const char* err = wgmma ? (stages == 2 ? launch_sm90<false>(a, s) : stages == 1 ? launch_sm90<true>(a, s) : "the wgmma kernel has 2 stages")
                     : stages == 3 ? launch<3>(a, s)
                     : stages == 4 ? launch<4>(a, s)
                     : stages == 5 ? launch<5>(a, s)
