@@ -336,8 +336,11 @@ constexpr int WH = 64, WN = 64, WTHREADS = 256;   // head rows (M of both produc
 constexpr int WBLK = WN * 128;                    // one 64-dim column block of a tile: 64 rows of 128 B (8 KB)
 constexpr int WTILE = 9 * WBLK;                   // a tile (or Q): 9 column blocks = 576 dims, 73,728 B
 constexpr int W_Q = 0, W_KV = WTILE, W_P = 3 * WTILE, W_ALPHA = W_P + WH * 128, W_L = W_ALPHA + WH * 4;
-constexpr int W_MX = W_L + WH * 4, W_SMEM = W_MX + 2 * WH * 4 + 1024;       // + slack to align the base to the 1024-byte swizzle atom
+constexpr int W_SMEM = W_L + WH * 4 + 1024;       // + slack to align the base to the 1024-byte swizzle atom       // + slack to align the base to the 1024-byte swizzle atom
 
+static_assert(W_Q == 0 && W_KV == WTILE && W_SMEM <= 227 * 1024, "Q, two stages and P fit in shared memory");
+
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)  // the helpers below are sm_90a's alone
 // byte offset of 16-byte chunk `chunk` (0..7) of row `row` in a [rows][128 B] block under the 128-byte
 // swizzle: chunk ^ (row % 8), the pattern wgmma's descriptors with swizzle mode 1 read
 __device__ __forceinline__ uint32_t swz(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
@@ -357,16 +360,6 @@ template <int N>
 __device__ __forceinline__ void reg_fence(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-// d[64 x 32] += A[64 x 16] B[16 x 32], both K-major in shared memory
-__device__ __forceinline__ void wgmma_n32(float (&d)[16], uint64_t da, uint64_t db) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(da), "l"(db));
 }
 
 // d[64 x 64] += A[64 x 16] B[16 x 64], both K-major in shared memory
@@ -393,10 +386,11 @@ __device__ __forceinline__ void wgmma_n256(float (&d)[128], uint64_t da, uint64_
       : "l"(da), "l"(db));
 }
 #undef WG_F8
+#endif
 
 // Accumulator layout of both products (m64nN, f32): thread t of a warpgroup holds rows r0 = 16 (t / 32) +
 // (t % 32) / 4 and r0 + 8; d[4j + e] is row r0 + 8 (e / 2), column 8j + 2 (t % 4) + e % 2.
-template <bool SPLIT_S, bool PROF>
+template <bool PROF>
 __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASplitArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
@@ -405,7 +399,6 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
   const uint32_t q_s = base + W_Q, p_s = base + W_P;
   float* alpha_s = reinterpret_cast<float*>(smem + W_ALPHA);
   float* l_s = reinterpret_cast<float*>(smem + W_L);
-  float* mx_s = reinterpret_cast<float*>(smem + W_MX);
 
   const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127, lane = tid & 31, c = lane & 3;
   const int r0 = 16 * (t >> 5) + (lane >> 2);  // this thread's accumulator rows r0, r0 + 8
@@ -417,42 +410,47 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
   const int end = min(start + tiles_per_split * WN, seq_len);
   const int n_tiles = end > start ? (end - start + WN - 1) / WN : 0;
 
-  // copies: thread tid moves 16-byte chunk tid % 8 of each 128-byte column block of rows tid / 8 and tid / 8 + 32
-  const int ld_row = tid >> 3, ld_sub = tid & 7;
-  {  // Q [64 rows, 576] into the same swizzled layout, rows past H zeros: all loads first, then the stores
+  {  // Q [64 rows, 576] into the swizzled layout, rows past H zeros: thread tid takes 16-byte chunk tid % 8 of
+     // each column block of rows tid / 8 and tid / 8 + 32; all loads first, then the stores
+    const int row = tid >> 3, sub = tid & 7;
     uint32_t v[2][9][4];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      const int h = head0 + ld_row + 32 * rr;
+      const int h = head0 + row + 32 * rr;
 #pragma unroll
       for (int kb = 0; kb < 9; ++kb) {
         const __nv_bfloat16* src = kb < 8 ? a.q_nope + (int64_t)b * a.s_qn_b + (int64_t)h * a.s_qn_h + 64 * kb
                                           : a.q_pe + (int64_t)b * a.s_qp_b + (int64_t)h * a.s_qp_h;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) v[rr][kb][e] = q_pair(src, 8 * ld_sub + 2 * e, h < a.heads);
+        for (int e = 0; e < 4; ++e) v[rr][kb][e] = q_pair(src, 8 * sub + 2 * e, h < a.heads);
       }
     }
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr)
 #pragma unroll
       for (int kb = 0; kb < 9; ++kb)
-        asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(q_s + kb * WBLK + swz(ld_row + 32 * rr, ld_sub)),
+        asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(q_s + kb * WBLK + swz(row + 32 * rr, sub)),
                      "r"(v[rr][kb][0]), "r"(v[rr][kb][1]), "r"(v[rr][kb][2]), "r"(v[rr][kb][3]));
+    proxy_fence();  // Q read by the tensor cores after the first barrier
   }
+
+  // ---- copies, by warpgroup 1 alone (it waits while warpgroup 0 computes the scores): thread t moves 16-byte
+  // chunk t % 8 of each 128-byte column block of rows t / 8 + 16 rr; the pages are looked up a tile ahead
+  const int ld_row = t >> 3, ld_sub = t & 7;
   const int* bt_row = a.block_table + (int64_t)b * a.s_bt_b;
-  int page[2];  // the pages of this thread's two rows of the next tile to copy, looked up a tile ahead of the copy
+  int page[4];
   auto lookup = [&](int k) {
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int tok = start + k * WN + ld_row + 32 * rr;
+    for (int rr = 0; rr < 4; ++rr) {
+      const int tok = start + k * WN + ld_row + 16 * rr;
       page[rr] = tok < end ? __ldg(bt_row + tok / a.tpb) : -1;
     }
   };
-  auto issue = [&](int k) {  // tile k into stage k % 2, zeros past the end
+  auto issue = [&](int k) {  // tile k into stage k % 2, zeros past the end; one commit group per tile
     const uint32_t dst = base + W_KV + (k & 1) * WTILE;
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int row = ld_row + 32 * rr, tok = start + k * WN + row;
+    for (int rr = 0; rr < 4; ++rr) {
+      const int row = ld_row + 16 * rr, tok = start + k * WN + row;
       const bool live = page[rr] >= 0;
       const char* src = reinterpret_cast<const char*>(a.kv);
       if (live) src += ((int64_t)page[rr] * a.s_kv_blk + (int64_t)(tok % a.tpb) * a.s_kv_tok) * 2 + ld_sub * 16;
@@ -460,20 +458,19 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
       for (int kb = 0; kb < 9; ++kb)
         cp_async16(dst + kb * WBLK + swz(row, ld_sub), src + (live ? 128 * kb : 0), live ? 16 : 0);
     }
+    cp_async_commit();
   };
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    if (k < n_tiles) lookup(k), issue(k);
-    cp_async_commit();  // group k holds tile k (empty past the end), so waits count tiles
+  if (wg == 1 && n_tiles > 0) {
+    lookup(0);
+    issue(0);
+    if (n_tiles > 1) lookup(1);
   }
-  if (2 < n_tiles) lookup(2);
 
   float o[128];
 #pragma unroll
   for (int i = 0; i < 128; ++i) o[i] = 0.f;
-  // running max and (this thread's part of the) sum of rows r0, r0 + 8: warpgroup 0, or both under SPLIT_S
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
-  unsigned long long prof[6] = {0, 0, 0, 0, 0, 0};
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // warpgroup 0: running max / sum of rows r0, r0 + 8
+  unsigned long long prof[5] = {0, 0, 0, 0, 0};
   long long tp = PROF ? clock64() : 0;
   auto mark = [&](int k) {
     if (PROF) {
@@ -483,37 +480,34 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
     }
   };
 
+  // Two barriers a tile. Tile i + 1 is copied (into the stage tile i - 1 used) while tile i is computed.
   for (int i = 0; i < n_tiles; ++i) {
     const uint32_t kv = base + W_KV + (i & 1) * WTILE;
-    cp_async_wait<1>();  // tile i landed (tile i + 1 may still be in flight)
-    proxy_fence();       // the copies (and Q's stores) visible to the tensor cores' reads
-    __syncthreads();
+    if (wg == 1) {
+      cp_async_wait<0>();  // tile i landed (the only group in flight)
+      proxy_fence();       // the copies visible to the tensor cores' reads
+    }
+    __syncthreads();  // tile i visible; the products of tile i - 1 done, so its stage and P are free
     mark(0);
-    float al0, al1;
-    if (SPLIT_S || wg == 0) {  // ---- S = Q K^T over all 576 dims (SPLIT_S: warpgroup w takes tokens 32w..), softmax
-      constexpr int NS = SPLIT_S ? 16 : 32;
-      float s[NS];
+    if (wg == 0) {  // ---- S = Q K^T over all 576 dims, then the online softmax in registers
+      float s[32];
 #pragma unroll
-      for (int e = 0; e < NS; ++e) s[e] = 0.f;
+      for (int e = 0; e < 32; ++e) s[e] = 0.f;
       reg_fence(s);
       wg_fence();
 #pragma unroll
       for (int ks = 0; ks < 36; ++ks) {
         const uint32_t off = (ks >> 2) * WBLK + (ks & 3) * 32;
-        if constexpr (SPLIT_S)
-          wgmma_n32(s, sdesc(q_s + off, 16, 1024), sdesc(kv + off + wg * 32 * 128, 16, 1024));
-        else
-          wgmma_n64(s, sdesc(q_s + off, 16, 1024), sdesc(kv + off, 16, 1024));
+        wgmma_n64(s, sdesc(q_s + off, 16, 1024), sdesc(kv + off, 16, 1024));
       }
       wg_commit();
       wg_wait0();
       reg_fence(s);
       mark(1);
-      const int tcol = (SPLIT_S ? 32 * wg : 0) + 2 * c;  // this thread's first token column of the tile
-      const int tok0 = start + i * WN + tcol;
+      const int tok0 = start + i * WN + 2 * c;
       float x0 = -INFINITY, x1 = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < NS / 4; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const bool live = tok0 + 8 * j + e < end;
@@ -527,37 +521,33 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
         x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, sh));
         x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, sh));
       }
-      if constexpr (SPLIT_S) {  // the other warpgroup's half of the row max
-        if (c == 0) mx_s[64 * wg + r0] = x0, mx_s[64 * wg + r0 + 8] = x1;
-        __syncthreads();
-        x0 = fmaxf(x0, mx_s[64 * (1 - wg) + r0]);
-        x1 = fmaxf(x1, mx_s[64 * (1 - wg) + r0 + 8]);
-      }
       const float n0 = fmaxf(m0, x0), n1 = fmaxf(m1, x1);  // finite: every tile holds a live token
-      al0 = exp2f(m0 - n0), al1 = exp2f(m1 - n1);
+      const float al0 = exp2f(m0 - n0), al1 = exp2f(m1 - n1);
       m0 = n0, m1 = n1;
       float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
-      for (int j = 0; j < NS / 4; ++j) {
+      for (int j = 0; j < 8; ++j) {
         const float p0 = exp2f(s[4 * j] - n0), p1 = exp2f(s[4 * j + 1] - n0);
         const float p2 = exp2f(s[4 * j + 2] - n1), p3 = exp2f(s[4 * j + 3] - n1);
         sum0 += p0 + p1;
         sum1 += p2 + p3;
         __nv_bfloat162 u = __floats2bfloat162_rn(p0, p1), w = __floats2bfloat162_rn(p2, p3);
-        const int chunk = tcol / 8 + j;
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p_s + swz(r0, chunk) + 4 * c), "r"(*reinterpret_cast<uint32_t*>(&u)));
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p_s + swz(r0 + 8, chunk) + 4 * c), "r"(*reinterpret_cast<uint32_t*>(&w)));
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p_s + swz(r0, j) + 4 * c), "r"(*reinterpret_cast<uint32_t*>(&u)));
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p_s + swz(r0 + 8, j) + 4 * c), "r"(*reinterpret_cast<uint32_t*>(&w)));
       }
-      l0 = l0 * al0 + sum0;  // this thread's tokens; the row's lanes (and warpgroups) are summed at the end
+      l0 = l0 * al0 + sum0;  // this thread's tokens; the row's 4 lanes are summed at the end
       l1 = l1 * al1 + sum1;
-      if (!SPLIT_S && c == 0) alpha_s[r0] = al0, alpha_s[r0 + 8] = al1;
+      if (c == 0) alpha_s[r0] = al0, alpha_s[r0 + 8] = al1;
       proxy_fence();  // P read by the tensor cores next
+    } else if (i + 1 < n_tiles) {  // ---- tile i + 1 into the free stage
+      issue(i + 1);
+      if (i + 2 < n_tiles) lookup(i + 2);
     }
     mark(2);
-    __syncthreads();  // P (and alpha) of tile i visible
+    __syncthreads();  // P and alpha of tile i visible
     mark(3);
     {  // ---- O[:, 256 wg .. + 256) = O alpha + P C: C is the tile's latent part read as an MN-major operand
-      if (!SPLIT_S) al0 = alpha_s[r0], al1 = alpha_s[r0 + 8];
+      const float al0 = alpha_s[r0], al1 = alpha_s[r0 + 8];
 #pragma unroll
       for (int j = 0; j < 32; ++j) o[4 * j] *= al0, o[4 * j + 1] *= al0, o[4 * j + 2] *= al1, o[4 * j + 3] *= al1;
       reg_fence(o);
@@ -570,39 +560,30 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
       reg_fence(o);
     }
     mark(4);
-    __syncthreads();  // stage i % 2 and P free
-    if (i + 2 < n_tiles) issue(i + 2);
-    cp_async_commit();
-    if (i + 3 < n_tiles) lookup(i + 3);
-    mark(5);
   }
   if (PROF && blockIdx.x == 0 && blockIdx.z == 0 && (blockIdx.y == 0 || blockIdx.y == gridDim.y / 2) &&
       (tid == 0 || tid == 128))
-    printf("prof split %d tid %d tiles %d per tile: wait %llu S %llu softmax %llu mid %llu pv %llu end %llu\n",
+    printf("prof split %d tid %d tiles %d per tile: wait %llu S %llu softmax/issue %llu mid %llu pv %llu\n",
            blockIdx.y, tid, n_tiles, prof[0] / max(n_tiles, 1), prof[1] / max(n_tiles, 1), prof[2] / max(n_tiles, 1),
-           prof[3] / max(n_tiles, 1), prof[4] / max(n_tiles, 1), prof[5] / max(n_tiles, 1));
-  // ---- epilogue: l over the row's 4 lanes (and both warpgroups under SPLIT_S), o = O / l,
-  // lse = (m + log2 l) ln 2; empty split: o = 0, lse = -inf
+           prof[3] / max(n_tiles, 1), prof[4] / max(n_tiles, 1));
+  // ---- epilogue: l over the row's 4 lanes, o = O / l, lse = (m + log2 l) ln 2; empty split: o = 0, lse = -inf
+  if (wg == 0) {
 #pragma unroll
-  for (int sh = 1; sh < 4; sh <<= 1) {
-    l0 += __shfl_xor_sync(0xffffffffu, l0, sh);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, sh);
-  }
-  if (SPLIT_S) {
-    if (wg == 1 && c == 0) mx_s[r0] = l0, mx_s[r0 + 8] = l1;
-    __syncthreads();
-    if (wg == 0) l0 += mx_s[r0], l1 += mx_s[r0 + 8];
-  }
-  if (wg == 0 && c == 0) {
-    l_s[r0] = l0 > 0.f ? 1.f / l0 : 0.f;
-    l_s[r0 + 8] = l1 > 0.f ? 1.f / l1 : 0.f;
+    for (int sh = 1; sh < 4; sh <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, sh);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, sh);
+    }
+    if (c == 0) {
+      l_s[r0] = l0 > 0.f ? 1.f / l0 : 0.f;
+      l_s[r0 + 8] = l1 > 0.f ? 1.f / l1 : 0.f;
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int h = head0 + r0 + 8 * half;
-      const float l = half ? l1 : l0, m = half ? m1 : m0;
-      if (h < a.heads)
-        a.lse[(int64_t)b * a.s_l_b + (int64_t)h * a.s_l_h + (int64_t)split * a.s_l_s] =
-            l > 0.f ? (m + log2f(l)) * LN2 : -INFINITY;
+      for (int half = 0; half < 2; ++half) {
+        const int h = head0 + r0 + 8 * half;
+        const float l = half ? l1 : l0, m = half ? m1 : m0;
+        if (h < a.heads)
+          a.lse[(int64_t)b * a.s_l_b + (int64_t)h * a.s_l_h + (int64_t)split * a.s_l_s] =
+              l > 0.f ? (m + log2f(l)) * LN2 : -INFINITY;
+      }
     }
   }
   __syncthreads();
@@ -625,13 +606,13 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
 #endif
 }
 
-template <bool SPLIT_S, bool PROF>
+template <bool PROF>
 const char* launch_sm90(const MLASplitArgs& a, cudaStream_t stream) {
-  const cudaError_t attr = cudaFuncSetAttribute(mla_split_kernel_sm90<SPLIT_S, PROF>,
-                                                cudaFuncAttributeMaxDynamicSharedMemorySize, W_SMEM);
+  const cudaError_t attr =
+      cudaFuncSetAttribute(mla_split_kernel_sm90<PROF>, cudaFuncAttributeMaxDynamicSharedMemorySize, W_SMEM);
   if (attr != cudaSuccess) return cudaGetErrorString(attr);
   const dim3 grid((a.heads + WH - 1) / WH, a.num_splits, a.batch);
-  mla_split_kernel_sm90<SPLIT_S, PROF><<<grid, WTHREADS, W_SMEM, stream>>>(a);
+  mla_split_kernel_sm90<PROF><<<grid, WTHREADS, W_SMEM, stream>>>(a);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
@@ -656,8 +637,7 @@ const char* mla_split_launch(const MLASplitArgs& a, bool wgmma, int stages, int 
   cudaGetDevice(&current);
   if (current != device) cudaSetDevice(device);  // the inputs' device for the launch, restored after
   auto s = static_cast<cudaStream_t>(stream);
-  const char* err = wgmma ? (stages == 2 ? launch_sm90<false, false>(a, s) : stages == 1 ? launch_sm90<true, false>(a, s)
-                             : stages == 0 ? launch_sm90<false, true>(a, s) : stages == -1 ? launch_sm90<true, true>(a, s)
+  const char* err = wgmma ? (stages == 2 ? launch_sm90<false>(a, s) : stages == 0 ? launch_sm90<true>(a, s)
                              : "the wgmma kernel has 2 stages")
                     : stages == 3 ? launch<3>(a, s)
                     : stages == 4 ? launch<4>(a, s)

@@ -446,7 +446,7 @@ def _merge_splits(o_s, lse_s, o, lse, interpret: bool) -> None:
 # for comparison), 32 heads and 32 tokens a tile, mma.sync, 3 to 5 stages, 8 warps.
 CUDA_SM90_CONFIG = MLAConfig(block_h=64, block_n=64, num_warps=8, num_stages=2, programs_per_sm=1, tma=False)
 CUDA_MMA_SYNC_CONFIG = MLAConfig(block_h=32, block_n=32, num_warps=8, num_stages=4, programs_per_sm=1, tma=False)
-CUDA_STAGES = {(64, 64, 8): (-1, 0, 1, 2), (32, 32, 8): (3, 4, 5)}  # compiled (block_h, block_n, num_warps): depths
+CUDA_STAGES = {(64, 64, 8): (0, 2), (32, 32, 8): (3, 4, 5)}  # compiled (block_h, block_n, num_warps): depths
 # path="auto" takes the CUDA kernel for head counts in this range, where it measured faster than the Triton kernel
 # on H200 (golden/perf/kernels-h200.md)
 CUDA_AUTO_HEADS = range(17, 33)
