@@ -22,7 +22,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdio>
 
 #include "mla_decode_cuda.h"
 
@@ -561,11 +560,6 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
     }
     mark(4);
   }
-  if (PROF && blockIdx.x == 0 && blockIdx.z == 0 && (blockIdx.y == 0 || blockIdx.y == gridDim.y / 2) &&
-      (tid == 0 || tid == 128))
-    printf("prof split %d tid %d tiles %d per tile: wait %llu S %llu softmax/issue %llu mid %llu pv %llu\n",
-           blockIdx.y, tid, n_tiles, prof[0] / max(n_tiles, 1), prof[1] / max(n_tiles, 1), prof[2] / max(n_tiles, 1),
-           prof[3] / max(n_tiles, 1), prof[4] / max(n_tiles, 1));
   // ---- epilogue: l over the row's 4 lanes, o = O / l, lse = (m + log2 l) ln 2; empty split: o = 0, lse = -inf
   if (wg == 0) {
 #pragma unroll
@@ -602,6 +596,11 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
       else
         *reinterpret_cast<float2*>(a.o_part + row + col) = make_float2(x, y);
     }
+  }
+  if (PROF && (tid == 0 || tid == 128) && a.o_part) {  // cycles a tile per phase over head 0's first columns
+    __syncthreads();
+    for (int k = 0; k < 5; ++k)
+      a.o_part[(int64_t)b * a.s_o_b + (int64_t)split * a.s_o_s + 8 * wg + k] = (float)(prof[k] / max(n_tiles, 1));
   }
 #endif
 }
