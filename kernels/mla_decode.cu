@@ -340,6 +340,8 @@ constexpr int W_SMEM = W_L + WH * 4 + 1024;       // + slack to align the base t
 static_assert(W_Q == 0 && W_KV == WTILE && W_SMEM <= 227 * 1024, "Q, two stages and P fit in shared memory");
 
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)  // the helpers below are sm_90a's alone
+constexpr float RESCALE = 8.f;  // base-2 headroom of the lazily moved running max
+
 // byte offset of 16-byte chunk `chunk` (0..7) of row `row` in a [rows][128 B] block under the 128-byte
 // swizzle: chunk ^ (row % 8), the pattern wgmma's descriptors with swizzle mode 1 read
 __device__ __forceinline__ uint32_t swz(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
@@ -504,12 +506,13 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
       reg_fence(s);
       mark(1);
       const int tok0 = start + i * WN + 2 * c;
+      const bool ragged = start + (i + 1) * WN > end;  // only a split's last tile holds tokens past the end
       float x0 = -INFINITY, x1 = -INFINITY;
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const bool live = tok0 + 8 * j + e < end;
+          const bool live = !ragged || tok0 + 8 * j + e < end;
           s[4 * j + e] = live ? s[4 * j + e] * a.qk_scale : -INFINITY;
           s[4 * j + 2 + e] = live ? s[4 * j + 2 + e] * a.qk_scale : -INFINITY;
           x0 = fmaxf(x0, s[4 * j + e]);
@@ -520,7 +523,10 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
         x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, sh));
         x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, sh));
       }
-      const float n0 = fmaxf(m0, x0), n1 = fmaxf(m1, x1);  // finite: every tile holds a live token
+      // the running max moves only when a score passes it by more than RESCALE (finite: every tile holds a live
+      // token): P <= 2^RESCALE stays exact in float32 and bf16's range, and most tiles keep alpha = 1, so the
+      // output rescale below is skipped
+      const float n0 = x0 > m0 + RESCALE ? x0 : m0, n1 = x1 > m1 + RESCALE ? x1 : m1;
       const float al0 = exp2f(m0 - n0), al1 = exp2f(m1 - n1);
       m0 = n0, m1 = n1;
       float sum0 = 0.f, sum1 = 0.f;
@@ -547,8 +553,10 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
     mark(3);
     {  // ---- O[:, 256 wg .. + 256) = O alpha + P C: C is the tile's latent part read as an MN-major operand
       const float al0 = alpha_s[r0], al1 = alpha_s[r0 + 8];
+      if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {  // this warp's 16 rows: any max moved
 #pragma unroll
-      for (int j = 0; j < 32; ++j) o[4 * j] *= al0, o[4 * j + 1] *= al0, o[4 * j + 2] *= al1, o[4 * j + 3] *= al1;
+        for (int j = 0; j < 32; ++j) o[4 * j] *= al0, o[4 * j + 1] *= al0, o[4 * j + 2] *= al1, o[4 * j + 3] *= al1;
+      }
       reg_fence(o);
       wg_fence();
 #pragma unroll
