@@ -1,11 +1,30 @@
 // CUDA path of kernels/mla_decode.py: the split kernel of absorbed-MLA decode (flash-decoding), for the
-// DeepSeek-V3 row (Lkv 512, R 64) in bf16. Same contract as the Triton split kernel: each program writes
-// the normalised partial output of its split and the split's natural-log lse (o = 0, lse = -inf when empty);
-// kernels/helix_combine.py merges the splits.
+// DeepSeek-V3 row (Lkv 512, R 64) in bf16, in two versions: a Hopper one on wgmma (sm_90a) and an mma.sync one
+// for sm_8x cards. Same contract as the Triton split kernel: each program writes the normalised partial output
+// of its split and the split's natural-log lse (o = 0, lse = -inf when empty); kernels/helix_combine.py merges
+// the splits. Grid (head tiles, splits, B), head tiles fastest so that the programs of one split read a tile
+// from HBM once and from L2 after. Rows past H are zero queries, never stored. Tiles are copied by cp.async,
+// one page lookup per token row, so any tokens-per-block works; tokens past the end are zero-filled and masked.
 //
-// Symbols: HT = 32 heads per program (rows past H are zero queries, never stored), BN = 32 tokens per tile,
-// 8 warps. Grid (head tiles, splits, B), head tiles fastest so that the programs of one split read a tile
-// from HBM once and from L2 after.
+// Hopper kernel (mla_split_kernel_sm90): HW = 64 head rows (M of both products), WN = 64 tokens a tile, two
+// warpgroups (WG0, WG1). Shared memory: Q [64, 576] and 2 tile stages, each 9 column blocks of [64 rows, 128 B]
+// under the 128-byte swizzle that wgmma's descriptors read, plus P [64, 64] bf16 (~225 KB).
+//
+//   for each tile i of WN tokens of this split:
+//     WG1: copy tile i + 1 into the stage tile i - 1 used      (cp.async, during WG0's scores; pages a tile ahead)
+//     WG0: S = Q K^T  [64, 64]                                  36 wgmma m64n64k16 over all 576 dims, in registers
+//          scaled to base 2, tokens past the end -> -inf
+//          m' = m if rowmax S <= m + 8 else rowmax S            (lazy max: P <= 2^8, alpha = 1 on most tiles)
+//          alpha = 2^(m - m'); P = 2^(S - m'); l = l alpha + rowsum P; P -> shared memory
+//     WG w: O[:, 256w .. 256w + 256) = O alpha + P C          4 wgmma m64n256k16; C = the tile's latent part,
+//                                                              read as an MN-major (transposed) operand
+//   o = O / l, lse = (m + log2 l) ln 2
+//
+// Two barriers a tile (tile landed / P ready). Scores cost 2.4 MFLOP a tile on 64 rows whatever H <= 64, so the
+// kernel is the same speed from 1 to 64 heads; at 32 heads it stays under the tensor cores' ridge and reads
+// close to the HBM rate.
+//
+// mma.sync kernel (mla_split_kernel): HT = 32 heads, BN = 32 tokens a tile, 8 warps.
 //
 //   for each tile of BN tokens of this split (cp.async ring, STAGES deep, one page lookup per row):
 //     S_w  = Q[:, dims_w] K[:, dims_w]^T         warp w: latent dims [64w, 64w+64) + rope dims [8w, 8w+8);
@@ -16,8 +35,7 @@
 //   o = O / l, lse = (m + log2 l) ln 2
 //
 // Both products run on mma.sync m16n8k16 (heads as M), operands through ldmatrix; the score and output
-// accumulators live in registers (32 + 64 floats a thread). 32 heads read ~60 flop per cache byte, well
-// under the tensor cores' ridge, so the kernel's job is to keep HBM busy: STAGES - 1 tiles in flight.
+// accumulators live in registers (32 + 64 floats a thread).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -335,7 +353,7 @@ constexpr int WH = 64, WN = 64, WTHREADS = 256;   // head rows (M of both produc
 constexpr int WBLK = WN * 128;                    // one 64-dim column block of a tile: 64 rows of 128 B (8 KB)
 constexpr int WTILE = 9 * WBLK;                   // a tile (or Q): 9 column blocks = 576 dims, 73,728 B
 constexpr int W_Q = 0, W_KV = WTILE, W_P = 3 * WTILE, W_ALPHA = W_P + WH * 128, W_L = W_ALPHA + WH * 4;
-constexpr int W_SMEM = W_L + WH * 4 + 1024;       // + slack to align the base to the 1024-byte swizzle atom       // + slack to align the base to the 1024-byte swizzle atom
+constexpr int W_SMEM = W_L + WH * 4 + 1024;       // + slack to align the base to the 1024-byte swizzle atom
 
 static_assert(W_Q == 0 && W_KV == WTILE && W_SMEM <= 227 * 1024, "Q, two stages and P fit in shared memory");
 
@@ -391,7 +409,6 @@ __device__ __forceinline__ void wgmma_n256(float (&d)[128], uint64_t da, uint64_
 
 // Accumulator layout of both products (m64nN, f32): thread t of a warpgroup holds rows r0 = 16 (t / 32) +
 // (t % 32) / 4 and r0 + 8; d[4j + e] is row r0 + 8 (e / 2), column 8j + 2 (t % 4) + e % 2.
-template <bool PROF>
 __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASplitArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
@@ -471,16 +488,6 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
 #pragma unroll
   for (int i = 0; i < 128; ++i) o[i] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // warpgroup 0: running max / sum of rows r0, r0 + 8
-  unsigned long long prof[5] = {0, 0, 0, 0, 0};
-  long long tp = PROF ? clock64() : 0;
-  auto mark = [&](int k) {
-    if (PROF) {
-      const long long now = clock64();
-      prof[k] += now - tp;
-      tp = now;
-    }
-  };
-
   // Two barriers a tile. Tile i + 1 is copied (into the stage tile i - 1 used) while tile i is computed.
   for (int i = 0; i < n_tiles; ++i) {
     const uint32_t kv = base + W_KV + (i & 1) * WTILE;
@@ -489,7 +496,6 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
       proxy_fence();       // the copies visible to the tensor cores' reads
     }
     __syncthreads();  // tile i visible; the products of tile i - 1 done, so its stage and P are free
-    mark(0);
     if (wg == 0) {  // ---- S = Q K^T over all 576 dims, then the online softmax in registers
       float s[32];
 #pragma unroll
@@ -504,8 +510,7 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
       wg_commit();
       wg_wait0();
       reg_fence(s);
-      mark(1);
-      const int tok0 = start + i * WN + 2 * c;
+        const int tok0 = start + i * WN + 2 * c;
       const bool ragged = start + (i + 1) * WN > end;  // only a split's last tile holds tokens past the end
       float x0 = -INFINITY, x1 = -INFINITY;
 #pragma unroll
@@ -548,9 +553,7 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
       issue(i + 1);
       if (i + 2 < n_tiles) lookup(i + 2);
     }
-    mark(2);
     __syncthreads();  // P and alpha of tile i visible
-    mark(3);
     {  // ---- O[:, 256 wg .. + 256) = O alpha + P C: C is the tile's latent part read as an MN-major operand
       const float al0 = alpha_s[r0], al1 = alpha_s[r0 + 8];
       if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {  // this warp's 16 rows: any max moved
@@ -566,7 +569,6 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
       wg_wait0();
       reg_fence(o);
     }
-    mark(4);
   }
   // ---- epilogue: l over the row's 4 lanes, o = O / l, lse = (m + log2 l) ln 2; empty split: o = 0, lse = -inf
   if (wg == 0) {
@@ -605,21 +607,15 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
         *reinterpret_cast<float2*>(a.o_part + row + col) = make_float2(x, y);
     }
   }
-  if (PROF && (tid == 0 || tid == 128) && a.o_part) {  // cycles a tile per phase over head 0's first columns
-    __syncthreads();
-    for (int k = 0; k < 5; ++k)
-      a.o_part[(int64_t)b * a.s_o_b + (int64_t)split * a.s_o_s + 8 * wg + k] = (float)(prof[k] / max(n_tiles, 1));
-  }
 #endif
 }
 
-template <bool PROF>
 const char* launch_sm90(const MLASplitArgs& a, cudaStream_t stream) {
   const cudaError_t attr =
-      cudaFuncSetAttribute(mla_split_kernel_sm90<PROF>, cudaFuncAttributeMaxDynamicSharedMemorySize, W_SMEM);
+      cudaFuncSetAttribute(mla_split_kernel_sm90, cudaFuncAttributeMaxDynamicSharedMemorySize, W_SMEM);
   if (attr != cudaSuccess) return cudaGetErrorString(attr);
   const dim3 grid((a.heads + WH - 1) / WH, a.num_splits, a.batch);
-  mla_split_kernel_sm90<PROF><<<grid, WTHREADS, W_SMEM, stream>>>(a);
+  mla_split_kernel_sm90<<<grid, WTHREADS, W_SMEM, stream>>>(a);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
@@ -644,8 +640,7 @@ const char* mla_split_launch(const MLASplitArgs& a, bool wgmma, int stages, int 
   cudaGetDevice(&current);
   if (current != device) cudaSetDevice(device);  // the inputs' device for the launch, restored after
   auto s = static_cast<cudaStream_t>(stream);
-  const char* err = wgmma ? (stages == 2 ? launch_sm90<false>(a, s) : stages == 0 ? launch_sm90<true>(a, s)
-                             : "the wgmma kernel has 2 stages")
+  const char* err = wgmma ? (stages == 2 ? launch_sm90(a, s) : "the wgmma kernel has 2 stages")
                     : stages == 3 ? launch<3>(a, s)
                     : stages == 4 ? launch<4>(a, s)
                     : stages == 5 ? launch<5>(a, s)

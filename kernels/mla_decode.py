@@ -37,11 +37,18 @@ The number of splits is chosen on the host from the block table's capacity (neve
 which stays on the device, so the call can be captured in a CUDA graph); each program derives its token
 range from the actual length at run time.
 
-CUDA kernel (``kernels/mla_decode.cu``, :func:`mla_decode_cuda`; bf16, Lkv 512, R 64): the same split contract
-and merge, 32 heads and 32-token tiles a program, tiles copied by cp.async (one page lookup a row) a few stages
-ahead, both products on mma.sync; its header comment gives the algorithm. Built on first use through
-torch.utils.cpp_extension. ``path="auto"`` takes it for head counts in CUDA_AUTO_HEADS, where it measured
-faster than the Triton kernel on H200 (golden/perf/kernels-h200.md).
+CUDA kernels (``kernels/mla_decode.cu``, :func:`mla_decode_cuda`; bf16, Lkv 512, R 64): the same split contract
+and merge, tiles copied by cp.async with one page lookup a row (any tokens-per-block), built on first use through
+torch.utils.cpp_extension for sm_8x and Hopper's sm_90a; the file's header comment gives both algorithms.
+
+* Hopper (compute capability 9.0): 64 head rows (fewer heads padded, more in head tiles) and 64-token tiles, two
+  warpgroups on wgmma. Warpgroup 0 scores the tile over all 576 dims (Q and the tile in 128-byte-swizzled
+  shared memory) and runs the softmax in registers; warpgroup 1 copies the next tile meanwhile; then each
+  accumulates half of the 512 output columns from P and the same tile. Two tiles and Q fill shared memory.
+* sm_8x: 32 heads and 32-token tiles a program, 3-5 cp.async stages, both products on mma.sync over 8 warps.
+
+``path="auto"`` takes the CUDA kernel where it measured faster than the Triton kernel on H200
+(:func:`cuda_auto`): on Hopper at every head count measured (16, 32, 64, 128), on sm_8x for 17-32 heads.
 """
 
 from __future__ import annotations
@@ -446,15 +453,21 @@ def _merge_splits(o_s, lse_s, o, lse, interpret: bool) -> None:
 # for comparison), 32 heads and 32 tokens a tile, mma.sync, 3 to 5 stages, 8 warps.
 CUDA_SM90_CONFIG = MLAConfig(block_h=64, block_n=64, num_warps=8, num_stages=2, programs_per_sm=1, tma=False)
 CUDA_MMA_SYNC_CONFIG = MLAConfig(block_h=32, block_n=32, num_warps=8, num_stages=4, programs_per_sm=1, tma=False)
-CUDA_STAGES = {(64, 64, 8): (0, 2), (32, 32, 8): (3, 4, 5)}  # compiled (block_h, block_n, num_warps): depths
-# path="auto" takes the CUDA kernel for head counts in this range, where it measured faster than the Triton kernel
-# on H200 (golden/perf/kernels-h200.md)
-CUDA_AUTO_HEADS = range(17, 33)
+CUDA_STAGES = {(64, 64, 8): (2,), (32, 32, 8): (3, 4, 5)}  # compiled (block_h, block_n, num_warps): depths
+# path="auto" on an sm_8x card takes the mma.sync kernel for head counts in this range (where it beat the Triton
+# kernel on H200 before the wgmma kernel existed); on Hopper the wgmma kernel beats Triton at 16, 32, 64 and 128 heads
+# (1M tokens, B = 1 and 8: kernels/bench.py)
+MMA_SYNC_AUTO_HEADS = range(17, 33)
 
 
 def cuda_config(device: torch.device) -> MLAConfig:
     """The CUDA kernel a device runs by default: the wgmma kernel on Hopper (9.0), the mma.sync one on sm_8x."""
     return CUDA_SM90_CONFIG if capability(device.index) == (9, 0) else CUDA_MMA_SYNC_CONFIG
+
+
+def cuda_auto(heads: int, device: torch.device) -> bool:
+    """Whether path="auto" prefers the CUDA kernel at ``heads`` on ``device`` (when the kernel takes the call)."""
+    return cuda_config(device) is CUDA_SM90_CONFIG or heads in MMA_SYNC_AUTO_HEADS
 
 
 # machine code for sm_8x (the mma.sync kernel) and Hopper's sm_90a (both kernels; wgmma needs the "a" target)
@@ -507,9 +520,9 @@ def cuda_unsupported(q_nope_abs: torch.Tensor, kv_cache: torch.Tensor, block_tab
 
 def auto_path(q_nope_abs: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
               kv_scale: torch.Tensor | None) -> str:
-    """The GPU kernel ``path="auto"`` runs for this call: "cuda" for head counts in CUDA_AUTO_HEADS when the CUDA
+    """The GPU kernel ``path="auto"`` runs for this call: "cuda" where :func:`cuda_auto` prefers it and the CUDA
     kernel takes the call (and could be built), else "triton"."""
-    if (q_nope_abs.shape[1] in CUDA_AUTO_HEADS
+    if (cuda_auto(q_nope_abs.shape[1], kv_cache.device)
             and cuda_unsupported(q_nope_abs, kv_cache, block_table, seq_lens, kv_scale) is None):
         return "cuda"
     return "triton"
@@ -578,7 +591,7 @@ def mla_decode(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Ten
 
     ``path``: kernels/_triton.py's rule: cuda = the CUDA C++ kernel (:func:`mla_decode_cuda`; a call it was
     not compiled for is refused); triton = the Triton kernel (on CPU under the interpreter); torch; auto = on
-    CUDA tensors the CUDA kernel for head counts in CUDA_AUTO_HEADS when it supports the call, else Triton (both
+    CUDA tensors the CUDA kernel where :func:`cuda_auto` prefers it and it supports the call, else Triton (both
     split-KV flash-decoding, graph-capturable); the torch reference on CPU.
     """
     if not use_triton(kv_cache, path):
