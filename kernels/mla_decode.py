@@ -48,7 +48,9 @@ torch.utils.cpp_extension for sm_8x and Hopper's sm_90a; the file's header comme
 * sm_8x: 32 heads and 32-token tiles a program, 3-5 cp.async stages, both products on mma.sync over 8 warps.
 
 ``path="auto"`` takes the CUDA kernel where it measured faster than the Triton kernel on H200
-(:func:`cuda_auto`): on Hopper at every head count measured (16, 32, 64, 128), on sm_8x for 17-32 heads.
+(:func:`cuda_auto`): on Hopper at every head count measured (16, 32, 64, 128), on sm_8x for 17-32 heads. On
+H200 at 1M tokens the wgmma kernel reads at 70-81% of the measured read bandwidth from 16 to 64 heads and runs
+128 heads at ~57% of the bf16 matmul rate (docs/design.md §9.1).
 """
 
 from __future__ import annotations
@@ -456,7 +458,7 @@ CUDA_MMA_SYNC_CONFIG = MLAConfig(block_h=32, block_n=32, num_warps=8, num_stages
 CUDA_STAGES = {(64, 64, 8): (2,), (32, 32, 8): (3, 4, 5)}  # compiled (block_h, block_n, num_warps): depths
 # path="auto" on an sm_8x card takes the mma.sync kernel for head counts in this range (where it beat the Triton
 # kernel on H200 before the wgmma kernel existed); on Hopper the wgmma kernel beats Triton at 16, 32, 64 and 128 heads
-# (1M tokens, B = 1 and 8: kernels/bench.py)
+# (1M tokens, B = 1 and 8: docs/design.md §9.1)
 MMA_SYNC_AUTO_HEADS = range(17, 33)
 
 
