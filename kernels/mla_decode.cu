@@ -103,6 +103,19 @@ __device__ __forceinline__ uint32_t q_pair(const __nv_bfloat16* row, int col, bo
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// tokens [start, end) of sequence b that split `split` takes, and its tiles of `tile` tokens (the Triton kernel's
+// rule: splits are whole tiles, so only a split's last tile can be ragged)
+struct SplitRange {
+  int start, end, n_tiles;
+};
+__device__ __forceinline__ SplitRange split_range(const MLASplitArgs& a, int b, int split, int tile) {
+  const int seq_len = a.seq_lens[b];
+  const int tiles_per_split = ((seq_len + tile - 1) / tile + a.num_splits - 1) / a.num_splits;
+  const int start = split * tiles_per_split * tile;
+  const int end = min(start + tiles_per_split * tile, seq_len);
+  return {start, end, end > start ? (end - start + tile - 1) / tile : 0};
+}
+
 template <int STAGES>
 __global__ void __launch_bounds__(THREADS, 1) mla_split_kernel(const MLASplitArgs a) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -116,12 +129,8 @@ __global__ void __launch_bounds__(THREADS, 1) mla_split_kernel(const MLASplitArg
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int head0 = blockIdx.x * HT, split = blockIdx.y, b = blockIdx.z;
 
-  // this split's token range (the Triton kernel's rule): splits are whole tiles
-  const int seq_len = a.seq_lens[b];
-  const int tiles_per_split = ((seq_len + BN - 1) / BN + a.num_splits - 1) / a.num_splits;
-  const int start = split * tiles_per_split * BN;
-  const int end = min(start + tiles_per_split * BN, seq_len);
-  const int n_tiles = end > start ? (end - start + BN - 1) / BN : 0;
+  const SplitRange range = split_range(a, b, split, BN);
+  const int start = range.start, end = range.end, n_tiles = range.n_tiles;
 
   // this warp's query slice as mma A fragments: rows head0 + 16m + {g, g + 8}
   uint32_t qa[MT][4][4], qr[MT][2];
@@ -422,11 +431,8 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
   const int r0 = 16 * (t >> 5) + (lane >> 2);  // this thread's accumulator rows r0, r0 + 8
   const int head0 = blockIdx.x * WH, split = blockIdx.y, b = blockIdx.z;
 
-  const int seq_len = a.seq_lens[b];
-  const int tiles_per_split = ((seq_len + WN - 1) / WN + a.num_splits - 1) / a.num_splits;
-  const int start = split * tiles_per_split * WN;
-  const int end = min(start + tiles_per_split * WN, seq_len);
-  const int n_tiles = end > start ? (end - start + WN - 1) / WN : 0;
+  const SplitRange range = split_range(a, b, split, WN);
+  const int start = range.start, end = range.end, n_tiles = range.n_tiles;
 
   {  // Q [64 rows, 576] into the swizzled layout, rows past H zeros: thread tid takes 16-byte chunk tid % 8 of
      // each column block of rows tid / 8 and tid / 8 + 32; all loads first, then the stores
