@@ -386,7 +386,8 @@ def markdown(res: dict) -> str:
                if tt else f"{r['torch']} | | | ") + f" | {launch} |")
     if res.get("sweep"):
         out += ["", "## launch-shape sweep (S = 1M, B = 1)", "",
-                "| H | config (Triton h/n/warps/stages/programs per SM/tma, or cuda kernel stages/programs per SM) | us | x floor | GB/s | TFLOP/s | splits | regs | spills | smem | wgmma | rel err vs torch |",
+                "| H | config (Triton h/n/warps/stages/programs per SM/tma, or cuda kernel stages/programs per SM) "
+                "| us | x floor | GB/s | TFLOP/s | splits | regs | spills | smem | wgmma | rel err vs torch |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["sweep"]:
             if "error" in r:

@@ -486,7 +486,8 @@ def _build() -> tuple[object | None, str | None]:
     here = Path(__file__).resolve().parent
     try:
         return load(name="helix_mla_decode", sources=[str(here / "mla_decode_ext.cpp"), str(here / "mla_decode.cu")],
-                    extra_include_paths=[str(here)], extra_cflags=["-O3"], extra_cuda_cflags=["-O3", *CUDA_GENCODE]), None
+                    extra_include_paths=[str(here)], extra_cflags=["-O3"],
+                    extra_cuda_cflags=["-O3", *CUDA_GENCODE]), None
     except Exception as e:  # no nvcc / ninja / compiler: the reason, in one line
         why = f"could not be built ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''})"
         log.warning("mla_decode: the CUDA kernel %s; path='auto' uses the Triton kernel", why)

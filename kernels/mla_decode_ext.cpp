@@ -50,7 +50,8 @@ void split(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::
   a.s_bt_b = block_table.stride(0);
   a.s_o_b = o.stride(0), a.s_o_h = o.stride(1), a.s_o_s = direct ? 0 : o.stride(2);
   a.s_l_b = lse.stride(0), a.s_l_h = lse.stride(1), a.s_l_s = direct ? 0 : lse.stride(2);
-  const char* err = mla_split_launch(a, wgmma, static_cast<int>(stages), kv.get_device(), reinterpret_cast<void*>(stream));
+  const char* err =
+      mla_split_launch(a, wgmma, static_cast<int>(stages), kv.get_device(), reinterpret_cast<void*>(stream));
   TORCH_CHECK(err == nullptr, "mla_decode cuda: launch failed: ", err ? err : "");
 }
 
