@@ -3,7 +3,7 @@
 For H in {16, 32, 128}, B in {1, 8}, S in {64K, 256K, 1M} (bf16, Lkv 512, R 64, 64 tokens per block,
 shuffled block table) it times
 
-* ``mla_decode`` (its default path: the CUDA kernel for head counts in CUDA_AUTO_HEADS, Triton otherwise), and
+* ``mla_decode`` (its default path: the CUDA kernel where ``mla_decode.cuda_auto`` prefers it, Triton otherwise), and
 * a plain-torch absorbed decode: einsums over the cache already gathered into a contiguous
   [B, S, Lkv + R] tensor (the gather is not timed), softmax in float32,
 
@@ -32,8 +32,8 @@ import torch
 
 from kernels import helix_combine, mla_decode
 from kernels._triton import tl, triton
-from kernels.mla_decode import (CUDA_AUTO_HEADS, CUDA_CONFIG, MLAConfig, auto_path, default_config, flops, kv_bytes,
-                                 mla_decode_cuda, mla_decode_triton)
+from kernels.mla_decode import (CUDA_MMA_SYNC_CONFIG, CUDA_SM90_CONFIG, MLAConfig, auto_path, cuda_auto, cuda_config,
+                                 default_config, flops, kv_bytes, mla_decode_cuda, mla_decode_triton)
 
 LKV, R, TPB = 512, 64, 64
 DT = torch.bfloat16
@@ -205,30 +205,34 @@ def _c(h, n, w, st, p, tma=True):
 
 
 def _cuda(st, p=1):
-    return "cuda", replace(CUDA_CONFIG, num_stages=st, programs_per_sm=p)
+    """The CUDA kernel: the wgmma one at 2 stages, the mma.sync one at 3 to 5."""
+    return "cuda", replace(CUDA_SM90_CONFIG if st == 2 else CUDA_MMA_SYNC_CONFIG, num_stages=st, programs_per_sm=p)
 
 
 SPLIT_KERNELS = {"triton": mla_decode_triton, "cuda": mla_decode_cuda}
 SWEEP = {  # (path, launch shape). The first Triton entry of each list is kernels.mla_decode.default_config; the
-    # last Triton entry is the default before TMA tiles (issue 15); the CUDA kernel at its pipeline depths
+    # last Triton entry is the default before TMA tiles (issue 15); the CUDA kernels (wgmma: Hopper only; mma.sync at
+    # its pipeline depths)
     16: [_c(16, 32, 4, 3, 2), _c(16, 64, 4, 2, 2), _c(64, 64, 8, 2, 1), _c(16, 64, 4, 2, 2, tma=False),
-         _cuda(4), _cuda(5)],
+         _cuda(2), _cuda(4), _cuda(5)],
     32: [_c(64, 64, 8, 2, 1), _c(32, 64, 8, 2, 1), _c(32, 32, 8, 3, 1), _c(16, 32, 4, 3, 2), _c(32, 32, 4, 3, 2, tma=False),
-         _cuda(3), _cuda(4), _cuda(5), _cuda(4, 2)],
-    128: [_c(64, 64, 8, 2, 1), _c(64, 64, 8, 3, 1), _c(64, 64, 8, 2, 1, tma=False), _cuda(4)],
+         _cuda(2), _cuda(3), _cuda(4), _cuda(5), _cuda(4, 2)],
+    128: [_c(64, 64, 8, 2, 1), _c(64, 64, 8, 3, 1), _c(64, 64, 8, 2, 1, tma=False), _cuda(2), _cuda(4)],
 }
 
 
 def cfg_str(path: str, c: MLAConfig) -> str:
     if path == "cuda":
-        return f"cuda s{c.num_stages}/p{c.programs_per_sm}"
+        kernel = "wgmma" if c.block_h == CUDA_SM90_CONFIG.block_h else "mma.sync"
+        return f"cuda {kernel} s{c.num_stages}/p{c.programs_per_sm}"
     return f"h{c.block_h}/n{c.block_n}/w{c.num_warps}/s{c.num_stages}/p{c.programs_per_sm}" + ("/tma" if c.tma else "")
 
 
 def default_launch(heads: int) -> str:
     """What ``mla_decode``'s auto path runs at ``heads`` for the bench's bf16 cache."""
-    if heads in CUDA_AUTO_HEADS:
-        return cfg_str("cuda", CUDA_CONFIG)
+    dev = torch.device("cuda")
+    if cuda_auto(heads, dev):
+        return cfg_str("cuda", cuda_config(dev))
     return cfg_str("triton", default_config(heads, LKV, DT, False))
 
 
@@ -370,7 +374,8 @@ def markdown(res: dict) -> str:
         t = r["kernel"]
         tt = r["torch"] if isinstance(r["torch"], dict) else None
         la = r["launch"]
-        launch = (f"cuda s{la['num_stages']}/splits {la['splits']}" if la.get("path") == "cuda" else
+        launch = (f"cuda {'wgmma' if la.get('wgmma') else 'mma.sync'} s{la['num_stages']}/splits {la['splits']}"
+                  if la.get("path") == "cuda" else
                   f"h{la['block_h']}/n{la['block_n']}/w{la['num_warps']}/s{la['num_stages']}/splits {la['splits']}"
                   + ("/tma" if la.get("tma") else ""))
         out.append(
@@ -381,7 +386,8 @@ def markdown(res: dict) -> str:
                if tt else f"{r['torch']} | | | ") + f" | {launch} |")
     if res.get("sweep"):
         out += ["", "## launch-shape sweep (S = 1M, B = 1)", "",
-                "| H | config (Triton h/n/warps/stages/programs per SM/tma, or cuda stages/programs per SM) | us | x floor | GB/s | TFLOP/s | splits | regs | spills | smem | wgmma | rel err vs torch |",
+                "| H | config (Triton h/n/warps/stages/programs per SM/tma, or cuda kernel stages/programs per SM) "
+                "| us | x floor | GB/s | TFLOP/s | splits | regs | spills | smem | wgmma | rel err vs torch |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["sweep"]:
             if "error" in r:

@@ -1,11 +1,30 @@
 // CUDA path of kernels/mla_decode.py: the split kernel of absorbed-MLA decode (flash-decoding), for the
-// DeepSeek-V3 row (Lkv 512, R 64) in bf16. Same contract as the Triton split kernel: each program writes
-// the normalised partial output of its split and the split's natural-log lse (o = 0, lse = -inf when empty);
-// kernels/helix_combine.py merges the splits.
+// DeepSeek-V3 row (Lkv 512, R 64) in bf16, in two versions: a Hopper one on wgmma (sm_90a) and an mma.sync one
+// for sm_8x cards. Same contract as the Triton split kernel: each program writes the normalised partial output
+// of its split and the split's natural-log lse (o = 0, lse = -inf when empty); kernels/helix_combine.py merges
+// the splits. Grid (head tiles, splits, B), head tiles fastest so that the programs of one split read a tile
+// from HBM once and from L2 after. Rows past H are zero queries, never stored. Tiles are copied by cp.async,
+// one page lookup per token row, so any tokens-per-block works; tokens past the end are zero-filled and masked.
 //
-// Symbols: HT = 32 heads per program (rows past H are zero queries, never stored), BN = 32 tokens per tile,
-// 8 warps. Grid (head tiles, splits, B), head tiles fastest so that the programs of one split read a tile
-// from HBM once and from L2 after.
+// Hopper kernel (mla_split_kernel_sm90): HW = 64 head rows (M of both products), WN = 64 tokens a tile, two
+// warpgroups (WG0, WG1). Shared memory: Q [64, 576] and 2 tile stages, each 9 column blocks of [64 rows, 128 B]
+// under the 128-byte swizzle that wgmma's descriptors read, plus P [64, 64] bf16 (~225 KB).
+//
+//   for each tile i of WN tokens of this split:
+//     WG1: copy tile i + 1 into the stage tile i - 1 used      (cp.async, during WG0's scores; pages a tile ahead)
+//     WG0: S = Q K^T  [64, 64]                                  36 wgmma m64n64k16 over all 576 dims, in registers
+//          scaled to base 2, tokens past the end -> -inf
+//          m' = m if rowmax S <= m + 8 else rowmax S            (lazy max: P <= 2^8, alpha = 1 on most tiles)
+//          alpha = 2^(m - m'); P = 2^(S - m'); l = l alpha + rowsum P; P -> shared memory
+//     WG w: O[:, 256w .. 256w + 256) = O alpha + P C          4 wgmma m64n256k16; C = the tile's latent part,
+//                                                              read as an MN-major (transposed) operand
+//   o = O / l, lse = (m + log2 l) ln 2
+//
+// Two barriers a tile (tile landed / P ready). Scores cost 2.4 MFLOP a tile on 64 rows whatever H <= 64, so the
+// kernel is the same speed from 1 to 64 heads; at 32 heads it stays under the tensor cores' ridge and reads
+// close to the HBM rate.
+//
+// mma.sync kernel (mla_split_kernel): HT = 32 heads, BN = 32 tokens a tile, 8 warps.
 //
 //   for each tile of BN tokens of this split (cp.async ring, STAGES deep, one page lookup per row):
 //     S_w  = Q[:, dims_w] K[:, dims_w]^T         warp w: latent dims [64w, 64w+64) + rope dims [8w, 8w+8);
@@ -16,8 +35,7 @@
 //   o = O / l, lse = (m + log2 l) ln 2
 //
 // Both products run on mma.sync m16n8k16 (heads as M), operands through ldmatrix; the score and output
-// accumulators live in registers (32 + 64 floats a thread). 32 heads read ~60 flop per cache byte, well
-// under the tensor cores' ridge, so the kernel's job is to keep HBM busy: STAGES - 1 tiles in flight.
+// accumulators live in registers (32 + 64 floats a thread).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -85,6 +103,19 @@ __device__ __forceinline__ uint32_t q_pair(const __nv_bfloat16* row, int col, bo
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// tokens [start, end) of sequence b that split `split` takes, and its tiles of `tile` tokens (the Triton kernel's
+// rule: splits are whole tiles, so only a split's last tile can be ragged)
+struct SplitRange {
+  int start, end, n_tiles;
+};
+__device__ __forceinline__ SplitRange split_range(const MLASplitArgs& a, int b, int split, int tile) {
+  const int seq_len = a.seq_lens[b];
+  const int tiles_per_split = ((seq_len + tile - 1) / tile + a.num_splits - 1) / a.num_splits;
+  const int start = split * tiles_per_split * tile;
+  const int end = min(start + tiles_per_split * tile, seq_len);
+  return {start, end, end > start ? (end - start + tile - 1) / tile : 0};
+}
+
 template <int STAGES>
 __global__ void __launch_bounds__(THREADS, 1) mla_split_kernel(const MLASplitArgs a) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -98,12 +129,8 @@ __global__ void __launch_bounds__(THREADS, 1) mla_split_kernel(const MLASplitArg
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int head0 = blockIdx.x * HT, split = blockIdx.y, b = blockIdx.z;
 
-  // this split's token range (the Triton kernel's rule): splits are whole tiles
-  const int seq_len = a.seq_lens[b];
-  const int tiles_per_split = ((seq_len + BN - 1) / BN + a.num_splits - 1) / a.num_splits;
-  const int start = split * tiles_per_split * BN;
-  const int end = min(start + tiles_per_split * BN, seq_len);
-  const int n_tiles = end > start ? (end - start + BN - 1) / BN : 0;
+  const SplitRange range = split_range(a, b, split, BN);
+  const int start = range.start, end = range.end, n_tiles = range.n_tiles;
 
   // this warp's query slice as mma A fragments: rows head0 + 16m + {g, g + 8}
   uint32_t qa[MT][4][4], qr[MT][2];
@@ -328,6 +355,290 @@ __global__ void __launch_bounds__(THREADS, 1) mla_split_kernel(const MLASplitArg
     }
 }
 
+// ================================================================================================
+// Hopper kernel (sm_90a): wgmma, 64 head rows x 64-token tiles, two warpgroups
+// ================================================================================================
+constexpr int WH = 64, WN = 64, WTHREADS = 256;   // head rows (M of both products), tokens a tile, threads
+constexpr int WBLK = WN * 128;                    // one 64-dim column block of a tile: 64 rows of 128 B (8 KB)
+constexpr int WTILE = 9 * WBLK;                   // a tile (or Q): 9 column blocks = 576 dims, 73,728 B
+constexpr int W_Q = 0, W_KV = WTILE, W_P = 3 * WTILE, W_ALPHA = W_P + WH * 128, W_L = W_ALPHA + WH * 4;
+constexpr int W_SMEM = W_L + WH * 4 + 1024;       // + slack to align the base to the 1024-byte swizzle atom
+
+static_assert(W_Q == 0 && W_KV == WTILE && W_SMEM <= 227 * 1024, "Q, two stages and P fit in shared memory");
+
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)  // the helpers below are sm_90a's alone
+constexpr float RESCALE = 8.f;  // base-2 headroom of the lazily moved running max
+
+// byte offset of 16-byte chunk `chunk` (0..7) of row `row` in a [rows][128 B] block under the 128-byte
+// swizzle: chunk ^ (row % 8), the pattern wgmma's descriptors with swizzle mode 1 read
+__device__ __forceinline__ uint32_t swz(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
+
+// shared-memory matrix descriptor: start, leading / stride byte offsets (16-byte units), 128-byte swizzle
+__device__ __forceinline__ uint64_t sdesc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32) |
+         (1ull << 62);
+}
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void proxy_fence() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// pins accumulator registers in place around the asynchronous products (no reads hoisted above the wait)
+template <int N>
+__device__ __forceinline__ void reg_fence(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d[64 x 64] += A[64 x 16] B[16 x 64], both K-major in shared memory
+__device__ __forceinline__ void wgmma_n64(float (&d)[32], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db));
+}
+
+#define WG_F8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+                 "+f"(d[i + 6]), "+f"(d[i + 7])
+// d[64 x 256] += A[64 x 16] (K-major) B[16 x 256] (MN-major: trans-b), both in shared memory
+__device__ __forceinline__ void wgmma_n256(float (&d)[128], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+      : WG_F8(0), WG_F8(8), WG_F8(16), WG_F8(24), WG_F8(32), WG_F8(40), WG_F8(48), WG_F8(56), WG_F8(64), WG_F8(72),
+        WG_F8(80), WG_F8(88), WG_F8(96), WG_F8(104), WG_F8(112), WG_F8(120)
+      : "l"(da), "l"(db));
+}
+#undef WG_F8
+#endif
+
+// Accumulator layout of both products (m64nN, f32): thread t of a warpgroup holds rows r0 = 16 (t / 32) +
+// (t % 32) / 4 and r0 + 8; d[4j + e] is row r0 + 8 (e / 2), column 8j + 2 (t % 4) + e % 2.
+__global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASplitArgs a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;  // swizzle atoms are 1024-byte aligned
+  unsigned char* smem = smem_raw + (base - smem_addr(smem_raw));
+  const uint32_t q_s = base + W_Q, p_s = base + W_P;
+  float* alpha_s = reinterpret_cast<float*>(smem + W_ALPHA);
+  float* l_s = reinterpret_cast<float*>(smem + W_L);
+
+  const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127, lane = tid & 31, c = lane & 3;
+  const int r0 = 16 * (t >> 5) + (lane >> 2);  // this thread's accumulator rows r0, r0 + 8
+  const int head0 = blockIdx.x * WH, split = blockIdx.y, b = blockIdx.z;
+
+  const SplitRange range = split_range(a, b, split, WN);
+  const int start = range.start, end = range.end, n_tiles = range.n_tiles;
+
+  {  // Q [64 rows, 576] into the swizzled layout, rows past H zeros: thread tid takes 16-byte chunk tid % 8 of
+     // each column block of rows tid / 8 and tid / 8 + 32; all loads first, then the stores
+    const int row = tid >> 3, sub = tid & 7;
+    uint32_t v[2][9][4];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int h = head0 + row + 32 * rr;
+#pragma unroll
+      for (int kb = 0; kb < 9; ++kb) {
+        const __nv_bfloat16* src = kb < 8 ? a.q_nope + (int64_t)b * a.s_qn_b + (int64_t)h * a.s_qn_h + 64 * kb
+                                          : a.q_pe + (int64_t)b * a.s_qp_b + (int64_t)h * a.s_qp_h;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[rr][kb][e] = q_pair(src, 8 * sub + 2 * e, h < a.heads);
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+      for (int kb = 0; kb < 9; ++kb)
+        asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(q_s + kb * WBLK + swz(row + 32 * rr, sub)),
+                     "r"(v[rr][kb][0]), "r"(v[rr][kb][1]), "r"(v[rr][kb][2]), "r"(v[rr][kb][3]));
+    proxy_fence();  // Q read by the tensor cores after the first barrier
+  }
+
+  // ---- copies, by warpgroup 1 alone (it waits while warpgroup 0 computes the scores): thread t moves 16-byte
+  // chunk t % 8 of each 128-byte column block of rows t / 8 + 16 rr; the pages are looked up a tile ahead
+  const int ld_row = t >> 3, ld_sub = t & 7;
+  const int* bt_row = a.block_table + (int64_t)b * a.s_bt_b;
+  int page[4];
+  auto lookup = [&](int k) {
+#pragma unroll
+    for (int rr = 0; rr < 4; ++rr) {
+      const int tok = start + k * WN + ld_row + 16 * rr;
+      page[rr] = tok < end ? __ldg(bt_row + tok / a.tpb) : -1;
+    }
+  };
+  auto issue = [&](int k) {  // tile k into stage k % 2, zeros past the end; one commit group per tile
+    const uint32_t dst = base + W_KV + (k & 1) * WTILE;
+#pragma unroll
+    for (int rr = 0; rr < 4; ++rr) {
+      const int row = ld_row + 16 * rr, tok = start + k * WN + row;
+      const bool live = page[rr] >= 0;
+      const char* src = reinterpret_cast<const char*>(a.kv);
+      if (live) src += ((int64_t)page[rr] * a.s_kv_blk + (int64_t)(tok % a.tpb) * a.s_kv_tok) * 2 + ld_sub * 16;
+#pragma unroll
+      for (int kb = 0; kb < 9; ++kb)
+        cp_async16(dst + kb * WBLK + swz(row, ld_sub), src + (live ? 128 * kb : 0), live ? 16 : 0);
+    }
+    cp_async_commit();
+  };
+  if (wg == 1 && n_tiles > 0) {
+    lookup(0);
+    issue(0);
+    if (n_tiles > 1) lookup(1);
+  }
+
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // warpgroup 0: running max / sum of rows r0, r0 + 8
+  // Two barriers a tile. Tile i + 1 is copied (into the stage tile i - 1 used) while tile i is computed.
+  for (int i = 0; i < n_tiles; ++i) {
+    const uint32_t kv = base + W_KV + (i & 1) * WTILE;
+    if (wg == 1) {
+      cp_async_wait<0>();  // tile i landed (the only group in flight)
+      proxy_fence();       // the copies visible to the tensor cores' reads
+    }
+    __syncthreads();  // tile i visible; the products of tile i - 1 done, so its stage and P are free
+    if (wg == 0) {  // ---- S = Q K^T over all 576 dims, then the online softmax in registers
+      float s[32];
+#pragma unroll
+      for (int e = 0; e < 32; ++e) s[e] = 0.f;
+      reg_fence(s);
+      wg_fence();
+#pragma unroll
+      for (int ks = 0; ks < 36; ++ks) {
+        const uint32_t off = (ks >> 2) * WBLK + (ks & 3) * 32;
+        wgmma_n64(s, sdesc(q_s + off, 16, 1024), sdesc(kv + off, 16, 1024));
+      }
+      wg_commit();
+      wg_wait0();
+      reg_fence(s);
+        const int tok0 = start + i * WN + 2 * c;
+      const bool ragged = start + (i + 1) * WN > end;  // only a split's last tile holds tokens past the end
+      float x0 = -INFINITY, x1 = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const bool live = !ragged || tok0 + 8 * j + e < end;
+          s[4 * j + e] = live ? s[4 * j + e] * a.qk_scale : -INFINITY;
+          s[4 * j + 2 + e] = live ? s[4 * j + 2 + e] * a.qk_scale : -INFINITY;
+          x0 = fmaxf(x0, s[4 * j + e]);
+          x1 = fmaxf(x1, s[4 * j + 2 + e]);
+        }
+#pragma unroll
+      for (int sh = 1; sh < 4; sh <<= 1) {
+        x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, sh));
+        x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, sh));
+      }
+      // the running max moves only when a score passes it by more than RESCALE (finite: every tile holds a live
+      // token): P <= 2^RESCALE stays exact in float32 and bf16's range, and most tiles keep alpha = 1, so the
+      // output rescale below is skipped
+      const float n0 = x0 > m0 + RESCALE ? x0 : m0, n1 = x1 > m1 + RESCALE ? x1 : m1;
+      const float al0 = exp2f(m0 - n0), al1 = exp2f(m1 - n1);
+      m0 = n0, m1 = n1;
+      float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float p0 = exp2f(s[4 * j] - n0), p1 = exp2f(s[4 * j + 1] - n0);
+        const float p2 = exp2f(s[4 * j + 2] - n1), p3 = exp2f(s[4 * j + 3] - n1);
+        sum0 += p0 + p1;
+        sum1 += p2 + p3;
+        __nv_bfloat162 u = __floats2bfloat162_rn(p0, p1), w = __floats2bfloat162_rn(p2, p3);
+        const uint32_t pu = *reinterpret_cast<uint32_t*>(&u), pw = *reinterpret_cast<uint32_t*>(&w);
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p_s + swz(r0, j) + 4 * c), "r"(pu));
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p_s + swz(r0 + 8, j) + 4 * c), "r"(pw));
+      }
+      l0 = l0 * al0 + sum0;  // this thread's tokens; the row's 4 lanes are summed at the end
+      l1 = l1 * al1 + sum1;
+      if (c == 0) alpha_s[r0] = al0, alpha_s[r0 + 8] = al1;
+      proxy_fence();  // P read by the tensor cores next
+    } else if (i + 1 < n_tiles) {  // ---- tile i + 1 into the free stage
+      issue(i + 1);
+      if (i + 2 < n_tiles) lookup(i + 2);
+    }
+    __syncthreads();  // P and alpha of tile i visible
+    {  // ---- O[:, 256 wg .. + 256) = O alpha + P C: C is the tile's latent part read as an MN-major operand
+      const float al0 = alpha_s[r0], al1 = alpha_s[r0 + 8];
+      if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {  // this warp's 16 rows: any max moved
+#pragma unroll
+        for (int j = 0; j < 32; ++j) o[4 * j] *= al0, o[4 * j + 1] *= al0, o[4 * j + 2] *= al1, o[4 * j + 3] *= al1;
+      }
+      reg_fence(o);
+      wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_n256(o, sdesc(p_s + 32 * kk, 16, 1024), sdesc(kv + 4 * wg * WBLK + 16 * kk * 128, WBLK, 1024));
+      wg_commit();
+      wg_wait0();
+      reg_fence(o);
+    }
+  }
+  // ---- epilogue: l over the row's 4 lanes, o = O / l, lse = (m + log2 l) ln 2; empty split: o = 0, lse = -inf
+  if (wg == 0) {
+#pragma unroll
+    for (int sh = 1; sh < 4; sh <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, sh);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, sh);
+    }
+    if (c == 0) {
+      l_s[r0] = l0 > 0.f ? 1.f / l0 : 0.f;
+      l_s[r0 + 8] = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int h = head0 + r0 + 8 * half;
+        const float l = half ? l1 : l0, m = half ? m1 : m0;
+        if (h < a.heads)
+          a.lse[(int64_t)b * a.s_l_b + (int64_t)h * a.s_l_h + (int64_t)split * a.s_l_s] =
+              l > 0.f ? (m + log2f(l)) * LN2 : -INFINITY;
+      }
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int h = head0 + r0 + 8 * half;
+    if (h >= a.heads) continue;
+    const float il = l_s[r0 + 8 * half];
+    const int64_t row = (int64_t)b * a.s_o_b + (int64_t)h * a.s_o_h + (int64_t)split * a.s_o_s;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int col = 256 * wg + 8 * j + 2 * c;
+      const float x = o[4 * j + 2 * half] * il, y = o[4 * j + 2 * half + 1] * il;
+      if (a.o_direct)
+        *reinterpret_cast<__nv_bfloat162*>(a.o_direct + row + col) = __floats2bfloat162_rn(x, y);
+      else
+        *reinterpret_cast<float2*>(a.o_part + row + col) = make_float2(x, y);
+    }
+  }
+#endif
+}
+
+const char* launch_sm90(const MLASplitArgs& a, cudaStream_t stream) {
+  const cudaError_t attr =
+      cudaFuncSetAttribute(mla_split_kernel_sm90, cudaFuncAttributeMaxDynamicSharedMemorySize, W_SMEM);
+  if (attr != cudaSuccess) return cudaGetErrorString(attr);
+  const dim3 grid((a.heads + WH - 1) / WH, a.num_splits, a.batch);
+  mla_split_kernel_sm90<<<grid, WTHREADS, W_SMEM, stream>>>(a);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
 template <int STAGES>
 const char* launch(const MLASplitArgs& a, cudaStream_t stream) {
   constexpr int bytes = smem_bytes(STAGES);
@@ -343,12 +654,13 @@ const char* launch(const MLASplitArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-const char* mla_split_launch(const MLASplitArgs& a, int stages, int device, void* stream) {
+const char* mla_split_launch(const MLASplitArgs& a, bool wgmma, int stages, int device, void* stream) {
   int current = -1;
   cudaGetDevice(&current);
   if (current != device) cudaSetDevice(device);  // the inputs' device for the launch, restored after
   auto s = static_cast<cudaStream_t>(stream);
-  const char* err = stages == 3 ? launch<3>(a, s)
+  const char* err = wgmma ? (stages == 2 ? launch_sm90(a, s) : "the wgmma kernel has 2 stages")
+                    : stages == 3 ? launch<3>(a, s)
                     : stages == 4 ? launch<4>(a, s)
                     : stages == 5 ? launch<5>(a, s)
                                   : "stages must be 3, 4 or 5";
@@ -356,4 +668,4 @@ const char* mla_split_launch(const MLASplitArgs& a, int stages, int device, void
   return err;
 }
 
-int mla_split_smem_bytes(int stages) { return smem_bytes(stages); }
+int mla_split_smem_bytes(bool wgmma, int stages) { return wgmma ? W_SMEM : smem_bytes(stages); }

@@ -37,11 +37,20 @@ The number of splits is chosen on the host from the block table's capacity (neve
 which stays on the device, so the call can be captured in a CUDA graph); each program derives its token
 range from the actual length at run time.
 
-CUDA kernel (``kernels/mla_decode.cu``, :func:`mla_decode_cuda`; bf16, Lkv 512, R 64): the same split contract
-and merge, 32 heads and 32-token tiles a program, tiles copied by cp.async (one page lookup a row) a few stages
-ahead, both products on mma.sync; its header comment gives the algorithm. Built on first use through
-torch.utils.cpp_extension. ``path="auto"`` takes it for head counts in CUDA_AUTO_HEADS, where it measured
-faster than the Triton kernel on H200 (golden/perf/kernels-h200.md).
+CUDA kernels (``kernels/mla_decode.cu``, :func:`mla_decode_cuda`; bf16, Lkv 512, R 64): the same split contract
+and merge, tiles copied by cp.async with one page lookup a row (any tokens-per-block), built on first use through
+torch.utils.cpp_extension for sm_8x and Hopper's sm_90a; the file's header comment gives both algorithms.
+
+* Hopper (compute capability 9.0): 64 head rows (fewer heads padded, more in head tiles) and 64-token tiles, two
+  warpgroups on wgmma. Warpgroup 0 scores the tile over all 576 dims (Q and the tile in 128-byte-swizzled
+  shared memory) and runs the softmax in registers; warpgroup 1 copies the next tile meanwhile; then each
+  accumulates half of the 512 output columns from P and the same tile. Two tiles and Q fill shared memory.
+* sm_8x: 32 heads and 32-token tiles a program, 3-5 cp.async stages, both products on mma.sync over 8 warps.
+
+``path="auto"`` takes the CUDA kernel where it measured faster than the Triton kernel on H200
+(:func:`cuda_auto`): on Hopper at every head count measured (16, 32, 64, 128), on sm_8x for 17-32 heads. On
+H200 at 1M tokens the wgmma kernel reads at 70-81% of the measured read bandwidth from 16 to 64 heads and runs
+128 heads at ~57% of the bf16 matmul rate (docs/design.md §9.1).
 """
 
 from __future__ import annotations
@@ -441,15 +450,30 @@ def _merge_splits(o_s, lse_s, o, lse, interpret: bool) -> None:
 # ----------------------------------------------------------------------------------------------------
 # CUDA C++ path (kernels/mla_decode.cu)
 # ----------------------------------------------------------------------------------------------------
-CUDA_HEADS = 32       # heads per program of the CUDA kernel (fewer are padded; more take several head tiles)
-CUDA_BLOCK_N = 32     # tokens per tile
-CUDA_WARPS = 8
-CUDA_STAGES = (3, 4, 5)  # compiled pipeline depths
-# path="auto" takes the CUDA kernel for head counts in this range: on H200 it beats Triton's 64-head wgmma tile up
-# to 32 heads, while Triton's 16-head tile is faster at 16 and the wgmma tile at 128 (golden/perf/kernels-h200.md)
-CUDA_AUTO_HEADS = range(17, CUDA_HEADS + 1)
-CUDA_CONFIG = MLAConfig(block_h=CUDA_HEADS, block_n=CUDA_BLOCK_N, num_warps=CUDA_WARPS, num_stages=4,
-                        programs_per_sm=1, tma=False)
+# Two compiled kernels (kernels/mla_decode.cu), told apart by their tile. SM90: Hopper's wgmma (compute capability
+# 9.0, sm_90a), 64 head rows and 64 tokens a tile, 2 stages, 2 warpgroups. MMA_SYNC: any sm_8x card (and Hopper,
+# for comparison), 32 heads and 32 tokens a tile, mma.sync, 3 to 5 stages, 8 warps.
+CUDA_SM90_CONFIG = MLAConfig(block_h=64, block_n=64, num_warps=8, num_stages=2, programs_per_sm=1, tma=False)
+CUDA_MMA_SYNC_CONFIG = MLAConfig(block_h=32, block_n=32, num_warps=8, num_stages=4, programs_per_sm=1, tma=False)
+CUDA_STAGES = {(64, 64, 8): (2,), (32, 32, 8): (3, 4, 5)}  # compiled (block_h, block_n, num_warps): depths
+# path="auto" on an sm_8x card takes the mma.sync kernel for head counts in this range (where it beat the Triton
+# kernel on H200 before the wgmma kernel existed); on Hopper the wgmma kernel beats Triton at 16, 32, 64 and 128 heads
+# (1M tokens, B = 1 and 8: docs/design.md §9.1)
+MMA_SYNC_AUTO_HEADS = range(17, 33)
+
+
+def cuda_config(device: torch.device) -> MLAConfig:
+    """The CUDA kernel a device runs by default: the wgmma kernel on Hopper (9.0), the mma.sync one on sm_8x."""
+    return CUDA_SM90_CONFIG if capability(device.index) == (9, 0) else CUDA_MMA_SYNC_CONFIG
+
+
+def cuda_auto(heads: int, device: torch.device) -> bool:
+    """Whether path="auto" prefers the CUDA kernel at ``heads`` on ``device`` (when the kernel takes the call)."""
+    return cuda_config(device) is CUDA_SM90_CONFIG or heads in MMA_SYNC_AUTO_HEADS
+
+
+# machine code for sm_8x (the mma.sync kernel) and Hopper's sm_90a (both kernels; wgmma needs the "a" target)
+CUDA_GENCODE = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a")
 
 
 @functools.lru_cache(maxsize=None)
@@ -462,7 +486,8 @@ def _build() -> tuple[object | None, str | None]:
     here = Path(__file__).resolve().parent
     try:
         return load(name="helix_mla_decode", sources=[str(here / "mla_decode_ext.cpp"), str(here / "mla_decode.cu")],
-                    extra_include_paths=[str(here)], extra_cflags=["-O3"], extra_cuda_cflags=["-O3"]), None
+                    extra_include_paths=[str(here)], extra_cflags=["-O3"],
+                    extra_cuda_cflags=["-O3", *CUDA_GENCODE]), None
     except Exception as e:  # no nvcc / ninja / compiler: the reason, in one line
         why = f"could not be built ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''})"
         log.warning("mla_decode: the CUDA kernel %s; path='auto' uses the Triton kernel", why)
@@ -476,12 +501,14 @@ def _extension():
 def cuda_unsupported(q_nope_abs: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, kv_scale: torch.Tensor | None) -> str | None:
     """Why the CUDA kernel cannot take this call, or None: it is compiled for the DeepSeek-V3 row (Lkv 512,
-    R 64) in bf16, int32 tables, a cache whose rows start 16-byte aligned (cp.async copies), sm_80 or newer."""
+    R 64) in bf16, int32 tables, a cache whose rows start 16-byte aligned (cp.async copies), for compute
+    capability 8.x and 9.0 (CUDA_GENCODE)."""
     lkv, row = q_nope_abs.shape[-1], kv_cache.shape[-1]
     if not kv_cache.is_cuda:
         return f"needs CUDA tensors, got {kv_cache.device}"
-    if capability(kv_cache.device.index) < (8, 0):
-        return "needs compute capability 8.0 or newer"
+    cc = capability(kv_cache.device.index)
+    if cc[0] != 8 and cc != (9, 0):
+        return f"is compiled for compute capability 8.x and 9.0, got {cc[0]}.{cc[1]}"
     if kv_scale is not None or kv_cache.dtype != torch.bfloat16 or q_nope_abs.dtype != torch.bfloat16:
         return f"is compiled for bf16 queries and cache, got {q_nope_abs.dtype} / {kv_cache.dtype}"
     if (lkv, row - lkv) != (512, 64):
@@ -496,9 +523,9 @@ def cuda_unsupported(q_nope_abs: torch.Tensor, kv_cache: torch.Tensor, block_tab
 
 def auto_path(q_nope_abs: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
               kv_scale: torch.Tensor | None) -> str:
-    """The GPU kernel ``path="auto"`` runs for this call: "cuda" for head counts in CUDA_AUTO_HEADS when the CUDA
+    """The GPU kernel ``path="auto"`` runs for this call: "cuda" where :func:`cuda_auto` prefers it and the CUDA
     kernel takes the call (and could be built), else "triton"."""
-    if (q_nope_abs.shape[1] in CUDA_AUTO_HEADS
+    if (cuda_auto(q_nope_abs.shape[1], kv_cache.device)
             and cuda_unsupported(q_nope_abs, kv_cache, block_table, seq_lens, kv_scale) is None):
         return "cuda"
     return "triton"
@@ -509,30 +536,32 @@ def mla_decode_cuda(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torc
                     kv_scale: torch.Tensor | None = None, config: MLAConfig | None = None, stats: dict | None = None,
                     out=None) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA C++ path of :func:`mla_decode` (kernels/mla_decode.cu): the same split contract as the Triton
-    kernel, merged by the same combine; no host sync, so capturable in a CUDA graph. ``config`` may change
-    ``num_stages`` (one of CUDA_STAGES), ``programs_per_sm``, ``min_tiles_per_split`` and ``num_splits``; its
-    tile shape must be the compiled one (CUDA_CONFIG)."""
+    kernel, merged by the same combine; no host sync, so capturable in a CUDA graph. ``config`` (default
+    :func:`cuda_config`) picks the kernel by its tile, one of CUDA_STAGES' (the wgmma one on Hopper only), and may
+    change ``num_stages`` (one of that tile's depths), ``programs_per_sm``, ``min_tiles_per_split`` and
+    ``num_splits``."""
     bsz, heads, lkv, rope = _validate(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, kv_scale, float64_ok=False)
     why = cuda_unsupported(q_nope_abs, kv_cache, block_table, seq_lens, kv_scale)
     if why:
         raise ValueError(f"mla_decode path='cuda': the CUDA kernel {why}")
-    cfg = config or CUDA_CONFIG
-    if ((cfg.block_h, cfg.block_n, cfg.num_warps) != (CUDA_HEADS, CUDA_BLOCK_N, CUDA_WARPS)
-            or cfg.num_stages not in CUDA_STAGES):
-        raise ValueError(f"mla_decode path='cuda': config {cfg} must keep the compiled tile (block_h {CUDA_HEADS}, "
-                         f"block_n {CUDA_BLOCK_N}, num_warps {CUDA_WARPS}) and num_stages in {CUDA_STAGES}")
+    cfg = config or cuda_config(kv_cache.device)
+    tile = (cfg.block_h, cfg.block_n, cfg.num_warps)
+    wgmma = tile == (CUDA_SM90_CONFIG.block_h, CUDA_SM90_CONFIG.block_n, CUDA_SM90_CONFIG.num_warps)
+    if cfg.num_stages not in CUDA_STAGES.get(tile, ()) or (wgmma and capability(kv_cache.device.index) != (9, 0)):
+        raise ValueError(f"mla_decode path='cuda': config {cfg} must be a compiled tile (block_h, block_n, num_warps): "
+                         f"num_stages {CUDA_STAGES} (the (64, 64, 8) wgmma tile on compute capability 9.0 only)")
     o, lse, q_nope_abs, q_pe = _outputs_and_queries(q_nope_abs, q_pe, kv_cache, out)
     if bsz == 0 or heads == 0:
         return o, lse
-    head_tiles = triton.cdiv(heads, CUDA_HEADS)
+    head_tiles = triton.cdiv(heads, cfg.block_h)
     splits = _choose_splits(cfg, bsz, head_tiles, block_table.shape[1] * kv_cache.shape[1], num_sms(kv_cache))
     o_s, lse_s = _split_outputs(o, lse, splits)
     _extension().split(q_nope_abs, q_pe, kv_cache, block_table, seq_lens, o_s, lse_s, float(scale) * LOG2E,
-                       splits, cfg.num_stages, torch.cuda.current_stream(kv_cache.device).cuda_stream)
+                       splits, wgmma, cfg.num_stages, torch.cuda.current_stream(kv_cache.device).cuda_stream)
     if stats is not None:
-        stats.update(path="cuda", block_h=CUDA_HEADS, block_n=CUDA_BLOCK_N, num_warps=CUDA_WARPS,
+        stats.update(path="cuda", wgmma=wgmma, block_h=cfg.block_h, block_n=cfg.block_n, num_warps=cfg.num_warps,
                      num_stages=cfg.num_stages, tma=False, splits=splits, grid=(head_tiles, splits, bsz),
-                     shared=_extension().smem_bytes(cfg.num_stages))
+                     shared=_extension().smem_bytes(wgmma, cfg.num_stages))
     _merge_splits(o_s, lse_s, o, lse, interpret=False)
     return o, lse
 
@@ -565,7 +594,7 @@ def mla_decode(q_nope_abs: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Ten
 
     ``path``: kernels/_triton.py's rule: cuda = the CUDA C++ kernel (:func:`mla_decode_cuda`; a call it was
     not compiled for is refused); triton = the Triton kernel (on CPU under the interpreter); torch; auto = on
-    CUDA tensors the CUDA kernel for head counts in CUDA_AUTO_HEADS when it supports the call, else Triton (both
+    CUDA tensors the CUDA kernel where :func:`cuda_auto` prefers it and it supports the call, else Triton (both
     split-KV flash-decoding, graph-capturable); the torch reference on CPU.
     """
     if not use_triton(kv_cache, path):

@@ -20,6 +20,7 @@ struct MLASplitArgs {
   int64_t s_o_b, s_o_h, s_o_s, s_l_b, s_l_h, s_l_s;  // of whichever output is written
 };
 
-// Launches the split kernel on ``device``'s ``stream`` (a cudaStream_t); returns null or the CUDA error's text.
-const char* mla_split_launch(const MLASplitArgs& args, int stages, int device, void* stream);
-int mla_split_smem_bytes(int stages);
+// Launches a split kernel on ``device``'s ``stream`` (a cudaStream_t): the Hopper wgmma kernel (2 stages) or the
+// mma.sync kernel (3, 4 or 5 stages); returns null or the CUDA error's text.
+const char* mla_split_launch(const MLASplitArgs& args, bool wgmma, int stages, int device, void* stream);
+int mla_split_smem_bytes(bool wgmma, int stages);

@@ -13,7 +13,7 @@ const __nv_bfloat16* bf16(const torch::Tensor& t) {
 
 void split(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& kv,
            const torch::Tensor& block_table, const torch::Tensor& seq_lens, const torch::Tensor& o,
-           const torch::Tensor& lse, double qk_scale, int64_t num_splits, int64_t stages, int64_t stream) {
+           const torch::Tensor& lse, double qk_scale, int64_t num_splits, bool wgmma, int64_t stages, int64_t stream) {
   TORCH_CHECK(kv.is_cuda() && kv.scalar_type() == at::kBFloat16 && kv.dim() == 3 && kv.size(2) == 576 &&
                   kv.stride(2) == 1 && kv.stride(0) % 8 == 0 && kv.stride(1) % 8 == 0 &&
                   reinterpret_cast<uintptr_t>(kv.data_ptr()) % 16 == 0,
@@ -50,7 +50,8 @@ void split(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::
   a.s_bt_b = block_table.stride(0);
   a.s_o_b = o.stride(0), a.s_o_h = o.stride(1), a.s_o_s = direct ? 0 : o.stride(2);
   a.s_l_b = lse.stride(0), a.s_l_h = lse.stride(1), a.s_l_s = direct ? 0 : lse.stride(2);
-  const char* err = mla_split_launch(a, static_cast<int>(stages), kv.get_device(), reinterpret_cast<void*>(stream));
+  const char* err =
+      mla_split_launch(a, wgmma, static_cast<int>(stages), kv.get_device(), reinterpret_cast<void*>(stream));
   TORCH_CHECK(err == nullptr, "mla_decode cuda: launch failed: ", err ? err : "");
 }
 
@@ -58,5 +59,5 @@ void split(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("split", &split, "mla_decode's split kernel (kernels/mla_decode.cu)");
-  m.def("smem_bytes", &mla_split_smem_bytes, "dynamic shared memory of the split kernel at a pipeline depth");
+  m.def("smem_bytes", &mla_split_smem_bytes, "dynamic shared memory of a split kernel (wgmma, pipeline depth)");
 }

@@ -7,12 +7,14 @@ Oracle: the float64 token-by-token reference of tests/kernels/cases.py, computed
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 
 import pytest
 import torch
 
 from kernels import helix_combine, helix_combine_uv, mla_decode
-from kernels.mla_decode import CUDA_CONFIG, MLAConfig, mla_decode_cuda, mla_decode_triton
+from kernels.mla_decode import (CUDA_MMA_SYNC_CONFIG, CUDA_SM90_CONFIG, MLAConfig, cuda_config, mla_decode_cuda,
+                                mla_decode_triton)
 from tests.kernels.cases import (combine_lowp_baseline, combine_oracle64, combine_uv_oracle64, make_combine_case,
                                  make_mla_case, make_w_uv, mla_bf16_baseline, mla_oracle64)
 from tests.tolerance import assert_bf16_policy, assert_f32_parity, error_report
@@ -59,7 +61,11 @@ def test_mla_decode_f32_parity(heads):
     assert_f32_parity(lse, lse_ref, f"f32 H={heads} lse")
 
 
-@pytest.mark.parametrize("path,heads", [("auto", 128), ("triton", 32), ("cuda", 32)])
+def _hopper() -> bool:
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.parametrize("path,heads", [("auto", 128), ("triton", 32), ("cuda", 32), ("cuda", 128)])
 def test_mla_decode_cuda_graph_replay(path, heads):
     """Captured once with static buffers; replays follow new lengths and queries without host syncs."""
     case = make_mla_case([3_000, 10_000], heads, lkv=LKV, rope=R, tpb=TPB, dtype=torch.bfloat16, seed=3,
@@ -89,31 +95,53 @@ def test_mla_decode_tile_variants(heads, block_h, num_warps):
         _check_bf16(*mla_decode_triton(*case.args, config=cfg), case, f"H={heads} {cfg}")
 
 
-@pytest.mark.parametrize("heads", [5, 16, 32, 128])
+@pytest.mark.parametrize("heads", [5, 16, 32, 64, 128])
 @pytest.mark.parametrize("lens,tpb", [
     pytest.param([1 << 20], 64, id="S1M"),
     pytest.param([65_537, 1, 0, 4_095], 64, id="ragged-batch"),
     pytest.param([3_001, 77, 40], 48, id="T48-tiles-across-blocks"),
     pytest.param([1_000, 33], 16, id="T16"),
+    pytest.param([4_097, 63, 65], 128, id="T128"),
 ])
 def test_mla_decode_cuda_bf16(heads, lens, tpb):
-    """The CUDA path against the float64 oracle: padded and multiple head tiles, S not a multiple of the
-    32-token tile, empty and one-token sequences, cache blocks smaller than a tile or not dividing it."""
+    """The CUDA path (the card's default kernel: wgmma on Hopper) against the float64 oracle: padded and multiple
+    head tiles, S not a multiple of the tile, empty and one-token sequences, cache blocks smaller than a tile, not
+    dividing it, or holding two tiles."""
     case = make_mla_case(lens, heads, lkv=LKV, rope=R, tpb=tpb, dtype=torch.bfloat16, seed=heads + tpb,
                          device="cuda", spare_blocks=5, q_layout="slice")
     _check_bf16(*mla_decode(*case.args, path="cuda"), case, f"cuda H={heads} T={tpb} lens={lens}")
 
 
-@pytest.mark.parametrize("stages", [3, 4, 5])
-@pytest.mark.parametrize("num_splits", [1, 7, None])
-def test_mla_decode_cuda_configs(stages, num_splits):
-    """Every compiled pipeline depth; one split (the kernel writes the final bf16 output), a few, the default."""
-    from dataclasses import replace
+CUDA_KERNELS = [pytest.param(CUDA_SM90_CONFIG, id="wgmma-s2")] + [
+    pytest.param(replace(CUDA_MMA_SYNC_CONFIG, num_stages=st), id=f"mma.sync-s{st}") for st in (3, 4, 5)]
 
-    case = make_mla_case([20_000, 77, 0], 32, lkv=LKV, rope=R, tpb=TPB, dtype=torch.bfloat16, seed=stages,
+
+@pytest.mark.parametrize("cfg", CUDA_KERNELS)
+@pytest.mark.parametrize("num_splits", [1, 7, None])
+@pytest.mark.parametrize("heads", [32, 128])
+def test_mla_decode_cuda_configs(cfg, num_splits, heads):
+    """Both compiled kernels (mma.sync at every pipeline depth) at one split (the kernel writes the final bf16
+    output), a few (empty splits for the short sequences), the default."""
+    if cfg is CUDA_SM90_CONFIG and not _hopper():
+        pytest.skip("the wgmma kernel runs on compute capability 9.0 only")
+    case = make_mla_case([20_000, 77, 0], heads, lkv=LKV, rope=R, tpb=TPB, dtype=torch.bfloat16, seed=cfg.num_stages,
                          device="cuda")
-    cfg = replace(CUDA_CONFIG, num_stages=stages, num_splits=num_splits)
-    _check_bf16(*mla_decode_cuda(*case.args, config=cfg), case, f"cuda stages={stages} splits={num_splits}")
+    cfg = replace(cfg, num_splits=num_splits)
+    _check_bf16(*mla_decode_cuda(*case.args, config=cfg), case, f"cuda {cfg} H={heads}")
+
+
+def test_mla_decode_cuda_running_max_jumps():
+    """Scores that rise far above the running max mid-split (cache rows scaled x8 to x32 at a few positions, so
+    some heads' scores jump by tens of units): the wgmma kernel moves its max lazily (only past 2^8) and must
+    rescale the output exactly when it does; one split walks all the tiles, the default splits see the jumps in
+    different programs, the last one in a ragged tile."""
+    case = make_mla_case([9_000, 300], 32, lkv=LKV, rope=R, tpb=TPB, dtype=torch.bfloat16, seed=21, device="cuda")
+    for t, gain in ((700, 8), (3_000, 16), (3_001, 16), (8_999, 32)):  # sequence 0's tokens, via its block table
+        blk = int(case.block_table[0, t // TPB])
+        case.kv_cache[blk, t % TPB] *= gain
+    for num_splits in (1, None):
+        cfg = replace(cuda_config(case.kv_cache.device), num_splits=num_splits)
+        _check_bf16(*mla_decode_cuda(*case.args, config=cfg), case, f"cuda max jumps splits={num_splits}")
 
 
 def test_mla_decode_cuda_strided_cache_and_refusals():
@@ -127,6 +155,8 @@ def test_mla_decode_cuda_strided_cache_and_refusals():
     half = make_mla_case([300], 32, lkv=LKV, rope=R, tpb=TPB, dtype=torch.float16, seed=6, device="cuda")
     with pytest.raises(ValueError, match="path='cuda': the CUDA kernel is compiled for bf16"):
         mla_decode(*half.args, path="cuda")
+    with pytest.raises(ValueError, match="must be a compiled tile"):
+        mla_decode_cuda(*case.args, config=MLAConfig(block_h=16, block_n=32, num_warps=4))
     _check_bf16(*mla_decode(*half.args), half, "auto fp16 (Triton)")
 
 
@@ -179,11 +209,10 @@ def test_helix_combine_uv_gpu(n, dtype):
 def test_mla_decode_out_into_send_rows(path, num_splits):
     """out=: o and lse written into the rows Helix's all-to-all sends ([B, H, Lkv + 2] bf16, the lse's bytes in
     the last two elements), through one split (the split kernel stores) or the default (the merge stores)."""
-    from dataclasses import replace
-
     case = make_mla_case([20_000, 77, 0], 32, lkv=LKV, rope=R, tpb=TPB, dtype=torch.bfloat16, seed=11, device="cuda")
     rows = torch.full((3, 32, LKV + 2), float("nan"), dtype=torch.bfloat16, device="cuda")
     o, lse = rows[..., :LKV], rows.view(torch.float32)[..., LKV // 2]
-    fn, base = (mla_decode_cuda, CUDA_CONFIG) if path == "cuda" else (mla_decode_triton, MLAConfig(block_h=32))
+    fn, base = ((mla_decode_cuda, cuda_config(case.kv_cache.device)) if path == "cuda"
+                else (mla_decode_triton, MLAConfig(block_h=32)))
     fn(*case.args, config=replace(base, num_splits=num_splits), out=(o, lse))
     _check_bf16(o, lse, case, f"{path} out= splits={num_splits}")
