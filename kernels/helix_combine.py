@@ -125,15 +125,20 @@ def launch_lse_combine(o_parts: torch.Tensor, lse_parts: torch.Tensor, o: torch.
     n, bsz, heads, lkv = o_parts.shape
     if bsz * heads == 0 or lkv == 0:
         return
-    block_d = min(next_pow2(lkv), 128 if interpret else 64)
-    block_p = min(next_pow2(n), 16)
+    # Latency-bound (a few MB, read once): many one-warp programs, each with few, wide loads of parts in flight.
+    # Columns a program are halved down to 32 until ~1024 programs exist; the interpreter prefers few programs.
+    # On H200, B=1, 32 heads, 132 splits: 7.3 us -> 3.8 us against 64 columns, 16 parts and two warps a program.
+    block_d, block_p, warps = min(next_pow2(lkv), 128), min(next_pow2(n), 64), 1
+    if not interpret:
+        while block_d > 32 and bsz * heads * triton.cdiv(lkv, block_d) < 1024:
+            block_d //= 2
     grid = (bsz * heads, triton.cdiv(lkv, block_d))
     launcher(lse_combine_kernel, interpret)[grid](
         o_parts, lse_parts, o, lse, n, heads,
         o_parts.stride(0), o_parts.stride(1), o_parts.stride(2),
         lse_parts.stride(0), lse_parts.stride(1), lse_parts.stride(2),
         o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
-        LKV=lkv, BLOCK_D=block_d, BLOCK_P=block_p, num_warps=2,
+        LKV=lkv, BLOCK_D=block_d, BLOCK_P=block_p, num_warps=warps,
     )
 
 

@@ -45,6 +45,16 @@ def tiny_checkpoint(checkpoint_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def reference(tiny_checkpoint):
+    """The tiny checkpoint's single-device oracle in float64: what every deployment's tokens and scores must equal."""
+    import torch
+
+    from helix.reference import ReferenceModel
+
+    return ReferenceModel.from_checkpoint(tiny_checkpoint, dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
 def needle_checkpoint(checkpoint_factory) -> Path:
     """The deepseek-v3-needle checkpoint (constructed weights, helix/needle.py) in float32."""
     return checkpoint_factory("deepseek-v3-needle")

@@ -10,18 +10,12 @@ import torch
 
 from helix.disagg import RequestError
 from helix.engine import Request
-from helix.reference import ReferenceModel
 from helix.sampling import SamplingParams
 from tests.tolerance import assert_exact, assert_f32_parity
 
 PROMPTS = [list(range(100, 160)), [3, 1, 4], [9], list(range(40, 77))]
 NEW_TOKENS = [24, 6, 12, 10]
 SCORE = [(list(range(40, 77)), [5, 80, 81, 200, 7, 7, 9, 1]), ([5], [6, 7, 8]), ([3, 1, 4, 1, 5], [9])]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint):
-    return ReferenceModel.from_checkpoint(tiny_checkpoint, dtype=torch.float64)
 
 
 def test_generation_equals_reference_with_requests_joining_mid_decode(cluster, reference):

@@ -26,7 +26,6 @@ import yaml
 from helix.config import ConfigError, HelixConfig
 from helix.disagg import launch, load_deployment
 from helix.engine import Request
-from helix.reference import ReferenceModel
 from helix.sampling import SamplingParams
 from helix.spec import ContextServerConfig
 from helix.tokenizer import load_tokenizer
@@ -133,11 +132,6 @@ def test_what_cannot_be_honoured_is_refused_naming_key_and_rule(tiny_checkpoint,
 
 
 # --------------------------------------------------------------------------------------------- running
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint):
-    return ReferenceModel.from_checkpoint(tiny_checkpoint, dtype=torch.float64)
 
 
 def test_context_tp2_helix_cp2_generates_and_scores_as_the_reference(tiny_checkpoint, reference):

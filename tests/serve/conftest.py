@@ -8,7 +8,6 @@ import threading
 from dataclasses import dataclass
 
 import pytest
-import torch
 
 TOKENS_PER_BLOCK = 16
 MAX_TOKENS = 1024  # KV capacity per sequence: lm-eval's 5-shot prompts cut to 512 tokens fit
@@ -50,11 +49,3 @@ def client(served):
     import openai
 
     return openai.OpenAI(base_url=served.v1, api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="session")
-def reference(tiny_checkpoint):
-    """The single-device oracle in float64: its greedy tokens are what every served completion must equal."""
-    from helix.reference import ReferenceModel
-
-    return ReferenceModel.from_checkpoint(tiny_checkpoint, dtype=torch.float64)
