@@ -248,7 +248,7 @@ def category(kernel: str) -> str:
 
 def per_layer(categories_us: dict, step_ms: float, layers: int) -> dict:
     """A step's per-category GPU time, per layer (us), plus idle (step time not covered by any kernel) and
-    outside_kv: everything but the KV kernel, the figure issue 15 targets."""
+    outside_kv: the step's time not spent in the KV kernel."""
     out = {c: t / layers for c, t in categories_us.items()}
     out["idle"] = max(0.0, step_ms * 1e3 - sum(categories_us.values())) / layers
     out["outside_kv"] = (step_ms * 1e3 - categories_us.get("kv_kernel", 0.0)) / layers

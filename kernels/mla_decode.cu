@@ -528,7 +528,7 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
       wg_commit();
       wg_wait0();
       reg_fence(s);
-        const int tok0 = start + i * WN + 2 * c;
+      const int tok0 = start + i * WN + 2 * c;
       const bool ragged = start + (i + 1) * WN > end;  // only a split's last tile holds tokens past the end
       float x0 = -INFINITY, x1 = -INFINITY;
 #pragma unroll
@@ -629,27 +629,21 @@ __global__ void __launch_bounds__(WTHREADS, 1) mla_split_kernel_sm90(const MLASp
 #endif
 }
 
-const char* launch_sm90(const MLASplitArgs& a, cudaStream_t stream) {
-  const cudaError_t attr =
-      cudaFuncSetAttribute(mla_split_kernel_sm90, cudaFuncAttributeMaxDynamicSharedMemorySize, W_SMEM);
+// One launch, grid (head tiles, splits, B). The dynamic shared-memory limit is raised per call: the attribute
+// belongs to the device current now (one process may drive several).
+const char* launch(void (*kernel)(MLASplitArgs), int heads_per_tile, int threads, int smem, const MLASplitArgs& a,
+                   cudaStream_t stream) {
+  const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr != cudaSuccess) return cudaGetErrorString(attr);
-  const dim3 grid((a.heads + WH - 1) / WH, a.num_splits, a.batch);
-  mla_split_kernel_sm90<<<grid, WTHREADS, W_SMEM, stream>>>(a);
+  const dim3 grid((a.heads + heads_per_tile - 1) / heads_per_tile, a.num_splits, a.batch);
+  kernel<<<grid, threads, smem, stream>>>(a);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 template <int STAGES>
-const char* launch(const MLASplitArgs& a, cudaStream_t stream) {
-  constexpr int bytes = smem_bytes(STAGES);
-  // per call: the attribute belongs to the device current now (one process may drive several)
-  const cudaError_t attr =
-      cudaFuncSetAttribute(mla_split_kernel<STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (attr != cudaSuccess) return cudaGetErrorString(attr);
-  const dim3 grid((a.heads + HT - 1) / HT, a.num_splits, a.batch);
-  mla_split_kernel<STAGES><<<grid, THREADS, bytes, stream>>>(a);
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+const char* launch_mma_sync(const MLASplitArgs& a, cudaStream_t stream) {
+  return launch(mla_split_kernel<STAGES>, HT, THREADS, smem_bytes(STAGES), a, stream);
 }
 
 }  // namespace
@@ -659,10 +653,11 @@ const char* mla_split_launch(const MLASplitArgs& a, bool wgmma, int stages, int 
   cudaGetDevice(&current);
   if (current != device) cudaSetDevice(device);  // the inputs' device for the launch, restored after
   auto s = static_cast<cudaStream_t>(stream);
-  const char* err = wgmma ? (stages == 2 ? launch_sm90(a, s) : "the wgmma kernel has 2 stages")
-                    : stages == 3 ? launch<3>(a, s)
-                    : stages == 4 ? launch<4>(a, s)
-                    : stages == 5 ? launch<5>(a, s)
+  const char* err = wgmma ? (stages == 2 ? launch(mla_split_kernel_sm90, WH, WTHREADS, W_SMEM, a, s)
+                                          : "the wgmma kernel has 2 stages")
+                    : stages == 3 ? launch_mma_sync<3>(a, s)
+                    : stages == 4 ? launch_mma_sync<4>(a, s)
+                    : stages == 5 ? launch_mma_sync<5>(a, s)
                                   : "stages must be 3, 4 or 5";
   if (current != device) cudaSetDevice(current);
   return err;
